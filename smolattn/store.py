@@ -1,0 +1,321 @@
+"""Run store: write and read one extraction ("run") directory. The format is docs/run-format.md.
+
+One reader, :class:`Run`, opens both our runs and runs in the reference project's format
+(``decoded_tokens.npy`` + ``attentions_5/attention_fp16_rounded_layer_{i}.npz`` or
+``attention_array.npy``, geometry recovered from the ``<row_r_col_c>`` tokens).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from . import geometry as geo
+from .errors import UserError
+
+FORMAT = "smolattn-run"
+FORMAT_VERSION = 1
+STORES = ("compact", "compact8", "full")
+LAYER_FILE = "attention/layer_{:02d}.npz"
+FULL_FILE = "attentions_5/attention_fp16_rounded_layer_{}.npz"   # the reference project's name
+IMAGE_NAMES = ("image.png", "image.jpg", "static/image.png")
+SPECIAL = re.compile(r"^(<\|[^|>]+\|>|<end_of_utterance>|<fake_token_around_image>|<global-img>|<image>"
+                     r"|<row_\d+_col_\d+>)$")
+
+
+@contextmanager
+def atomic_dir(final):
+    """Yield a temporary sibling directory; rename it to ``final`` only if the block succeeds."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
+        yield tmp
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def atomic_write_text(path, text: str) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def quantize(x: np.ndarray):
+    """uint8 codes with one fp32 scale per row (max of the row): |error| <= scale / 510."""
+    x = np.asarray(x, dtype=np.float32)
+    scale = x.max(axis=-1)
+    safe = np.where(scale > 0, scale, 1.0)[..., None]
+    return np.rint(x / safe * 255).astype(np.uint8), scale.astype(np.float32)
+
+
+def dequantize(codes: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    return codes.astype(np.float32) * (scale[..., None] / 255)
+
+
+def write_layers(root: Path, layers, store: str, query_positions, geometry: geo.Geometry, seq_len: int):
+    """Write per-layer attention. ``layers``: per layer (H, Q, seq_len) rows over ALL keys (zeros
+    after each query's own position)."""
+    keys = geometry.key_positions
+    text_keys = np.setdiff1d(np.arange(seq_len), keys)
+    for i, a in enumerate(layers):
+        if store == "full":
+            if a.shape[1] != seq_len:
+                raise ValueError("the full store needs every query row")
+            path = root / FULL_FILE.format(i)
+            path.parent.mkdir(exist_ok=True)
+            np.savez(path, attention=a[None].astype(np.float16))
+            continue
+        path = root / LAYER_FILE.format(i)
+        path.parent.mkdir(exist_ok=True)
+        image, text = a[..., keys], a[..., text_keys]
+        if store == "compact":
+            np.savez_compressed(path, image=image.astype(np.float16), text=text.astype(np.float16))
+        elif store == "compact8":
+            (iq, isc), (tq, tsc) = quantize(image), quantize(text)
+            np.savez_compressed(path, image_q=iq, image_scale=isc, text_q=tq, text_scale=tsc)
+        else:
+            raise ValueError(f"unknown store {store!r}")
+    return text_keys
+
+
+def write_run(out, *, tokens, layers, query_positions, store: str, geometry: geo.Geometry, meta: dict,
+              image=None, image_name: str = "image.png") -> Path:
+    """Write a whole run directory atomically (temporary sibling, renamed when complete).
+
+    ``layers``: per layer (H, Q, S) attention rows over all S keys for the Q ``query_positions``.
+    ``meta``: everything else for meta.json; the format, geometry and attention sections are added here.
+    """
+    if store not in STORES:
+        raise UserError(f"unknown store {store!r}; choose one of {', '.join(STORES)}")
+    S = len(tokens)
+    with atomic_dir(out) as tmp:
+        np.save(tmp / "decoded_tokens.npy", np.array(tokens, dtype=str))
+        if image is not None:
+            image.save(tmp / image_name, quality=95) if image_name.endswith(".jpg") else image.save(tmp / image_name)
+        text_keys = write_layers(tmp, layers, store, query_positions, geometry, S)
+        meta = dict(meta)
+        meta.update(format=FORMAT, format_version=FORMAT_VERSION, seq_len=S, geometry=geometry.to_json())
+        meta.setdefault("image", {})["file"] = image_name if image is not None else None
+        meta["attention"] = {
+            "store": store, "num_layers": len(layers), "num_heads": int(layers[0].shape[0]),
+            "query_positions": [int(p) for p in query_positions],
+            "query_semantics": "row for token t = position t as the query (the step that PRODUCES token t+1)",
+            "image_keys": "geometry.key_positions: tiles row-major, each side x side row-major, global tile last",
+            "text_keys": "every other position, ascending", "num_text_keys": int(len(text_keys)),
+            "files": FULL_FILE if store == "full" else LAYER_FILE,
+            "dtype": "uint8 codes x scale/255 (|error| <= row max/510)" if store == "compact8" else "float16",
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    return Path(out)
+
+
+_BYTE_DECODER = None
+
+
+def display_token(raw: str) -> str:
+    """Byte-level BPE markers to text: Ġ -> space, Ċ -> newline (special tokens untouched)."""
+    global _BYTE_DECODER
+    if SPECIAL.match(raw):
+        return raw
+    if _BYTE_DECODER is None:  # the GPT-2 byte alphabet, as the tokenizer's decoder uses it
+        bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+        cs, n = bs[:], 0
+        for b in range(256):
+            if b not in bs:
+                bs.append(b)
+                cs.append(256 + n)
+                n += 1
+        _BYTE_DECODER = {chr(c): b for b, c in zip(bs, cs)}
+    try:
+        return bytearray(_BYTE_DECODER[c] for c in raw).decode("utf-8", errors="replace")
+    except KeyError:  # already readable text (e.g. upstream's unicode token files)
+        return raw.replace("Ġ", " ").replace("Ċ", "\n").replace("▁", " ")
+
+
+class Layer:
+    """Attention rows of one layer: ``image`` (H, Q, K) and ``text`` (H, Q, T) as float32."""
+
+    def __init__(self, image: np.ndarray, text: np.ndarray):
+        self.image, self.text = image, text
+
+    @property
+    def nbytes(self) -> int:
+        return self.image.nbytes + self.text.nbytes
+
+
+class Run:
+    """One run directory, in our format or the reference format. Layers are read lazily."""
+
+    def __init__(self, path, allow_pickle: bool = False):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise UserError(f"run directory not found: {self.path}")
+        meta_path = self.path / "meta.json"
+        self.tokens = self._read_tokens(allow_pickle)
+        if meta_path.is_file():
+            self.meta = json.loads(meta_path.read_text())
+            if self.meta.get("format") != FORMAT or self.meta.get("format_version", 0) > FORMAT_VERSION:
+                raise UserError(f"{meta_path}: not a {FORMAT} v{FORMAT_VERSION} run")
+            self.geometry = geo.Geometry.from_json(self.meta["geometry"])
+        else:
+            self.meta = self._reference_meta()
+            try:
+                self.geometry = geo.from_tokens(self.tokens)
+            except ValueError as e:
+                raise UserError(f"{self.path}: cannot read the image layout from the tokens: {e}")
+        att = self.meta["attention"]
+        self.store = att["store"]
+        self.query_positions = np.asarray(att["query_positions"], dtype=np.int64)
+        self.text_key_positions = np.setdiff1d(np.arange(len(self.tokens)), self.geometry.key_positions)
+        self._row = {int(p): i for i, p in enumerate(self.query_positions)}
+        self.num_layers, self.num_heads = att["num_layers"], att["num_heads"]
+
+    # -- tokens -------------------------------------------------------------------------------
+    def _read_tokens(self, allow_pickle):
+        path = self.path / "decoded_tokens.npy"
+        if not path.is_file():
+            raise UserError(f"{self.path}: no decoded_tokens.npy (not a run directory)")
+        try:
+            arr = np.load(path, allow_pickle=False)
+        except ValueError:
+            if not allow_pickle:
+                raise UserError(f"{path} is a pickled object array; loading it runs code from the file. "
+                                "Pass --allow-pickle only if you trust it")
+            arr = np.load(path, allow_pickle=True)
+        return [str(t) for t in arr.tolist()]
+
+    # -- reference-format runs ----------------------------------------------------------------
+    def _reference_layer_files(self):
+        files = sorted(self.path.glob("attentions_5/attention_fp16_rounded_layer_*.npz"),
+                       key=lambda p: int(re.findall(r"\d+", p.stem)[-1]))
+        return files
+
+    def _reference_meta(self) -> dict:
+        files = self._reference_layer_files()
+        S = len(self.tokens)
+        if files:
+            with np.load(files[0]) as z:
+                shape = z["attention"].shape
+            layers = len(files)
+        elif (self.path / "attention_array.npy").is_file():
+            arr = np.load(self.path / "attention_array.npy", mmap_mode="r")
+            shape, layers = arr.shape[-4:] if arr.ndim == 5 else (1,) + arr.shape[1:], arr.shape[0]
+        else:
+            raise UserError(f"{self.path}: no attention files (attentions_5/*.npz or attention_array.npy)")
+        if shape[-1] != shape[-2] or shape[-1] > S:
+            raise UserError(f"{self.path}: attention shape {tuple(shape)} does not fit {S} tokens")
+        # the attention may cover fewer positions than tokens (the last token never fed)
+        ans = _answer_start(self.tokens)
+        return {"format": "reference", "model": {"id": "unknown (reference format)", "standin": False},
+                "prompt_length": ans, "seq_len": S,
+                "attention": {"store": "reference", "num_layers": layers, "num_heads": int(shape[-3]),
+                              "query_positions": list(range(shape[-1])), "positions": int(shape[-1])}}
+
+    # -- public API ---------------------------------------------------------------------------
+    @property
+    def standin(self) -> bool:
+        return bool(self.meta.get("model", {}).get("standin"))
+
+    @property
+    def prompt_length(self) -> int:
+        return int(self.meta.get("prompt_length", len(self.tokens)))
+
+    def image_path(self) -> Path | None:
+        name = self.meta.get("image", {}).get("file")
+        for cand in ([name] if name else []) + list(IMAGE_NAMES):
+            p = self.path / cand
+            if p.is_file():
+                return p
+        return None
+
+    def image_size(self) -> tuple[int, int]:
+        size = self.meta.get("image", {}).get("size")
+        if size:
+            return int(size[0]), int(size[1])
+        p = self.image_path()
+        if p is None:
+            return (self.geometry.cols or 1) * 512, (self.geometry.rows or 1) * 512
+        from PIL import Image
+        with Image.open(p) as im:
+            return im.size
+
+    def row_of(self, position: int) -> int | None:
+        """Index of the stored row for token ``position`` (token t attending), or None."""
+        return self._row.get(int(position))
+
+    def layer(self, i: int) -> Layer:
+        if not 0 <= i < self.num_layers:
+            raise IndexError(f"layer {i} out of range 0..{self.num_layers - 1}")
+        keys, text_keys = self.geometry.key_positions, self.text_key_positions
+        if self.store in ("compact", "compact8"):
+            with np.load(self.path / LAYER_FILE.format(i)) as z:
+                if self.store == "compact":
+                    return Layer(z["image"].astype(np.float32), z["text"].astype(np.float32))
+                return Layer(dequantize(z["image_q"], z["image_scale"]), dequantize(z["text_q"], z["text_scale"]))
+        full = self._full_layer(i)                        # (H, S', S')
+        n = full.shape[-1]
+        text_keys = text_keys[text_keys < n]
+        return Layer(full[..., keys].astype(np.float32), full[..., text_keys].astype(np.float32))
+
+    def _full_layer(self, i: int) -> np.ndarray:
+        path = self.path / FULL_FILE.format(i)
+        if path.is_file():
+            with np.load(path) as z:
+                a = z["attention"]
+            return a[0] if a.ndim == 4 else a
+        arr = np.load(self.path / "attention_array.npy", mmap_mode="r")
+        return np.asarray(arr[i, 0] if arr.ndim == 5 else arr[i])
+
+    def full_row(self, layer: Layer, row: int) -> np.ndarray:
+        """The whole key row (H, S) of a stored query row, image and text keys put back in place."""
+        out = np.zeros((layer.image.shape[0], len(self.tokens)), dtype=np.float32)
+        out[:, self.geometry.key_positions] = layer.image[:, row]
+        out[:, self.text_key_positions[: layer.text.shape[-1]]] = layer.text[:, row]
+        return out
+
+
+def _answer_start(tokens) -> int:
+    """Position after the last ``Ass istant :`` (or ``Assistant :``) of a reference token list."""
+    flat = [t.replace("Ġ", "").strip() for t in tokens]
+    for i in range(len(flat) - 1, 0, -1):
+        if flat[i] == ":" and (flat[i - 1] == "Assistant" or (flat[i - 1] == "istant" and flat[i - 2] == "Ass")):
+            return i + 1
+    return len(tokens)
+
+
+def token_table(run: Run) -> list[dict]:
+    """Every token with its display text and role: the one place that classifies tokens for UIs.
+
+    kind: "image" (an <image> token), "marker" (tile/global/fake markers), "special" (other special
+    tokens), "prompt" or "answer" (text before/after the assistant turn starts).
+    """
+    keys = set(run.geometry.key_positions.tolist())
+    first, last = run.geometry.image_block
+    out = []
+    for i, raw in enumerate(run.tokens):
+        if i in keys:
+            kind = "image"
+        elif first <= i <= last:
+            kind = "marker"
+        elif SPECIAL.match(raw):
+            kind = "special"
+        else:
+            kind = "answer" if i >= run.prompt_length else "prompt"
+        out.append({"index": i, "raw": raw, "text": display_token(raw), "kind": kind,
+                    "has_row": run.row_of(i) is not None})
+    return out

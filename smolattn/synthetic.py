@@ -1,0 +1,79 @@
+"""Synthetic runs with known attention, for tests and benchmarks (no model needed).
+
+The token stream is laid out exactly as the Idefics3 processor lays it out for an R x C grid.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import geometry as geo
+from . import store
+
+PROMPT = ["ĠCan", "Ġyou", "Ġdescribe", "Ġthis", "Ġimage", "?"]
+ANSWER = ["ĠA", "Ġskier", "Ġin", "Ġa", "Ġred", "Ġjacket", "Ġ&", "Ġ\"", "<", "Ġdog", "'s", "Ġjacket", "."]
+
+
+def make_tokens(rows: int, cols: int, side: int = 8, prompt=PROMPT, answer=ANSWER):
+    """(tokens, prompt_length) for one image with an R x C grid (0 x 0 = global tile only)."""
+    n = side * side
+    t = ["<|im_start|>", "User", ":"]
+    for r in range(1, rows + 1):
+        for c in range(1, cols + 1):
+            t += ["<fake_token_around_image>", f"<row_{r}_col_{c}>"] + ["<image>"] * n
+        t.append("Ċ")
+    if rows:
+        t[-1] = "ĊĊ"
+    t += ["<fake_token_around_image>", "<global-img>"] + ["<image>"] * n + ["<fake_token_around_image>"]
+    t += list(prompt) + ["<end_of_utterance>", "Ċ", "Ass", "istant", ":"]
+    return t + list(answer) + ["<end_of_utterance>"], len(t)
+
+
+def test_image(size=(640, 480)):
+    """A smooth colour gradient with a grid, so overlays are easy to read in screenshots."""
+    from PIL import Image
+    w, h = size
+    x, y = np.meshgrid(np.linspace(0, 1, w), np.linspace(0, 1, h))
+    rgb = np.stack([80 + 120 * x, 90 + 100 * y, 160 - 60 * x], -1)
+    rgb[(np.arange(h) % 64 == 0)[:, None] | (np.arange(w) % 64 == 0)[None, :]] = 60
+    return Image.fromarray(rgb.astype(np.uint8))
+
+
+def make_run(out, rows: int = 3, cols: int = 4, *, layers: int = 2, heads: int = 2, side: int = 8,
+             image_size=(640, 480), store_mode: str = "compact", one_hot: dict | None = None,
+             seed: int = 0, all_rows: bool = False, answer=ANSWER, reference: bool = False):
+    """Write a synthetic run. ``one_hot`` maps a query position to an image key index: every layer
+    and head of that row then puts all its mass on that key. Other rows get random softmax rows.
+    ``reference=True`` writes the reference project's layout instead (tokens + attentions_5 only).
+    """
+    tokens, plen = make_tokens(rows, cols, side, answer=answer)
+    g = geo.from_tokens(tokens)
+    S = len(tokens)
+    first, last = g.image_block
+    q = np.arange(S) if (all_rows or store_mode == "full" or reference) else \
+        np.array([i for i in range(S) if not first <= i <= last])
+    rng = np.random.default_rng(seed)
+    keys = g.key_positions
+    arrays = []
+    for _ in range(layers):
+        logits = rng.normal(0, 1, (heads, len(q), S))
+        logits[..., np.arange(S)[None, :] > q[:, None]] = -np.inf  # causal
+        a = np.exp(logits - logits.max(-1, keepdims=True))
+        a /= a.sum(-1, keepdims=True)
+        for pos, key in (one_hot or {}).items():
+            row = int(np.flatnonzero(q == pos)[0])
+            a[:, row] = 0
+            a[:, row, keys[key]] = 1.0
+        arrays.append(a.astype(np.float16))
+    if reference:
+        with store.atomic_dir(out) as tmp:
+            np.save(tmp / "decoded_tokens.npy", np.array(tokens, dtype=object), allow_pickle=True)
+            (tmp / "attentions_5").mkdir()
+            for i, a in enumerate(arrays):
+                np.savez_compressed(tmp / store.FULL_FILE.format(i), attention=a[None])
+            test_image(image_size).save(tmp / "image.png")
+        return out
+    meta = {"model": {"id": "synthetic", "standin": True, "dtype": "float16"}, "prompt": "Can you describe this image?",
+            "answer": "".join(store.display_token(t) for t in tokens[plen:]), "prompt_length": plen,
+            "image": {"size": list(image_size), "source": "synthetic"}}
+    return store.write_run(out, tokens=tokens, layers=arrays, query_positions=q, store=store_mode,
+                           geometry=g, meta=meta, image=test_image(image_size))
