@@ -141,6 +141,10 @@ def load(model_id: str = DEFAULT_MODEL, device: str | None = None, dtype: str | 
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     _register()
     t0 = time.perf_counter()
     model_id = resolve_model_id(model_id)
@@ -227,7 +231,7 @@ def generate(loaded: Loaded, inputs, max_new_tokens: int, recorder: Recorder | N
             seq = out.sequences
             new = seq[0, inputs["input_ids"].shape[1]:].tolist()
             if new:
-                loaded.model(input_ids=seq[:, -1:], past_key_values=out.past_key_values,
+                loaded.model(input_ids=seq[:, -1:], cache=out.past_key_values,
                              attention_mask=torch.ones_like(seq), use_cache=True)
     if not recorder.layers:
         raise RuntimeError("attention capture recorded nothing (is the model using the 'capture' attention?)")

@@ -1,0 +1,123 @@
+"""Image + prompt -> one run directory (answer, tokens, attention). Used by every script that extracts."""
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import geometry as geo
+from . import model as mdl
+from . import store
+from .errors import UserError
+from .images import open_image
+
+DEFAULT_PROMPT = "Can you describe this image?"
+
+
+@dataclass(frozen=True)
+class Settings:
+    prompt: str = DEFAULT_PROMPT
+    max_new_tokens: int = 128
+    longest_edge: int | None = 2048
+    store: str = "compact"
+
+    def check(self):
+        if not self.prompt.strip():
+            raise UserError("the prompt is empty")
+        if self.max_new_tokens < 1:
+            raise UserError("--max-new-tokens must be at least 1")
+        if self.longest_edge is not None and self.longest_edge < 1:
+            raise UserError("--longest-edge must be positive")
+        if self.store not in store.STORES:
+            raise UserError(f"unknown --store {self.store!r}; choose one of {', '.join(store.STORES)}")
+        return self
+
+
+def check_writable(directory) -> None:
+    """Fail early (before loading a model) if runs cannot be written under ``directory``."""
+    d = Path(directory)
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        probe = d / f".write-test-{time.time_ns()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write to {d}: {e.strerror or e}")
+
+
+def versions() -> dict:
+    import PIL
+    import torch
+    import transformers
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "numpy": np.__version__, "pillow": PIL.__version__}
+
+
+def processor_settings(loaded: mdl.Loaded, longest_edge: int | None) -> dict:
+    ip = loaded.processor.image_processor
+    return {"longest_edge": longest_edge or ip.size["longest_edge"], "tile_size": ip.max_image_size["longest_edge"],
+            "image_seq_len": loaded.processor.image_seq_len, "do_image_splitting": ip.do_image_splitting,
+            "resample": int(ip.resample), "image_processor": type(ip).__name__}
+
+
+def fingerprint_config(loaded: mdl.Loaded, settings: Settings) -> dict:
+    """Everything that changes a run's content (the batch manifest refuses to mix these)."""
+    return {"model": loaded.model_id, "revision": loaded.revision, "standin": bool(loaded.standin),
+            "dtype": loaded.dtype, "processor": processor_settings(loaded, settings.longest_edge),
+            **asdict(settings), "greedy": True, "format_version": store.FORMAT_VERSION}
+
+
+def extract(loaded: mdl.Loaded, image_path, out_dir, settings: Settings, image=None) -> dict:
+    """Run the model on one image and write the run to ``out_dir`` atomically. Returns a summary.
+
+    ``image``: an already opened ``(rgb, info)`` pair (the batch engine decodes ahead).
+    """
+    settings.check()
+    t0 = time.perf_counter()
+    rgb, info = image or open_image(image_path)
+    text, inputs = mdl.encode(loaded, rgb, settings.prompt, settings.longest_edge)
+    prompt_ids = inputs["input_ids"][0].tolist()
+    tok = loaded.processor.tokenizer
+    g = geo.from_tokens(tok.convert_ids_to_tokens(prompt_ids))
+    P = len(prompt_ids)
+    first, last = g.image_block
+    rows = np.arange(P) if settings.store == "full" else \
+        np.array([i for i in range(P) if not first <= i <= last])
+    t1 = time.perf_counter()
+    recorder = mdl.Recorder(rows)
+    new = mdl.generate(loaded, inputs, settings.max_new_tokens, recorder)
+    t2 = time.perf_counter()
+    ids = prompt_ids + new
+    tokens = tok.convert_ids_to_tokens(ids)
+    S = len(ids)
+    layers = recorder.stacked(key_len=S)
+    query_positions = np.concatenate([rows, np.arange(P, S)])
+    eos = set(mdl.generation_kwargs(loaded, 1)["eos_token_id"])
+    tile = processor_settings(loaded, settings.longest_edge)["tile_size"]
+    meta = {
+        "model": {"id": loaded.model_id, "revision": loaded.revision, "standin": bool(loaded.standin),
+                  "standin_info": loaded.standin, "dtype": loaded.dtype, "device": loaded.device,
+                  "num_layers": len(layers), "num_heads": int(layers[0].shape[0])},
+        "prompt": settings.prompt, "chat_text": text,
+        "answer": tok.decode(new, skip_special_tokens=True).strip(),
+        "token_ids": ids, "prompt_length": P,
+        "generation": {"greedy": True, "max_new_tokens": settings.max_new_tokens, "new_tokens": len(new),
+                       "stopped_at_eos": bool(new) and new[-1] in eos},
+        "image": info,
+        "processor": processor_settings(loaded, settings.longest_edge),
+        "tiles": {"rows": g.rows, "cols": g.cols, "global_last": True,
+                  "resized_size": [max(g.cols, 1) * tile, max(g.rows, 1) * tile],
+                  "tokens_per_tile_side": g.side},
+        "versions": versions(),
+    }
+    image_name = "image.jpg" if info.get("format") == "JPEG" else "image.png"
+    timings = {"preprocess_s": round(t1 - t0, 4), "generate_s": round(t2 - t1, 4)}
+    meta["timings"] = timings
+    store.write_run(out_dir, tokens=tokens, layers=layers, query_positions=query_positions,
+                    store=settings.store, geometry=g, meta=meta, image=rgb, image_name=image_name)
+    timings["write_s"] = round(time.perf_counter() - t2, 4)
+    return {"run": str(out_dir), "answer": meta["answer"], "new_tokens": len(new), "grid": [g.rows, g.cols],
+            "timings": timings}
