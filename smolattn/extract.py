@@ -1,7 +1,9 @@
 """Image + prompt -> one run directory (answer, tokens, attention). Used by every script that extracts."""
 from __future__ import annotations
 
+import os
 import platform
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,13 +39,15 @@ class Settings:
 
 
 def check_writable(directory) -> None:
-    """Fail early (before loading a model) if runs cannot be written under ``directory``."""
-    d = Path(directory)
+    """Fail early (before loading a model) if ``directory`` cannot be created; creates nothing."""
+    d = Path(directory).absolute()
+    parent = d
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"cannot write to {d}: {parent} is not a directory")
     try:
-        d.mkdir(parents=True, exist_ok=True)
-        probe = d / f".write-test-{time.time_ns()}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        os.rmdir(tempfile.mkdtemp(prefix=".write-test-", dir=parent))
     except OSError as e:
         raise UserError(f"cannot write to {d}: {e.strerror or e}")
 

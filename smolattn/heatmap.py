@@ -99,3 +99,281 @@ def figure(grid: np.ndarray, title: str, label: str, cell: int = 16):
         draw.text((x0 + bar_w + 7, y - 6), f"{frac * vmax:.3g}", fill="black")
     draw.text((x0, top + heat.height + 1), label[:24], fill="black")
     return img
+
+
+# ================================================================================================
+# Token aggregation (compute_token_heatmap.py): one token's attention over the image, aggregated
+# over layers and heads with the user's top-k + entropy weighting ("reference") or the same idea
+# restricted to the image keys ("image"). Docs: docs/token-heatmap.md.
+# ================================================================================================
+import difflib
+import zipfile
+from dataclasses import dataclass, field
+
+from .errors import UserError
+from .store import display_token
+
+METHODS = ("image", "reference")
+GLOBAL_MODES = ("panel", "blend", "drop")
+EPS = 1e-12  # inside the entropy's log, as in the user's script
+
+
+@dataclass
+class Aggregate:
+    """One token's aggregated map. ``grid``: the tiled view (R*side, C*side) or None for an unsplit
+    image; ``global_grid``: the global tile (side, side) or None (``--global drop``); ``weights``:
+    (layer, head) -> weight of every head that counted; ``details``: per-head numbers for --json."""
+    grid: np.ndarray | None
+    global_grid: np.ndarray | None
+    weights: dict
+    total_weight: float
+    method: str
+    details: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        lists = lambda g: None if g is None else np.round(g, 9).tolist()  # noqa: E731
+        per_head = self.details.get("per_head", {})
+        return {"method": self.method, "grid": lists(self.grid), "global_grid": lists(self.global_grid),
+                "total_weight": self.total_weight,
+                "per_head": [{"layer": l, "head": h, "weight": self.weights.get((l, h), 0.0), **info}
+                             for (l, h), info in per_head.items()],
+                **{k: v for k, v in self.details.items() if k != "per_head"}}
+
+
+def find_token(run: Run, token: str, index: int | None = None, occurrence: int | None = None) -> int:
+    """Position of the token to aggregate.
+
+    ``index`` (a position in the sequence) wins over ``token``. Otherwise a token matches when its
+    display text, stripped and lower-cased, equals ``token`` lower-cased; answer tokens come first,
+    then the prompt, each in order, and ``occurrence`` (1-based, default 1) picks one of them.
+    """
+    n = len(run.tokens)
+    if index is not None:
+        if not 0 <= index < n:
+            raise UserError(f"--index {index} is out of range 0..{n - 1}")
+        return index
+    want = token.strip().lower()
+    texts = [display_token(t).strip().lower() for t in run.tokens]
+    order = list(range(run.prompt_length, n)) + list(range(min(run.prompt_length, n)))
+    matches = [i for i in order if texts[i] == want]
+    if not matches:
+        image = set(run.geometry.key_positions.tolist())
+        words = sorted({texts[i] for i in order if texts[i] and i not in image and run.row_of(i) is not None})
+        close = difflib.get_close_matches(want, words, n=5, cutoff=0.0)
+        raise UserError(f"token {token!r} not found; closest: {', '.join(map(repr, close)) or 'none'}")
+    k = 1 if occurrence is None else occurrence
+    if not 1 <= k <= len(matches):
+        raise UserError(f"token {token!r} occurs {len(matches)} time(s) (positions "
+                        f"{', '.join(map(str, matches))}); --occurrence must be 1..{len(matches)}")
+    return matches[k - 1]
+
+
+def parse_layers(spec, num_layers: int, what: str = "layer") -> list[int]:
+    """'all', 'a-b' (inclusive), 'a-' (to the end), 'a', or a comma list of those -> sorted indices."""
+    if spec is None or str(spec).strip().lower() == "all":
+        return list(range(num_layers))
+    out = set()
+    for part in str(spec).split(","):
+        lo, dash, hi = part.strip().partition("-")
+        try:
+            a = int(lo)
+            b = (int(hi) if hi.strip() else num_layers - 1) if dash else a
+        except ValueError:
+            raise UserError(f"malformed --{what}s {spec!r}: use 'a-b', 'a-' or a comma list like '0,3,5-7'")
+        if a > b:
+            raise UserError(f"malformed --{what}s {spec!r}: range {a}-{b} is empty")
+        if a < 0 or b >= num_layers:
+            raise UserError(f"{what} {b if b >= num_layers else a} out of range: this run has {what}s "
+                            f"0..{num_layers - 1}")
+        out.update(range(a, b + 1))
+    return sorted(out)
+
+
+def token_layers(run: Run, position: int, layers, heads) -> list[tuple[int, Layer]]:
+    """The token's attention row in each layer, selected heads only: [(layer index, Layer with
+    image (h, 1, K) and text (h, 1, T))]. Read once, shared by every view."""
+    row = run.row_of(position)
+    if row is None:
+        raise UserError(f"token {display_token(run.tokens[position]).strip()!r} at position {position} "
+                        "has no stored attention row (pick a text or answer token)")
+    heads, out = list(heads), []
+    for i in layers:
+        try:
+            layer = run.layer(i)
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+            raise UserError(f"{run.path}: cannot read layer {i}: {e}")
+        out.append((i, Layer(layer.image[heads, row][:, None], layer.text[heads, row][:, None])))
+    return out
+
+
+def _topk(p: np.ndarray, k: int) -> np.ndarray:
+    """Per row: keep the k largest entries (argpartition; ties arbitrary), renormalise to sum 1.
+    Rows with nothing left become all zeros. k <= 0 or k >= length: unchanged."""
+    if not 0 < k < p.shape[-1]:
+        return p
+    keep = np.argpartition(p, -k, axis=-1)[..., -k:]
+    q = np.zeros_like(p)
+    np.put_along_axis(q, keep, np.take_along_axis(p, keep, -1), -1)
+    s = q.sum(-1, keepdims=True)
+    return np.divide(q, s, out=np.zeros_like(q), where=s > 0)
+
+
+def _entropy(p: np.ndarray) -> np.ndarray:
+    """H = -sum (p + 1e-12) ln(p + 1e-12) over the last axis (every entry, zeros included)."""
+    return -np.sum((p + EPS) * np.log(p + EPS), axis=-1)
+
+
+def _focus(p: np.ndarray, scale: np.ndarray, topk: int):
+    """The shared step: p (h, n) distributions -> (top-k p, weight = scale * max(0, 1 - H / ln n), info)."""
+    p = _topk(p, topk)
+    H = _entropy(p)
+    ent_w = np.maximum(0.0, 1.0 - H / np.log(p.shape[-1]))
+    w = np.where((scale > 0) & (p.sum(-1) > 0), scale * ent_w, 0.0)
+    return p, w, {"entropy": H, "ent_weight": ent_w}
+
+
+def _weighted_mean(rows, heads, per_layer, required=True):
+    """Weighted mean over (layer, head) of what ``per_layer(Layer)`` returns for each layer's rows:
+    (P (h, n), weights (h,), {name: (h,) numbers}). Heads with weight <= 0 are skipped.
+    -> (mean (n,), weights {(l, h): w}, total, per-head info {(l, h): {name: x}})."""
+    acc, total, weights, per_head = None, 0.0, {}, {}
+    for li, layer in rows:
+        P, w, info = per_layer(layer)
+        acc = np.zeros(P.shape[-1]) if acc is None else acc
+        for j, h in enumerate(heads):
+            per_head[(li, h)] = {k: float(v[j]) for k, v in info.items()}
+            if w[j] > 0:
+                acc += w[j] * P[j]
+                total += float(w[j])
+                weights[(li, h)] = float(w[j])
+    if total <= 0 and required:
+        raise UserError("every selected (layer, head) has zero weight for this token (no attention to "
+                        "aggregate); try other --layers/--heads or --topk 0")
+    return (acc / total if total > 0 else acc), weights, total, per_head
+
+
+def _details(run, position, layers, heads, topk, num_keys, per_head, **extra) -> dict:
+    return {"position": position, "token": display_token(run.tokens[position]).strip(),
+            "raw_token": run.tokens[position], "layers": list(layers), "heads": list(heads),
+            "topk": topk, "num_keys": num_keys, "per_head": per_head, **extra}
+
+
+def aggregate_reference(run: Run, position: int, layers, heads, topk: int = 10) -> Aggregate:
+    """The user's compute_token_heatmap.py, exactly. Per (layer l, head h), with x the token's full
+    attention row over all S keys (BOS, text, tile and global image tokens):
+
+        attn_sum = sum(x);  p = topk_renorm(x / attn_sum, k)          (top-k over ALL S keys)
+        H = -sum_S (p + 1e-12) ln(p + 1e-12);  weight = attn_sum * max(0, 1 - H / ln S)
+        grid = sum_lh weight * p[tile keys] / sum_lh weight             (weighted mean)
+
+    Heads with attn_sum <= 0 or weight <= 0 are skipped. The map is drawn from the tile entries only
+    (global and text entries are discarded, as upstream); ``global_grid`` is returned for information.
+    S is the number of keys stored (the reference files may cover one position fewer than the tokens).
+    """
+    g, heads = run.geometry, list(heads)
+    if g.rows == 0:
+        raise UserError("--method reference draws only tiles and this image was not split; use --method image")
+    rows = token_layers(run, position, layers, heads)
+    S = rows[0][1].image.shape[-1] + rows[0][1].text.shape[-1]
+
+    def per_layer(layer):
+        x = run.full_row(layer, 0)[:, :S].astype(np.float64)
+        attn_sum = x.sum(-1)
+        p, w, info = _focus(x / np.where(attn_sum > 0, attn_sum, 1)[:, None], attn_sum, topk)
+        return p[:, g.key_positions], w, dict(info, attn_sum=attn_sum)
+
+    vec, weights, total, per_head = _weighted_mean(rows, heads, per_layer)
+    grid, glob = g.split(vec)
+    return Aggregate(grid, glob, weights, total, "reference",
+                     _details(run, position, layers, heads, topk, S, per_head))
+
+
+def aggregate_image(run: Run, position: int, layers, heads, topk: int = 10, global_mode: str = "panel") -> Aggregate:
+    """The same idea over the image keys only, for each view of the image separately (the tiled view:
+    the R*C*side^2 tile keys; the global view: the side^2 global-tile keys). Per (layer, head), with x
+    the token's row over all keys and v its part over the K keys of the view:
+
+        image_mass = sum(v) / sum(x);  p = topk_renorm(v / sum(v), k)  (top-k over the view's K keys)
+        H = -sum_K (p + 1e-12) ln(p + 1e-12);  weight = image_mass * max(0, 1 - H / ln K)
+        map = sum_lh weight * p / sum_lh weight                        (sums to 1 over the view)
+
+    So a head counts in proportion to how much of its attention goes to that view of the image and
+    how focused it is there. ``global_mode``: 'panel' returns both views (``grid`` and
+    ``global_grid``); 'blend' makes ``grid`` the equal-weight average of the two views (see
+    :func:`blend_global`); 'drop' skips the global view. An unsplit image has only the global view,
+    which is then the map (``grid`` None). ``weights`` are the main view's; the global view's are in
+    ``details['global']``.
+    """
+    if global_mode not in GLOBAL_MODES:
+        raise UserError(f"unknown global mode {global_mode!r}; choose one of {', '.join(GLOBAL_MODES)}")
+    g, heads = run.geometry, list(heads)
+    rows = token_layers(run, position, layers, heads)
+    tiles = g.num_keys - g.per_tile
+
+    def view(keys, required):
+        def per_layer(layer):
+            image = layer.image[:, 0].astype(np.float64)
+            v = image[:, keys]
+            m, row_sum = v.sum(-1), image.sum(-1) + layer.text[:, 0].sum(-1)
+            mass = np.divide(m, row_sum, out=np.zeros_like(m), where=row_sum > 0)
+            p, w, info = _focus(v / np.where(m > 0, m, 1)[:, None], mass, topk)
+            return p, w, dict(info, image_mass=mass)
+        return _weighted_mean(rows, heads, per_layer, required)
+
+    glob_keys = slice(tiles, g.num_keys)
+    if tiles == 0:                                                   # unsplit: the global view is the map
+        vec, weights, total, per_head = view(glob_keys, True)
+        return Aggregate(None, vec.reshape(g.side, g.side), weights, total, "image",
+                         _details(run, position, layers, heads, topk, g.per_tile, per_head, view="global"))
+    vec, weights, total, per_head = view(slice(0, tiles), global_mode == "drop")
+    grid = g.split(np.concatenate([vec, np.zeros(g.per_tile)]))[0]
+    details = _details(run, position, layers, heads, topk, tiles, per_head, view="tiles", global_mode=global_mode)
+    glob = None
+    if global_mode != "drop":                                   # one empty view is fine, both is an error
+        gvec, gw, gtotal, gper_head = view(glob_keys, total <= 0)
+        glob = gvec.reshape(g.side, g.side)
+        details["global"] = {"total_weight": gtotal, "num_keys": g.per_tile,
+                             "per_head": [{"layer": l, "head": h, "weight": gw.get((l, h), 0.0), **info}
+                                          for (l, h), info in gper_head.items()]}
+        if global_mode == "blend":
+            grid = blend_global(grid, glob, g.rows, g.cols)
+    return Aggregate(grid, glob, weights, total, "image", details)
+
+
+def blend_global(grid: np.ndarray, glob: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    """Equal-weight average of the tiled view and the global view over the tiled grid, each view
+    renormalised to sum 1 (a view with no mass is left out). Both views cover the whole original image
+    uniformly, so global cell (i, j) covers tiled cells [i*R:(i+1)*R, j*C:(j+1)*C] exactly: it is
+    repeated there (nearest) and divided by R*C, which keeps the upsampled view summing to 1."""
+    up = np.repeat(np.repeat(glob, rows, 0), cols, 1) / (rows * cols)
+    views = [v / v.sum() for v in (grid, up) if v.sum() > 0]
+    return sum(views) / len(views)
+
+
+def side_by_side(*images):
+    """Paste pictures left to right on white, top-aligned (the tiled and global panels)."""
+    from PIL import Image
+    out = Image.new("RGB", (sum(im.width for im in images), max(im.height for im in images)), "white")
+    x = 0
+    for im in images:
+        out.paste(im, (x, 0))
+        x += im.width
+    return out
+
+
+def aggregate_figures(agg: Aggregate, title: str, panel_global: bool):
+    """(main figure, global figure or None). The main figure shows the tiled view (the global view
+    for an unsplit image) with a colour bar; with ``panel_global`` the global tile becomes its own
+    panel beside it and is also returned alone. The global panel is drawn over the same image area
+    as the tiled one: each global cell covers R x C tiled cells (values unchanged), so both panels have
+    the image's shape and line up."""
+    label = {"reference": "share of top-k attn"}.get(agg.method, "share of top-k img attn")
+    if agg.details.get("global_mode") == "blend" and agg.grid is not None:
+        label = "share of image (blend)"
+    main = agg.grid if agg.grid is not None else agg.global_grid
+    fig = figure(main, title if agg.grid is not None else f"{title} (global tile)", label)
+    if not panel_global or agg.grid is None or agg.global_grid is None:
+        return fig, None
+    r, c = agg.grid.shape[0] // agg.global_grid.shape[0], agg.grid.shape[1] // agg.global_grid.shape[1]
+    glob = figure(np.repeat(np.repeat(agg.global_grid, r, 0), c, 1), "global tile (whole image, 8x8)", label)
+    return side_by_side(fig, glob), glob

@@ -155,7 +155,9 @@ def load(model_id: str = DEFAULT_MODEL, device: str | None = None, dtype: str | 
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     local = Path(model_id).expanduser()
-    kwargs = dict(revision=revision)
+    looks_local = model_id.startswith(("/", ".", "~")) or model_id.count("/") != 1
+    if looks_local and not local.exists():
+        raise UserError(f"model directory not found: {model_id}")
     if local.exists():
         if not (local / "config.json").is_file():
             raise UserError(f"{model_id} is not a model directory (no config.json)")

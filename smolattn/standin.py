@@ -128,20 +128,13 @@ def _wrap(tok, fast_cls):
     return wrapped
 
 
-def build(shape: str, out: str | os.PathLike, seed: int = 0) -> Path:
-    """Build and save a stand-in model + processor into ``out`` (written atomically)."""
-    import torch
-    from transformers import (Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor,
-                              LlamaConfig)
+def build_config(shape: str, vocab: int, image_token_id: int):
+    """The Idefics3 config of a stand-in shape (SmolVLM-256M's real values for everything but size)."""
+    from transformers import Idefics3Config, LlamaConfig
     from transformers.models.idefics3.configuration_idefics3 import Idefics3VisionConfig
-    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
-
-    from .store import atomic_dir
 
     if shape not in SHAPES:
         raise UserError(f"unknown stand-in shape {shape!r}; choose one of {', '.join(SHAPES)}")
-    tokenizer = _tiny_tokenizer() if shape == "tiny" else _gguf_tokenizer()
-    vocab = len(tokenizer) if shape == "tiny" else 49280
     dims = SHAPES[shape]
     text = LlamaConfig(vocab_size=vocab, max_position_embeddings=8192, rms_norm_eps=1e-5, hidden_act="silu",
                        rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
@@ -149,9 +142,23 @@ def build(shape: str, out: str | os.PathLike, seed: int = 0) -> Path:
                        pad_token_id=2, tie_word_embeddings=False, **dims["text"])
     vision = Idefics3VisionConfig(image_size=512, patch_size=16, hidden_act="gelu_pytorch_tanh",
                                   layer_norm_eps=1e-6, **dims["vision"])
-    config = Idefics3Config(text_config=text.to_dict(), vision_config=vision.to_dict(), scale_factor=4,
-                            image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-                            tie_word_embeddings=False)
+    return Idefics3Config(text_config=text.to_dict(), vision_config=vision.to_dict(), scale_factor=4,
+                          image_token_id=image_token_id, tie_word_embeddings=False)
+
+
+def build(shape: str, out: str | os.PathLike, seed: int = 0) -> Path:
+    """Build and save a stand-in model + processor into ``out`` (written atomically)."""
+    import torch
+    from transformers import Idefics3ForConditionalGeneration, Idefics3Processor
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+    from .store import atomic_dir
+
+    if shape not in SHAPES:
+        raise UserError(f"unknown stand-in shape {shape!r}; choose one of {', '.join(SHAPES)}")
+    tokenizer = _tiny_tokenizer() if shape == "tiny" else _gguf_tokenizer()
+    config = build_config(shape, len(tokenizer) if shape == "tiny" else 49280,
+                          tokenizer.convert_tokens_to_ids("<image>"))
     torch.manual_seed(seed)
     model = Idefics3ForConditionalGeneration(config)
     model.generation_config.bos_token_id, model.generation_config.eos_token_id = 1, 2
@@ -166,6 +173,20 @@ def build(shape: str, out: str | os.PathLike, seed: int = 0) -> Path:
                 "note": "random weights: attention patterns and answers are meaningless"}
         (Path(tmp) / "standin.json").write_text(json.dumps(info, indent=1))
     return Path(out)
+
+
+def ensure(shape: str = "tiny", root=None) -> Path:
+    """A stand-in model directory, built once and reused (``$SMOLATTN_MODELS`` or ``models/``).
+
+    The directory name carries the transformers version, so a library upgrade rebuilds it.
+    """
+    import transformers
+
+    root = Path(root or os.environ.get("SMOLATTN_MODELS") or Path(__file__).resolve().parent.parent / "models")
+    path = root / f"standin-{shape}-tf{transformers.__version__}"
+    if not (path / "standin.json").is_file():
+        build(shape, path)
+    return path
 
 
 def main(argv=None):

@@ -1,0 +1,447 @@
+"""Batch extraction over an image folder (resumable, sharded, local or Ray) and the generic engine.
+
+Two layers:
+
+* :func:`run_engine` - generic: load a worker once per process (local) or per Ray actor, feed it
+  items, decode the next item in the background, hand every result row to the driver. The POPE
+  benchmark uses it too.
+* :func:`run` - the image-folder batch behind ``extract_smolvlm_batch.py``: discovery, sharding,
+  output names, the manifest, resume and the configuration fingerprint. See docs/batch.md.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from functools import partial
+from pathlib import Path, PurePosixPath
+
+from . import extract as ex
+from . import model as mdl
+from .errors import UserError
+from .images import EXTENSIONS, open_image
+from .store import STORES, atomic_write_text
+
+CONFIG = "batch_config.json"
+
+
+# ---------------------------------------------------------------------------------------------
+# Engine layer (generic)
+# ---------------------------------------------------------------------------------------------
+def run_engine(items: list, make_worker, *, engine: str = "local", num_workers: int = 1,
+               gpus_per_worker: float = 0, ray_address: str | None = None, prefetch=None,
+               on_result=None, progress: str | None = None) -> None:
+    """Run make_worker() once per process/actor (it loads the model), then worker(item, prefetched) for
+    every item; on_result(row) is called in the driver, in completion order, for each returned row
+    (a JSON-serialisable dict). prefetch(item) (e.g. image decoding) runs one item ahead in a
+    background thread (local) so it overlaps the model work; its exceptions are passed to the worker
+    as the prefetched value (an Exception instance) so it can turn them into error rows.
+    engine="ray": a Ray actor pool of num_workers actors (each calls make_worker once),
+    ray.init(address=ray_address) (local if None), gpus_per_worker per actor. make_worker must be
+    picklable (a top-level function or functools.partial).
+    progress: a tqdm description; shows rate and ETA."""
+    from tqdm import tqdm
+
+    if not items:
+        return
+    with tqdm(total=len(items), desc=progress, unit="item", disable=progress is None, dynamic_ncols=True) as bar:
+        def emit(row):
+            bar.update()
+            if on_result is not None:
+                on_result(row)
+
+        if engine == "local":
+            if num_workers != 1:
+                raise ValueError("the local engine runs one worker in this process; use engine='ray' for more")
+            _run_local(items, make_worker, prefetch, emit)
+        elif engine == "ray":
+            _run_ray(items, make_worker, num_workers, gpus_per_worker, ray_address, prefetch, emit)
+        else:
+            raise ValueError(f"unknown engine {engine!r}")
+
+
+def _prefetched(prefetch, item):
+    if prefetch is None:
+        return None
+    try:
+        return prefetch(item)
+    except Exception as e:  # noqa: BLE001 - handed to the worker, which makes an error row of it
+        return e
+
+
+def _run_local(items, make_worker, prefetch, emit):
+    worker = make_worker()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") as pool:
+        upcoming = pool.submit(_prefetched, prefetch, items[0])
+        for i, item in enumerate(items):
+            current = upcoming
+            if i + 1 < len(items):   # decode the next item while the model works on this one
+                upcoming = pool.submit(_prefetched, prefetch, items[i + 1])
+            emit(worker(item, current.result()))
+
+
+class _RayWorker:
+    """One actor: the worker is made once; two calls in flight per actor, so one call decodes its item
+    while the other holds the model (the lock keeps model work one at a time)."""
+
+    def __init__(self, make_worker, prefetch):
+        self.worker, self.prefetch, self.lock = make_worker(), prefetch, threading.Lock()
+
+    def run(self, item):
+        value = _prefetched(self.prefetch, item)
+        with self.lock:
+            return self.worker(item, value)
+
+
+def _run_ray(items, make_worker, num_workers, gpus_per_worker, ray_address, prefetch, emit):
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=ray_address, **({} if ray_address else {"include_dashboard": False}))
+    actors = []
+    try:
+        actor_cls = ray.remote(_RayWorker).options(num_cpus=1, num_gpus=gpus_per_worker, max_concurrency=2,
+                                                   max_restarts=2, max_task_retries=2)
+        actors = [actor_cls.remote(make_worker, prefetch) for _ in range(min(num_workers, len(items)))]
+        todo, pending = iter(items), {}
+
+        def submit(actor):
+            item = next(todo, None)
+            if item is not None:
+                pending[actor.run.remote(item)] = actor
+
+        for actor in actors * 2:
+            submit(actor)
+        while pending:
+            (ref,), _ = ray.wait(list(pending), num_returns=1)
+            actor = pending.pop(ref)
+            try:
+                row = ray.get(ref)
+            except ray.exceptions.RayTaskError as e:   # re-raise the worker's own exception type
+                raise e.as_instanceof_cause() from None
+            emit(row)
+            submit(actor)
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+        if started:
+            ray.shutdown()
+
+
+# ---------------------------------------------------------------------------------------------
+# Command-line flags
+# ---------------------------------------------------------------------------------------------
+def add_extraction_args(ap: argparse.ArgumentParser) -> None:
+    """The extraction flags shared by every script that runs the model on images."""
+    ap.add_argument("--prompt", default=ex.DEFAULT_PROMPT)
+    ap.add_argument("--model-id", default=mdl.DEFAULT_MODEL, help="hub id or local model directory")
+    ap.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
+    ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    ap.add_argument("--dtype", choices=mdl.DTYPES, default=None, help="default: float32 on CPU, bfloat16 on GPU")
+    ap.add_argument("--max-new-tokens", type=int, default=128, help="greedy decoding, stops at end of utterance")
+    ap.add_argument("--longest-edge", type=int, default=2048, help="processor resize of the longest edge")
+    ap.add_argument("--store", choices=STORES, default="compact",
+                    help="compact: text/answer rows, fp16; compact8: same, 8-bit; full: reference (1,H,S,S) npz")
+
+
+def settings_from_args(args) -> ex.Settings:
+    return ex.Settings(args.prompt, args.max_new_tokens, args.longest_edge, args.store).check()
+
+
+def add_batch_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--image-dir", required=True, help="folder of images")
+    ap.add_argument("--output-root", default="smol_outputs", help="one run directory per image + manifest")
+    ap.add_argument("--recursive", action="store_true", help="also look in subfolders")
+    ap.add_argument("--extensions", default=",".join(EXTENSIONS), help="comma-separated, case-insensitive")
+    ap.add_argument("--limit", type=int, default=0, help="first N images of the sorted list (0 = all)")
+    ap.add_argument("--shards", type=int, default=1, help="split the images into N shards ...")
+    ap.add_argument("--shard-index", type=int, default=0, help="... and run shard I (0..N-1)")
+    ap.add_argument("--retry-failed", action="store_true", help="reprocess images whose last row is an error")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="recompute every image, also when the configuration changed")
+    ap.add_argument("--engine", choices=("local", "ray"), default="local")
+    ap.add_argument("--ray-address", default=None, help="Ray cluster address ('auto', HOST:6379); default: local")
+    ap.add_argument("--num-workers", type=int, default=1, help="Ray actors, each loads the model once")
+    ap.add_argument("--gpus-per-worker", type=float, default=0, help="GPUs per Ray actor (0 = CPU)")
+    add_extraction_args(ap)
+
+
+# ---------------------------------------------------------------------------------------------
+# Image folder: discovery, names, shards
+# ---------------------------------------------------------------------------------------------
+def parse_extensions(text: str) -> tuple[str, ...]:
+    exts = tuple(sorted({("." + e.strip().lstrip(".")).lower() for e in text.split(",") if e.strip()}))
+    if not exts:
+        raise UserError("--extensions is empty")
+    return exts
+
+
+def discover(image_dir, extensions, recursive: bool = False, exclude=None) -> list[str]:
+    """Relative POSIX paths of the images, sorted. Hidden files and folders are skipped, and so is
+    ``exclude`` (the output root, when it lies inside the image folder)."""
+    root = Path(image_dir)
+    exclude = Path(exclude).resolve() if exclude else None
+    found = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if recursive and not d.startswith(".")
+                   and (exclude is None or (Path(folder) / d).resolve() != exclude)]
+        rel = Path(folder).relative_to(root)
+        found += [(rel / f).as_posix() for f in files
+                  if not f.startswith(".") and os.path.splitext(f)[1].lower() in extensions]
+    return sorted(found)
+
+
+def run_names(rels) -> dict[str, str]:
+    """Output directory name per image: its stem; where stems clash (case-insensitively, or with the
+    batch's own files), the relative path with '/' -> '__' (extension kept); a clash left after that
+    gets '-<8 hex of sha1(path)>' appended."""
+    def clean(names):
+        count = Counter(n.casefold() for n in names.values())
+        return {r: count[n.casefold()] == 1 and not _reserved(n) for r, n in names.items()}
+
+    names = {r: PurePosixPath(r).stem for r in rels}
+    ok = clean(names)
+    names = {r: n if ok[r] else r.replace("/", "__") for r, n in names.items()}
+    ok = clean(names)
+    return {r: n if ok[r] else f"{n}-{hashlib.sha1(r.encode()).hexdigest()[:8]}" for r, n in names.items()}
+
+
+def _reserved(name: str) -> bool:
+    """Names of the batch's own files in the output root."""
+    n = name.casefold()
+    return n == CONFIG or (n.startswith("manifest") and n.endswith(".jsonl"))
+
+
+def in_shard(rel: str, shards: int, index: int) -> bool:
+    """Shard of an image: sha1 of its relative path mod N (stable when files are added or removed)."""
+    return int(hashlib.sha1(rel.encode()).hexdigest(), 16) % shards == index
+
+
+# ---------------------------------------------------------------------------------------------
+# Manifest and configuration
+# ---------------------------------------------------------------------------------------------
+def fingerprint_hash(config: dict) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def manifest_path(root: Path, shards: int, index: int) -> Path:
+    return root / ("manifest.jsonl" if shards == 1 else f"manifest.shard-{index}-of-{shards}.jsonl")
+
+
+def read_manifests(root: Path) -> dict[str, dict]:
+    """The latest row per image over every manifest*.jsonl (a torn last line is ignored)."""
+    latest = {}
+    for path in sorted(root.glob("manifest*.jsonl")):
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                row = json.loads(line)
+                key = row["image"]
+            except (ValueError, KeyError, TypeError):
+                continue
+            if key not in latest or row.get("finished_at", "") >= latest[key].get("finished_at", ""):
+                latest[key] = row
+    return latest
+
+
+class Manifest:
+    """Append-only JSONL; every row is flushed and fsynced before the next image counts as done."""
+
+    def __init__(self, path: Path, truncate: bool = False):
+        if not truncate and path.is_file() and path.stat().st_size:
+            with open(path, "rb") as f:
+                f.seek(-1, os.SEEK_END)
+                torn = f.read(1) != b"\n"          # killed in the middle of a row
+        else:
+            torn = False
+        self.file = open(path, "w" if truncate else "a", encoding="utf-8")
+        if torn:
+            self.file.write("\n")
+
+    def append(self, row: dict) -> None:
+        self.file.write(json.dumps(row, ensure_ascii=False) + "\n")
+        self.file.flush()
+        os.fsync(self.file.fileno())
+
+    def close(self):
+        self.file.close()
+
+
+def check_config(root: Path, config: dict, overwrite: bool) -> None:
+    """Write batch_config.json, or refuse to mix runs made with another configuration."""
+    path, fp = root / CONFIG, fingerprint_hash(config)
+    if path.is_file() and not overwrite:
+        try:
+            old = json.loads(path.read_text())
+        except ValueError:
+            raise UserError(f"{path} is not valid JSON; remove it or pass --overwrite")
+        if old.get("fingerprint") == fp:
+            return
+        before = old.get("config", {})
+        changed = [f"{k}: {before.get(k)!r} -> {config.get(k)!r}" for k in sorted(set(before) | set(config))
+                   if before.get(k) != config.get(k)]
+        raise UserError(f"{root} holds runs made with another configuration ({'; '.join(changed) or 'unknown'}). "
+                        f"Pass --overwrite to recompute them, or choose another --output-root")
+    atomic_write_text(path, json.dumps({"fingerprint": fp, "config": config}, indent=1))
+
+
+def remove_stale(root: Path, names) -> int:
+    """Remove temporary run directories (``.<name>.tmp-*``) left by a killed run of these images."""
+    names, n = set(names), 0
+    for entry in os.scandir(root):
+        cut = entry.name.rfind(".tmp-")
+        if entry.name.startswith(".") and cut > 0 and entry.name[1:cut] in names and entry.is_dir():
+            shutil.rmtree(entry.path, ignore_errors=True)
+            n += 1
+    return n
+
+
+# ---------------------------------------------------------------------------------------------
+# The image worker
+# ---------------------------------------------------------------------------------------------
+def decode(item: dict):
+    """Prefetch step: open the image (raises UserError for bad files)."""
+    t = time.perf_counter()
+    image = open_image(item["path"])
+    return image, round(time.perf_counter() - t, 4)
+
+
+def process(loaded, settings: ex.Settings, root: str, fingerprint: str, item: dict, prefetched) -> dict:
+    """One image -> one manifest row (errors become rows; the batch goes on)."""
+    t0 = time.perf_counter()
+    row = {"image": item["image"], "run": item["run"], "status": "ok", "error": None, "timings": {},
+           "answer": None, "new_tokens": None, "grid": None, "fingerprint": fingerprint}
+    try:
+        if isinstance(prefetched, Exception):
+            raise prefetched
+        image, decode_s = prefetched
+        s = ex.extract(loaded, item["path"], Path(root) / item["run"], settings, image=image)
+        row.update(answer=s["answer"], new_tokens=s["new_tokens"], grid=s["grid"],
+                   timings={"decode_s": decode_s, **s["timings"]})
+    except Exception as e:  # noqa: BLE001 - one bad image must not stop a days-long run
+        row.update(status="error", error=str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}")
+    row["timings"]["total_s"] = round(time.perf_counter() - t0, 4)
+    row["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="microseconds")
+    return row
+
+
+def make_ray_worker(model_args: dict, settings: ex.Settings, root: str, config: dict):
+    """Runs in each Ray actor: load the model once and check it gives the driver's configuration."""
+    loaded = mdl.load(**model_args)
+    mine = ex.fingerprint_config(loaded, settings)
+    if mine != config:
+        raise UserError(f"worker on {os.uname().nodename} sees another configuration than the driver: "
+                        f"{mine} != {config}")
+    return partial(process, loaded, settings, root, fingerprint_hash(config))
+
+
+# ---------------------------------------------------------------------------------------------
+# The batch
+# ---------------------------------------------------------------------------------------------
+def plan(args) -> list[dict]:
+    """This invocation's images: discovered, named, limited, then this shard's part."""
+    image_dir = Path(args.image_dir)
+    rels = discover(image_dir, parse_extensions(args.extensions), args.recursive, exclude=args.output_root)
+    if not rels:
+        raise UserError(f"no images ({args.extensions}) in {image_dir}"
+                        + ("" if args.recursive else " (use --recursive for subfolders)"))
+    names = run_names(rels)
+    rels = rels[: args.limit] if args.limit else rels
+    return [{"image": r, "path": str(image_dir / r), "run": names[r]} for r in rels
+            if in_shard(r, args.shards, args.shard_index)]
+
+
+def validate(args) -> ex.Settings:
+    if not Path(args.image_dir).is_dir():
+        raise UserError(f"--image-dir {args.image_dir} is not a folder")
+    if args.limit < 0:
+        raise UserError("--limit must be 0 (all) or positive")
+    if args.shards < 1 or not 0 <= args.shard_index < args.shards:
+        raise UserError(f"--shard-index must be in 0..{args.shards - 1} (and --shards at least 1)")
+    if args.num_workers < 1 or args.gpus_per_worker < 0:
+        raise UserError("--num-workers must be at least 1 and --gpus-per-worker not negative")
+    if args.engine == "local" and (args.num_workers != 1 or args.gpus_per_worker or args.ray_address):
+        raise UserError("--num-workers, --gpus-per-worker and --ray-address need --engine ray")
+    if args.engine == "ray":
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            raise UserError("--engine ray needs Ray: pip install -r requirements-ray.txt")
+    return settings_from_args(args)
+
+
+def run(args, loaded: mdl.Loaded | None = None) -> int:
+    """The whole batch. Returns the exit status: 0 every image ok, 1 some failed.
+    ``loaded``: an already loaded model (local engine; the benchmark uses it)."""
+    settings = validate(args)
+    items = plan(args)
+    root = Path(args.output_root)
+    ex.check_writable(root)
+    removed = remove_stale(root, [it["run"] for it in items])
+    if removed:
+        print(f"removed {removed} partial run director{'y' if removed == 1 else 'ies'} of a killed run",
+              file=sys.stderr)
+    if args.engine == "ray":   # the driver loads on CPU only to learn the configuration
+        device = args.device or ("cuda" if args.gpus_per_worker > 0 else "cpu")
+        dtype = args.dtype or ("float32" if device == "cpu" else "bfloat16")
+        model_args = dict(model_id=args.model_id, device=device, dtype=dtype, revision=args.revision)
+        probe = loaded or mdl.load(args.model_id, "cpu", dtype, args.revision)
+        config = ex.fingerprint_config(probe, settings)
+        make_worker = partial(make_ray_worker, model_args, settings, str(root), config)
+        del probe
+    else:
+        loaded = loaded or mdl.load(args.model_id, args.device, args.dtype, args.revision)
+        config = ex.fingerprint_config(loaded, settings)
+        worker = partial(process, loaded, settings, str(root), fingerprint_hash(config))
+        make_worker = lambda: worker  # noqa: E731 - the local engine needs no pickling
+    check_config(root, config, args.overwrite)
+    fp = fingerprint_hash(config)
+
+    latest = {} if args.overwrite else read_manifests(root)
+    todo, skipped, failed_before = [], 0, []
+    for it in items:
+        row = latest.get(it["image"])
+        if row is None or row.get("fingerprint") != fp or row.get("run") != it["run"]:
+            todo.append(it)
+        elif row.get("status") == "ok" and (root / it["run"] / "meta.json").is_file():
+            skipped += 1
+        elif row.get("status") == "error" and not args.retry_failed:
+            failed_before.append(row)
+        else:
+            todo.append(it)
+
+    if args.overwrite and args.shards == 1:
+        for old in root.glob("manifest*.jsonl"):
+            old.unlink()
+    manifest = Manifest(manifest_path(root, args.shards, args.shard_index), truncate=args.overwrite)
+    counts = Counter()
+
+    def on_result(row):
+        manifest.append(row)
+        counts[row["status"]] += 1
+        if row["status"] == "error":
+            from tqdm import tqdm
+            tqdm.write(f"error: {row['image']}: {row['error']}", file=sys.stderr)
+
+    t0 = time.perf_counter()
+    try:
+        run_engine(todo, make_worker, engine=args.engine, num_workers=args.num_workers,
+                   gpus_per_worker=args.gpus_per_worker, ray_address=args.ray_address, prefetch=decode,
+                   on_result=on_result, progress="images")
+    finally:
+        manifest.close()
+    elapsed = time.perf_counter() - t0
+    n = counts["ok"] + counts["error"]
+    print(f"done {counts['ok']}, skipped {skipped} (finished earlier), failed {counts['error']}"
+          + (f", {len(failed_before)} failed earlier (not retried; --retry-failed)" if failed_before else "")
+          + f"; {n} images in {elapsed:.1f}s = {n / elapsed if elapsed > 0 else 0:.2f} images/s"
+          + f"; outputs in {root}")
+    return 1 if counts["error"] or failed_before else 0
