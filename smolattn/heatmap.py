@@ -7,9 +7,14 @@ All maps here are vectors over the image keys in stored order (see geometry.Geom
 """
 from __future__ import annotations
 
+import difflib
+import zipfile
+from dataclasses import dataclass, field
+
 import numpy as np
 
-from .store import Layer, Run
+from .errors import UserError
+from .store import Layer, Run, display_token
 
 HEAD_REDUCTIONS = ("mean", "max")
 
@@ -106,13 +111,6 @@ def figure(grid: np.ndarray, title: str, label: str, cell: int = 16):
 # over layers and heads with the user's top-k + entropy weighting ("reference") or the same idea
 # restricted to the image keys ("image"). Docs: docs/token-heatmap.md.
 # ================================================================================================
-import difflib
-import zipfile
-from dataclasses import dataclass, field
-
-from .errors import UserError
-from .store import display_token
-
 METHODS = ("image", "reference")
 GLOBAL_MODES = ("panel", "blend", "drop")
 EPS = 1e-12  # inside the entropy's log, as in the user's script
