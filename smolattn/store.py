@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
 import tempfile
+import zipfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -82,7 +84,7 @@ def write_layers(root: Path, layers, store: str, query_positions, geometry: geo.
             continue
         path = root / LAYER_FILE.format(i)
         path.parent.mkdir(exist_ok=True)
-        image, text = a[..., keys], a[..., text_keys]
+        image, text = np.ascontiguousarray(a[..., keys]), np.ascontiguousarray(a[..., text_keys])
         if store == "compact":
             np.savez_compressed(path, image=image.astype(np.float16), text=text.astype(np.float16))
         elif store == "compact8":
@@ -165,6 +167,14 @@ class Run:
         self.path = Path(path)
         if not self.path.is_dir():
             raise UserError(f"run directory not found: {self.path}")
+        try:
+            self._open(allow_pickle)
+        except UserError:
+            raise
+        except (OSError, ValueError, KeyError, TypeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
+            raise UserError(f"{self.path}: unreadable run ({type(e).__name__}: {e})")
+
+    def _open(self, allow_pickle):
         meta_path = self.path / "meta.json"
         self.tokens = self._read_tokens(allow_pickle)
         if meta_path.is_file():
@@ -209,9 +219,7 @@ class Run:
         files = self._reference_layer_files()
         S = len(self.tokens)
         if files:
-            with np.load(files[0]) as z:
-                shape = z["attention"].shape
-            layers = len(files)
+            shape, layers = _npz_shape(files[0], "attention"), len(files)
         elif (self.path / "attention_array.npy").is_file():
             arr = np.load(self.path / "attention_array.npy", mmap_mode="r")
             shape, layers = arr.shape[-4:] if arr.ndim == 5 else (1,) + arr.shape[1:], arr.shape[0]
@@ -264,8 +272,8 @@ class Run:
         keys, text_keys = self.geometry.key_positions, self.text_key_positions
         if self.store in ("compact", "compact8"):
             with np.load(self.path / LAYER_FILE.format(i)) as z:
-                if self.store == "compact":
-                    return Layer(z["image"].astype(np.float32), z["text"].astype(np.float32))
+                if self.store == "compact":   # C order: per-token row slices stay fast
+                    return Layer(z["image"].astype(np.float32, order="C"), z["text"].astype(np.float32, order="C"))
                 return Layer(dequantize(z["image_q"], z["image_scale"]), dequantize(z["text_q"], z["text_scale"]))
         full = self._full_layer(i)                        # (H, S', S')
         n = full.shape[-1]
@@ -287,6 +295,14 @@ class Run:
         out[:, self.geometry.key_positions] = layer.image[:, row]
         out[:, self.text_key_positions[: layer.text.shape[-1]]] = layer.text[:, row]
         return out
+
+
+def _npz_shape(path, key) -> tuple:
+    """Shape of one array in an npz, read from its header (no decompression of the data)."""
+    with zipfile.ZipFile(path) as zf, zf.open(f"{key}.npy") as f:
+        major, _ = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+        return read(f)[0]
 
 
 def _answer_start(tokens) -> int:

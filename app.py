@@ -1,0 +1,41 @@
+"""Attention viewer: serve one run (default: the current directory) or every run under a root.
+
+    python app.py                      # the run in the current directory (the reference's behaviour)
+    python app.py --run runs/cat       # one run
+    python app.py --runs runs/         # every run under runs/, with a searchable picker
+"""
+from __future__ import annotations
+
+import argparse
+
+from smolattn.errors import UserError, run_cli
+from viewer import create_app
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--run", metavar="DIR", help="serve this run directory (default: the current directory)")
+    where.add_argument("--runs", metavar="ROOT", help="serve every run under this batch output root")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=5001)
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="allow pickled decoded_tokens.npy (the reference format); only for files you trust")
+    p.add_argument("--cache-mb", type=float, default=512, help="memory for cached attention layers (MB)")
+    args = p.parse_args(argv)
+    if not 0 <= args.port <= 65535:
+        raise UserError(f"port {args.port} out of range 0..65535")
+    app = create_app({"RUN": args.run or (None if args.runs else "."), "RUNS": args.runs,
+                      "ALLOW_PICKLE": args.allow_pickle, "CACHE_MB": args.cache_mb})
+    registry = app.extensions["runs"]
+    count = 1 if registry.single else len(registry.names())
+    if count == 0:
+        raise UserError(f"no runs under {registry.root} (a run is a directory with decoded_tokens.npy)")
+    shown = "localhost" if args.host in ("127.0.0.1", "0.0.0.0", "localhost", "::") else args.host
+    print(f"Serving {count} run(s) from {registry.root} at http://{shown}:{args.port}/")
+    app.run(host=args.host, port=args.port, debug=False, threaded=True)
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

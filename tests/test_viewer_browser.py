@@ -1,0 +1,224 @@
+"""The viewer page in a real browser (Playwright driving Debian's chromium, never a downloaded one).
+
+Synthetic runs put a known one-hot on one image cell; the tests click the token and check that the
+overlay's hottest pixels sit over that cell, for landscape, portrait and square tile grids.
+Screenshots go to artifacts/screenshots/.
+"""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from smolattn import geometry as geo
+from smolattn import synthetic
+from viewer import create_app
+
+CHROMIUM = Path("/usr/bin/chromium")
+SHOTS = Path(__file__).resolve().parent.parent / "artifacts" / "screenshots"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-quic",
+        "--no-first-run", "--disable-component-update", "--disable-sync"]
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (CI installs it)")
+pytestmark = pytest.mark.skipif(not CHROMIUM.is_file(), reason="/usr/bin/chromium is missing (CI installs it)")
+
+# name -> (rows, cols, image size, hot tiled cell (i, j), hot global cell (i, j))
+SHAPES = {
+    "landscape": (3, 4, (640, 480), (5, 27), (2, 6)),
+    "portrait": (4, 3, (480, 640), (29, 3), (6, 1)),
+    "square": (4, 4, (500, 500), (17, 20), (4, 4)),
+}
+TILE_TOKEN, GLOBAL_TOKEN = 1, 4   # answer offsets of " skier" and " red"
+EVIL = ["ĠA", "Ġ<b>bold</b>", "Ġ<img", "Ġsrc=x", "Ġonerror=window.__xss=1>", "Ġ&amp;", "Ġ\"'", "."]
+
+
+def tile_key(rows, cols, i, j, side=8):
+    return ((i // side) * cols + j // side) * side * side + (i % side) * side + j % side
+
+
+def positions(rows, cols):
+    _, plen = synthetic.make_tokens(rows, cols)
+    return plen + TILE_TOKEN, plen + GLOBAL_TOKEN
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from werkzeug.serving import make_server
+    root = tmp_path_factory.mktemp("runs")
+    for name, (rows, cols, size, (i, j), (gi, gj)) in SHAPES.items():
+        tile_pos, global_pos = positions(rows, cols)
+        one_hot = {tile_pos: tile_key(rows, cols, i, j), global_pos: rows * cols * 64 + gi * 8 + gj}
+        synthetic.make_run(root / name, rows, cols, image_size=size, one_hot=one_hot, layers=3, heads=2)
+    synthetic.make_run(root / "reference", 3, 4, reference=True)
+    synthetic.make_run(root / "escape", 3, 4, answer=EVIL)
+    (root / "broken").mkdir()
+    (root / "broken" / "decoded_tokens.npy").write_bytes(b"not a numpy file")
+    srv = make_server("127.0.0.1", 0, create_app({"RUNS": str(root), "ALLOW_PICKLE": True}), threaded=True)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{srv.server_port}"
+    srv.shutdown()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context(viewport={"width": 1400, "height": 950}, accept_downloads=True)
+    pg = context.new_page()
+    pg.set_default_timeout(10_000)
+    errors = []
+    pg.on("pageerror", lambda e: errors.append(str(e)))
+    yield pg
+    context.close()
+    assert not errors, f"JavaScript errors: {errors}"
+
+
+def open_run(page, server, name):
+    page.goto(f"{server}/?run={name}")
+    page.wait_for_selector("#overlay[data-index]")   # the first answer token is drawn on load
+
+
+def click_token(page, index):
+    page.click(f'.token[data-index="{index}"]')
+    page.wait_for_selector(f'#overlay[data-index="{index}"]')
+
+
+HOT_CENTRE = """([selector, byBrightness]) => {
+  const c = document.querySelector(selector);
+  const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+  const score = (k) => byBrightness ? d[k] + d[k + 1] + d[k + 2] : d[k + 3];
+  let max = 0;
+  for (let k = 0; k < d.length; k += 4) max = Math.max(max, score(k));
+  let sx = 0, sy = 0, n = 0;
+  for (let y = 0; y < c.height; y++) for (let x = 0; x < c.width; x++) {
+    if (score((y * c.width + x) * 4) >= 0.97 * max) { sx += x + 0.5; sy += y + 0.5; n++; }
+  }
+  return {x: sx / n / c.width, y: sy / n / c.height, max, n};
+}"""
+
+
+def assert_inside(centre, box, size):
+    x, y = centre["x"] * size[0], centre["y"] * size[1]
+    assert box[0] <= x < box[2] and box[1] <= y < box[3], (centre, box)
+
+
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_overlay_hottest_pixels_over_the_one_hot_cell(page, server, name):
+    rows, cols, size, (i, j), (gi, gj) = SHAPES[name]
+    tokens, _ = synthetic.make_tokens(rows, cols)
+    g = geo.from_tokens(tokens)
+    tile_pos, global_pos = positions(rows, cols)
+    open_run(page, server, name)
+    click_token(page, tile_pos)
+
+    img = page.locator("#image").bounding_box()
+    canvas = page.locator("#overlay").bounding_box()
+    assert all(abs(img[k] - canvas[k]) < 1 for k in ("x", "y", "width", "height"))
+    assert abs(img["width"] / img["height"] - size[0] / size[1]) < 0.02
+    hot = page.evaluate(HOT_CENTRE, ["#overlay", False])
+    assert hot["max"] > 150
+    assert_inside(hot, g.cell_box(i, j, size), size)
+    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+
+    page.locator("input[name=upsample][value=smooth]").check()   # smooth keeps the centre in the cell
+    page.wait_for_selector(f'#overlay[data-index="{tile_pos}"]')
+    assert_inside(page.evaluate(HOT_CENTRE, ["#overlay", False]), g.cell_box(i, j, size), size)
+
+    page.eval_on_selector("#opacity", "e => { e.value = 1; e.dispatchEvent(new Event('input')); }")
+    # the global panel has the image under the map: at full opacity the hottest pixels are the whitest
+    click_token(page, global_pos)
+    hot = page.evaluate(HOT_CENTRE, ["#global", True])
+    assert_inside(hot, g.cell_box(gi, gj, (1, 1), view="global"), (1, 1))
+
+
+def test_reverse_view_ranks_the_one_hot_token_first(page, server):
+    rows, cols, size, (i, j), _ = SHAPES["landscape"]
+    tile_pos, _ = positions(rows, cols)
+    open_run(page, server, "landscape")
+    box = page.locator("#image").bounding_box()
+    gh, gw = rows * 8, cols * 8
+    page.mouse.click(box["x"] + (j + 0.5) * box["width"] / gw, box["y"] + (i + 0.5) * box["height"] / gh)
+    first = page.locator("#reverse-list li").first
+    first.wait_for()
+    assert first.get_attribute("data-index") == str(tile_pos)
+    assert page.locator("#cell-marker").is_visible()
+    page.screenshot(path=str(SHOTS / "reverse.png"), full_page=True)
+    first.click()                                           # jumping to that token draws it
+    page.wait_for_selector(f'#overlay[data-index="{tile_pos}"]')
+
+
+def test_keyboard_overview_and_download(page, server, tmp_path):
+    rows, cols, size, _, _ = SHAPES["landscape"]
+    tile_pos, _ = positions(rows, cols)
+    open_run(page, server, "landscape")
+    click_token(page, tile_pos)
+    page.keyboard.press("ArrowRight")
+    page.wait_for_selector(f'#overlay[data-index="{tile_pos + 1}"]')
+    page.keyboard.press("ArrowLeft")
+    page.wait_for_selector(f'#overlay[data-index="{tile_pos}"]')
+    assert page.locator(".token.selected").get_attribute("data-index") == str(tile_pos)
+
+    assert page.locator("#overview .cell").count() == 3 * 2
+    page.click('#overview .cell[data-layer="1"][data-head="1"]')
+    page.wait_for_selector('#overview .cell.current[data-layer="1"][data-head="1"]')
+    assert page.locator("#layer-mode").input_value() == "single"
+    assert page.locator("#layer").input_value() == "1" and page.locator("#heads").input_value() == "1"
+
+    with page.expect_download() as info:
+        page.click("#download")
+    path = tmp_path / "view.png"
+    info.value.save_as(path)
+    from PIL import Image
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.size == size
+
+
+def test_errors_show_in_the_alert_and_keep_the_ui(page, server):
+    page.goto(f"{server}/?run=broken")
+    alert = page.locator("#alert")
+    alert.wait_for()
+    assert "cannot be read" in alert.inner_text()
+    assert page.locator("#controls").is_visible() and page.locator("#picker").is_visible()
+    page.screenshot(path=str(SHOTS / "error.png"), full_page=True)
+
+    page.goto(f"{server}/?run=..%2F..%2Fetc")
+    page.locator("#alert").wait_for()
+    assert "unknown run" in page.locator("#alert-text").inner_text()
+
+    open_run(page, server, "landscape")                      # a failing data request keeps the page
+    page.route("**/api/attention?*", lambda route: route.fulfill(
+        status=404, content_type="application/json", body='{"success": false, "error": "unknown layer 99"}'))
+    page.click(f'.token[data-index="{positions(3, 4)[0]}"]')
+    page.locator("#alert").wait_for()
+    assert page.locator("#alert-text").inner_text() == "unknown layer 99"
+    assert page.locator("#image").is_visible() and page.locator("#answer-tokens").is_visible()
+
+
+def test_token_text_is_escaped(page, server):
+    _, plen = synthetic.make_tokens(3, 4)
+    open_run(page, server, "escape")
+    texts = page.eval_on_selector_all("#answer-tokens .token", "els => els.map(e => e.textContent)")
+    for raw in EVIL:
+        assert raw.replace("Ġ", " ") in texts
+    assert page.locator("#answer-tokens b, #answer-tokens img").count() == 0
+    assert page.evaluate("window.__xss") is None
+    assert page.locator(f'.token[data-index="{plen + 6}"]').text_content() == " \"'"
+    page.screenshot(path=str(SHOTS / "escape.png"), full_page=True)
+
+
+def test_standin_banner(page, server):
+    open_run(page, server, "landscape")
+    banner = page.locator("#standin-banner")
+    assert banner.is_visible() and "NOT SmolVLM's" in banner.inner_text()
+    open_run(page, server, "reference")                     # reference-format run: real model, no banner
+    assert not banner.is_visible()
+    assert page.locator("#prompt-tokens .image-chip").inner_text() == "[image: 3×4 tiles + global, 832 tokens]"
+    page.screenshot(path=str(SHOTS / "reference.png"), full_page=True)

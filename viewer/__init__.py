@@ -1,0 +1,59 @@
+"""The attention viewer: a Flask application factory with one blueprint per concern."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from flask import Flask, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from smolattn.errors import UserError
+
+from .runs import RUN_MARKER, Registry
+
+ROOT = Path(__file__).resolve().parent.parent
+log = logging.getLogger(__name__)
+
+
+def create_app(config: dict) -> Flask:
+    """``config``: RUN (one run directory) or RUNS (a root holding runs), ALLOW_PICKLE, CACHE_MB, and
+    any Flask setting. Raises UserError when the run or root cannot be served."""
+    app = Flask(__name__, template_folder=str(ROOT / "templates"), static_folder=str(ROOT / "static"))
+    app.config.update(ALLOW_PICKLE=False, CACHE_MB=512)
+    app.config.update(config)
+    if app.config.get("RUN") and app.config.get("RUNS"):
+        raise UserError("give either a run directory or a runs root, not both")
+    if float(app.config["CACHE_MB"]) <= 0:
+        raise UserError("the cache size must be positive")
+    root = Path(app.config.get("RUNS") or app.config.get("RUN") or ".")
+    single = not app.config.get("RUNS") or (root / RUN_MARKER).is_file()
+    if single and not (root / RUN_MARKER).is_file():
+        raise UserError(f"{root.resolve()} is not a run directory (no {RUN_MARKER}); "
+                        "pass --run DIR or --runs ROOT")
+    registry = Registry(root, single, bool(app.config["ALLOW_PICKLE"]), float(app.config["CACHE_MB"]) * 1e6)
+    if single:
+        registry.run(registry.single_name)  # fail now, with one clear line, if the run is unreadable
+    app.extensions["runs"] = registry
+
+    from . import api, pages
+    app.register_blueprint(api.bp)
+    app.register_blueprint(pages.bp)
+
+    @app.errorhandler(HTTPException)
+    def http_error(e):
+        if request.path.startswith("/api/"):
+            return jsonify(success=False, error=f"{e.name}: {e.description}"), e.code
+        return e
+
+    @app.errorhandler(Exception)
+    def internal_error(e):
+        log.exception("unexpected error on %s", request.path)
+        return jsonify(success=False, error=f"internal error: {type(e).__name__}: {e}"), 500
+
+    @app.after_request
+    def security_headers(resp):
+        resp.headers.setdefault("Content-Security-Policy", "default-src 'self'; img-src 'self' data: blob:")
+        resp.headers.setdefault("X-Content-Type-Options", "nosniff")
+        return resp
+
+    return app

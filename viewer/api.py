@@ -1,0 +1,335 @@
+"""JSON API: the reference viewer's two routes, the data API the page draws from, the runs list, the
+reverse view and PNG renders. Every error is ``{"success": false, "error": ...}`` with 400/404/500."""
+from __future__ import annotations
+
+import base64
+import io
+import re
+from functools import lru_cache
+from urllib.parse import quote
+
+import numpy as np
+from flask import Blueprint, current_app, jsonify, request, send_file
+from PIL import Image
+
+from smolattn import heatmap as hm
+from smolattn.errors import UserError
+from smolattn.store import Run, token_table
+
+from .runs import MAX_OPEN_RUNS, NotFound, text_rows
+
+bp = Blueprint("api", __name__, url_prefix="/api")
+TEXT_KINDS = ("prompt", "answer", "special")
+PNG_MAX_SIDE = 1024
+REVERSE_TOP = 20
+
+
+class ApiError(Exception):
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+@bp.errorhandler(ApiError)
+def _api_error(e):
+    return jsonify(success=False, error=str(e)), e.status
+
+
+@bp.errorhandler(NotFound)
+def _not_found(e):
+    return jsonify(success=False, error=str(e)), 404
+
+
+def registry():
+    return current_app.extensions["runs"]
+
+
+# -- parameters ------------------------------------------------------------------------------
+def params() -> dict:
+    """Query arguments, plus the JSON body of a POST."""
+    args = dict(request.args)
+    if request.method == "POST":
+        body = request.get_json(silent=True)
+        if not isinstance(body, dict):
+            raise ApiError("the request body must be a JSON object")
+        args.update(body)
+    return args
+
+
+def as_int(value, name: str) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and re.fullmatch(r"\s*-?\d{1,9}\s*", value):
+        return int(value)
+    raise ApiError(f"{name} must be an integer, got {value!r}")
+
+
+def as_float(value, name: str) -> float:
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise ApiError(f"{name} must be a number, got {value!r}") from None
+    if not np.isfinite(x):
+        raise ApiError(f"{name} must be finite, got {value!r}")
+    return x
+
+
+def choice(args, name: str, choices: tuple, default: str) -> str:
+    value = str(args.get(name, default))
+    if value not in choices:
+        raise ApiError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def get_run(args) -> tuple[str, Run]:
+    reg = registry()
+    name = args.get("run") or (reg.single_name if reg.single else None)
+    if not isinstance(name, str):
+        raise ApiError("parameter 'run' is required: this server shows several runs (see /api/runs)")
+    try:
+        return name, reg.run(name)
+    except UserError as e:
+        raise ApiError(f"run {name!r} cannot be read: {e}", 500) from None
+
+
+@lru_cache(maxsize=MAX_OPEN_RUNS)
+def table(run: Run) -> list[dict]:
+    return token_table(run)
+
+
+def get_token(run: Run, value, name: str = "index") -> tuple[int, int]:
+    """(position, stored row) of a token; 404 for unknown tokens and tokens without a row."""
+    if value is None:
+        raise ApiError(f"parameter '{name}' is required")
+    pos = as_int(value, name)
+    if not 0 <= pos < len(run.tokens):
+        raise NotFound(f"unknown token {pos}: the run has tokens 0..{len(run.tokens) - 1}")
+    row = text_rows(run).row.get(pos)
+    if row is None:
+        t = table(run)[pos]
+        raise NotFound(f"token {pos} ({t['kind']} {t['text']!r}) has no stored attention row: "
+                       "only text/answer tokens have rows")
+    return pos, row
+
+
+def get_layers(run: Run, value) -> range:
+    """'a-b' or 'i' (default: every layer)."""
+    if value in (None, ""):
+        return range(run.num_layers)
+    m = re.fullmatch(r"(\d{1,4})(?:-(\d{1,4}))?", str(value))
+    if not m:
+        raise ApiError(f"layers must be 'i' or 'a-b', got {value!r}")
+    a, b = int(m.group(1)), int(m.group(2) or m.group(1))
+    if a > b:
+        raise ApiError(f"layers range {value!r} is reversed")
+    if b >= run.num_layers:
+        raise NotFound(f"unknown layer {b}: the run has layers 0..{run.num_layers - 1}")
+    return range(a, b + 1)
+
+
+def get_heads(run: Run, value, default="mean"):
+    value = default if value in (None, "") else value
+    if value in hm.HEAD_REDUCTIONS:
+        return value
+    h = as_int(value, "head")
+    if not 0 <= h < run.num_heads:
+        raise ApiError(f"head {h} out of range 0..{run.num_heads - 1} (or mean, max)")
+    return h
+
+
+def reduce_heads(x: np.ndarray, heads) -> np.ndarray:
+    """(L, H, ...) -> (L, ...) by mean, max or one head."""
+    return x.mean(axis=1) if heads == "mean" else x.max(axis=1) if heads == "max" else x[:, heads]
+
+
+def image_maps(name: str, run: Run, row: int, layers) -> np.ndarray:
+    """(L, H, K): the row's attention over the image keys in each layer."""
+    reg = registry()
+    return np.stack([reg.layer(name, run, i).image[:, row] for i in layers])
+
+
+def token_map(name: str, run: Run, row: int, layers, heads, drop: bool) -> np.ndarray:
+    """(K,): the row's image attention reduced over heads (renormalised per layer if ``drop``), mean over layers."""
+    per_layer = reduce_heads(image_maps(name, run, row, layers), heads)
+    return (hm.drop_sink(per_layer) if drop else per_layer).mean(axis=0)
+
+
+def numbers(x: np.ndarray, digits: int = 6) -> list:
+    """Nested lists rounded to ``digits`` significant digits of the largest value (the stores keep
+    about 3: float16): half the JSON, and half the time to encode it."""
+    top = float(np.abs(x).max())
+    return np.round(x.astype(np.float64), digits - int(np.floor(np.log10(top))) if top > 0 else 0).tolist()
+
+
+def png_b64(img) -> str:
+    buf = io.BytesIO()
+    img.save(buf, "PNG", compress_level=1)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def display_size(run: Run) -> tuple[int, int]:
+    w, h = run.image_size()
+    scale = min(1.0, PNG_MAX_SIDE / max(w, h))
+    return max(1, round(w * scale)), max(1, round(h * scale))
+
+
+# -- routes ----------------------------------------------------------------------------------
+@bp.get("/runs")
+def runs():
+    args = params()
+    q = str(args.get("q", "")).lower()
+    limit = as_int(args.get("limit", "200"), "limit")
+    if not 1 <= limit <= 1000:
+        raise ApiError("limit must be in 1..1000")
+    names = [n for n in registry().names() if q in n.lower()]
+    return jsonify(success=True, total=len(names), single=registry().single,
+                   runs=[registry().summary(n) for n in names[:limit]])
+
+
+@bp.get("/initialize")
+def initialize():
+    name, run = get_run(params())
+    tokens = table(run)
+    g = run.geometry
+    after_image = tokens[g.image_block[1] + 1:run.prompt_length]
+    user_turn = "".join(t["text"] for t in after_image[:next(
+        (i for i, t in enumerate(after_image) if t["kind"] == "special"), len(after_image))])
+    answer = [t for t in tokens if t["kind"] == "answer"]
+    return jsonify(
+        success=True, run=name, prompt=run.meta.get("prompt") or user_turn.strip(),
+        answer=run.meta.get("answer") or "".join(t["text"] for t in answer),
+        tokens=[{"text": t["text"], "raw": t["raw"], "index": t["index"], "is_selectable": t["has_row"]}
+                for t in answer],
+        num_layers=run.num_layers, num_heads=run.num_heads,
+        image_url=f"/api/image?run={quote(name)}", standin=run.standin,
+        model=run.meta.get("model", {}).get("id"),
+        prompt_length=run.prompt_length,
+        geometry={"rows": g.rows, "cols": g.cols, "side": g.side, "grid": list(g.grid_shape),
+                  "num_keys": g.num_keys, "image_block": list(g.image_block), "image_size": list(run.image_size())},
+        token_table=tokens,
+        query_semantics=run.meta["attention"].get(
+            "query_semantics", "row for token t = position t as the query (the reference viewer's convention)"))
+
+
+@bp.get("/image")
+def image():
+    name, run = get_run(params())
+    path = run.image_path()
+    if path is None or not registry().inside(path):
+        raise NotFound(f"run {name!r} has no image")
+    return send_file(path)
+
+
+@bp.post("/generate_attention_map")
+def generate_attention_map():
+    """The reference route: one layer, one head (or mean/max), thresholded, as a transparent PNG."""
+    args = params()
+    name, run = get_run(args)
+    if args.get("word_index") is not None:
+        pos, row = get_token(run, args["word_index"], "word_index")
+    else:
+        word = args.get("word")
+        if not isinstance(word, str):
+            raise ApiError("word_index (an integer) or word (a token string) is required")
+        match = next((t["index"] for t in table(run) if t["has_row"] and word in (t["raw"], t["text"])), None)
+        if match is None:
+            raise NotFound(f"word {word!r} not found among the tokens with attention rows")
+        pos, row = get_token(run, match)
+    layer = get_layers(run, str(as_int(args.get("layer", 0), "layer")))
+    head = get_heads(run, args.get("head"), default=0)
+    threshold = as_float(args.get("threshold", 0.0), "threshold")
+    values = token_map(name, run, row, layer, head, drop=False)
+    grid, glob = run.geometry.split(values)
+    grid = glob if grid is None else grid
+    stats = {"min": float(grid.min()), "max": float(grid.max())}
+    grid = np.where(grid < threshold, 0.0, grid)
+    png = Image.fromarray(hm.heat_rgba(hm.normalise(grid), vmax=1.0), "RGBA").resize(display_size(run), Image.NEAREST)
+    return jsonify(success=True, run=name, heatmap=png_b64(png), stats=stats, heatmap_width=png.width,
+                   heatmap_height=png.height, word=run.tokens[pos], word_index=pos, layer=layer.start,
+                   head=head, threshold=threshold)
+
+
+@bp.get("/attention")
+def attention():
+    """The token's map as numbers for the page: tiled grid, global grid, image mass, colour range and
+    the layer x head image-mass overview."""
+    args = params()
+    name, run = get_run(args)
+    pos, row = get_token(run, args.get("index"))
+    layers = get_layers(run, args.get("layers"))
+    heads = get_heads(run, args.get("heads"))
+    drop = choice(args, "drop_sink", ("0", "1"), "0") == "1"
+    norm = choice(args, "norm", ("map", "shared"), "map")
+
+    reg = registry()   # the overview and the shared colour range need every layer
+    every = [reg.layer(name, run, i) for i in range(run.num_layers)]
+    maps = np.stack([layer.image[:, row] for layer in every])                    # (L, H, K)
+    text_mass = np.stack([layer.text[:, row] for layer in every]).sum(-1)         # (L, H)
+    image_mass = maps.sum(-1)
+    total = image_mass + text_mass
+    lh_mass = np.divide(image_mass, total, out=np.zeros_like(total), where=total > 0)  # (L, H)
+    per_layer = reduce_heads(maps, heads)
+    if drop:
+        per_layer = hm.drop_sink(per_layer)
+    values = per_layer[layers.start:layers.stop].mean(axis=0)
+    scope = values if norm == "map" else per_layer
+    grid, glob = run.geometry.split(values)
+    return jsonify(success=True, run=name, index=pos, text=table(run)[pos]["text"],
+                   layers=[layers.start, layers.stop - 1], heads=heads, drop_sink=drop, norm=norm,
+                   grid=None if grid is None else numbers(grid), **{"global": numbers(glob)},
+                   image_mass=float(reduce_heads(lh_mass, heads)[layers.start:layers.stop].mean()),
+                   vmin=float(scope.min()), vmax=float(scope.max()), layer_head_mass=numbers(lh_mass))
+
+
+@bp.get("/reverse")
+def reverse():
+    """Tokens ranked by their attention to one image cell (layers/heads reduced as in /api/attention)."""
+    args = params()
+    name, run = get_run(args)
+    g = run.geometry
+    view = choice(args, "view", ("tiles", "global"), "tiles")
+    if view == "tiles" and g.rows == 0:
+        view = "global"  # an unsplit image has only the global tile
+    m = re.fullmatch(r"(\d{1,4}),(\d{1,4})", str(args.get("cell", "")))
+    if not m:
+        raise ApiError("cell must be 'i,j' (row, column of the grid)")
+    i, j = int(m.group(1)), int(m.group(2))
+    gh, gw = g.grid_shape if view == "tiles" else (g.side, g.side)
+    if not (i < gh and j < gw):
+        raise ApiError(f"cell {i},{j} is outside the {gh}x{gw} {view} grid")
+    s = g.side
+    if view == "tiles":
+        key = ((i // s) * g.cols + j // s) * s * s + (i % s) * s + j % s
+    else:
+        key = g.rows * g.cols * s * s + i * s + j
+    layers = get_layers(run, args.get("layers"))
+    heads = get_heads(run, args.get("heads"))
+    values = reduce_heads(np.stack([registry().layer(name, run, li).image[:, :, key] for li in layers]),
+                          heads).mean(axis=0)                                   # (Q,)
+    tokens, positions = table(run), text_rows(run).positions
+    rows = [r for r, p in enumerate(positions) if tokens[p]["kind"] in TEXT_KINDS]
+    top = sorted(rows, key=lambda r: -values[r])[:REVERSE_TOP]
+    return jsonify(success=True, run=name, cell=[i, j], view=view, key=int(key), tokens=[
+        {"index": int(positions[r]), "text": tokens[positions[r]]["text"], "kind": tokens[positions[r]]["kind"],
+         "value": float(values[r])} for r in top])
+
+
+@bp.get("/overlay.png")
+def overlay_png():
+    """The image with the token's map composited on top (same parameters as /api/attention, + smooth)."""
+    args = params()
+    name, run = get_run(args)
+    pos, row = get_token(run, args.get("index"))
+    drop = choice(args, "drop_sink", ("0", "1"), "0") == "1"
+    smooth = choice(args, "smooth", ("0", "1"), "0") == "1"
+    values = token_map(name, run, row, get_layers(run, args.get("layers")), get_heads(run, args.get("heads")), drop)
+    grid, glob = run.geometry.split(values)
+    path = run.image_path()
+    if path is None or not registry().inside(path):
+        raise NotFound(f"run {name!r} has no image")
+    with Image.open(path) as im:
+        out = hm.overlay(im.convert("RGB").resize(display_size(run)), glob if grid is None else grid, smooth)
+    buf = io.BytesIO()
+    out.save(buf, "PNG")
+    buf.seek(0)
+    return send_file(buf, mimetype="image/png", download_name=f"attention_{pos}.png")
