@@ -10,28 +10,15 @@ import argparse
 from smolattn import extract as ex
 from smolattn import model as mdl
 from smolattn.errors import run_cli
-from smolattn.store import STORES
-
-
-def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--image", required=True, help="image file (any format Pillow reads)")
-    ap.add_argument("--output-dir", default=".", help="run directory to write (replaced atomically)")
-    ap.add_argument("--prompt", default=ex.DEFAULT_PROMPT)
-    ap.add_argument("--model-id", default=mdl.DEFAULT_MODEL, help="hub id or local model directory")
-    ap.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
-    ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    ap.add_argument("--dtype", choices=mdl.DTYPES, default=None, help="default: float32 on CPU, bfloat16 on GPU")
-    ap.add_argument("--max-new-tokens", type=int, default=128, help="greedy decoding, stops at end of utterance")
-    ap.add_argument("--longest-edge", type=int, default=2048, help="processor resize of the longest edge")
-    ap.add_argument("--store", choices=STORES, default="compact",
-                    help="compact: text/answer rows, fp16; compact8: same, 8-bit; full: reference (1,H,S,S) npz")
-    return ap.parse_args(argv)
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    settings = ex.Settings(args.prompt, args.max_new_tokens, args.longest_edge, args.store).check()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--image", required=True, help="image file (any format Pillow reads)")
+    ap.add_argument("--output-dir", default=".", help="run directory to write (replaced atomically)")
+    ex.add_arguments(ap)
+    args = ap.parse_args(argv)
+    settings = ex.settings_from_args(args)
     image = ex.open_image(args.image)             # bad images fail before the model loads
     ex.check_writable(args.output_dir)
     loaded = mdl.load(args.model_id, args.device, args.dtype, args.revision)

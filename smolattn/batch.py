@@ -24,11 +24,13 @@ from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path, PurePosixPath
 
+from tqdm import tqdm
+
 from . import extract as ex
 from . import model as mdl
 from .errors import UserError
 from .images import EXTENSIONS, open_image
-from .store import STORES, atomic_write_text
+from .store import atomic_write_text
 
 CONFIG = "batch_config.json"
 
@@ -38,7 +40,7 @@ CONFIG = "batch_config.json"
 # ---------------------------------------------------------------------------------------------
 def run_engine(items: list, make_worker, *, engine: str = "local", num_workers: int = 1,
                gpus_per_worker: float = 0, ray_address: str | None = None, prefetch=None,
-               on_result=None, progress: str | None = None) -> None:
+               on_result=None, progress: str | None = None, cpus_per_worker: float = 1) -> None:
     """Run make_worker() once per process/actor (it loads the model), then worker(item, prefetched) for
     every item; on_result(row) is called in the driver, in completion order, for each returned row
     (a JSON-serialisable dict). prefetch(item) (e.g. image decoding) runs one item ahead in a
@@ -46,10 +48,9 @@ def run_engine(items: list, make_worker, *, engine: str = "local", num_workers: 
     as the prefetched value (an Exception instance) so it can turn them into error rows.
     engine="ray": a Ray actor pool of num_workers actors (each calls make_worker once),
     ray.init(address=ray_address) (local if None), gpus_per_worker per actor. make_worker must be
-    picklable (a top-level function or functools.partial).
+    picklable (a top-level function or functools.partial). cpus_per_worker: Ray CPUs per actor; Ray
+    sets OMP_NUM_THREADS to it, so it is also torch's thread count in a CPU actor.
     progress: a tqdm description; shows rate and ETA."""
-    from tqdm import tqdm
-
     if not items:
         return
     with tqdm(total=len(items), desc=progress, unit="item", disable=progress is None, dynamic_ncols=True) as bar:
@@ -63,7 +64,7 @@ def run_engine(items: list, make_worker, *, engine: str = "local", num_workers: 
                 raise ValueError("the local engine runs one worker in this process; use engine='ray' for more")
             _run_local(items, make_worker, prefetch, emit)
         elif engine == "ray":
-            _run_ray(items, make_worker, num_workers, gpus_per_worker, ray_address, prefetch, emit)
+            _run_ray(items, make_worker, num_workers, cpus_per_worker, gpus_per_worker, ray_address, prefetch, emit)
         else:
             raise ValueError(f"unknown engine {engine!r}")
 
@@ -90,18 +91,25 @@ def _run_local(items, make_worker, prefetch, emit):
 
 class _RayWorker:
     """One actor: the worker is made once; two calls in flight per actor, so one call decodes its item
-    while the other holds the model (the lock keeps model work one at a time)."""
+    while the other holds the model (the lock keeps model work one at a time). A failure to make the
+    worker is raised by every call, so the driver gets the original exception, not a dead actor."""
 
     def __init__(self, make_worker, prefetch):
-        self.worker, self.prefetch, self.lock = make_worker(), prefetch, threading.Lock()
+        self.prefetch, self.lock, self.failed = prefetch, threading.Lock(), None
+        try:
+            self.worker = make_worker()
+        except Exception as e:  # noqa: BLE001 - re-raised in run()
+            self.failed = e
 
     def run(self, item):
+        if self.failed is not None:
+            raise self.failed
         value = _prefetched(self.prefetch, item)
         with self.lock:
             return self.worker(item, value)
 
 
-def _run_ray(items, make_worker, num_workers, gpus_per_worker, ray_address, prefetch, emit):
+def _run_ray(items, make_worker, num_workers, cpus_per_worker, gpus_per_worker, ray_address, prefetch, emit):
     import ray
 
     started = not ray.is_initialized()
@@ -109,8 +117,8 @@ def _run_ray(items, make_worker, num_workers, gpus_per_worker, ray_address, pref
         ray.init(address=ray_address, **({} if ray_address else {"include_dashboard": False}))
     actors = []
     try:
-        actor_cls = ray.remote(_RayWorker).options(num_cpus=1, num_gpus=gpus_per_worker, max_concurrency=2,
-                                                   max_restarts=2, max_task_retries=2)
+        actor_cls = ray.remote(_RayWorker).options(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker,
+                                                   max_concurrency=2, max_restarts=2, max_task_retries=2)
         actors = [actor_cls.remote(make_worker, prefetch) for _ in range(min(num_workers, len(items)))]
         todo, pending = iter(items), {}
 
@@ -126,8 +134,8 @@ def _run_ray(items, make_worker, num_workers, gpus_per_worker, ray_address, pref
             actor = pending.pop(ref)
             try:
                 row = ray.get(ref)
-            except ray.exceptions.RayTaskError as e:   # re-raise the worker's own exception type
-                raise e.as_instanceof_cause() from None
+            except ray.exceptions.RayTaskError as e:   # the worker's own exception, e.g. a UserError
+                raise e.cause from e
             emit(row)
             submit(actor)
     finally:
@@ -140,23 +148,6 @@ def _run_ray(items, make_worker, num_workers, gpus_per_worker, ray_address, pref
 # ---------------------------------------------------------------------------------------------
 # Command-line flags
 # ---------------------------------------------------------------------------------------------
-def add_extraction_args(ap: argparse.ArgumentParser) -> None:
-    """The extraction flags shared by every script that runs the model on images."""
-    ap.add_argument("--prompt", default=ex.DEFAULT_PROMPT)
-    ap.add_argument("--model-id", default=mdl.DEFAULT_MODEL, help="hub id or local model directory")
-    ap.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
-    ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    ap.add_argument("--dtype", choices=mdl.DTYPES, default=None, help="default: float32 on CPU, bfloat16 on GPU")
-    ap.add_argument("--max-new-tokens", type=int, default=128, help="greedy decoding, stops at end of utterance")
-    ap.add_argument("--longest-edge", type=int, default=2048, help="processor resize of the longest edge")
-    ap.add_argument("--store", choices=STORES, default="compact",
-                    help="compact: text/answer rows, fp16; compact8: same, 8-bit; full: reference (1,H,S,S) npz")
-
-
-def settings_from_args(args) -> ex.Settings:
-    return ex.Settings(args.prompt, args.max_new_tokens, args.longest_edge, args.store).check()
-
-
 def add_batch_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--image-dir", required=True, help="folder of images")
     ap.add_argument("--output-root", default="smol_outputs", help="one run directory per image + manifest")
@@ -171,8 +162,9 @@ def add_batch_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--engine", choices=("local", "ray"), default="local")
     ap.add_argument("--ray-address", default=None, help="Ray cluster address ('auto', HOST:6379); default: local")
     ap.add_argument("--num-workers", type=int, default=1, help="Ray actors, each loads the model once")
+    ap.add_argument("--cpus-per-worker", type=float, default=1, help="CPUs per Ray actor (= torch threads on CPU)")
     ap.add_argument("--gpus-per-worker", type=float, default=0, help="GPUs per Ray actor (0 = CPU)")
-    add_extraction_args(ap)
+    ex.add_arguments(ap)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,7 +288,7 @@ def check_config(root: Path, config: dict, overwrite: bool) -> None:
 def remove_stale(root: Path, names) -> int:
     """Remove temporary run directories (``.<name>.tmp-*``) left by a killed run of these images."""
     names, n = set(names), 0
-    for entry in os.scandir(root):
+    for entry in os.scandir(root) if root.is_dir() else ():
         cut = entry.name.rfind(".tmp-")
         if entry.name.startswith(".") and cut > 0 and entry.name[1:cut] in names and entry.is_dir():
             shutil.rmtree(entry.path, ignore_errors=True)
@@ -366,16 +358,17 @@ def validate(args) -> ex.Settings:
         raise UserError("--limit must be 0 (all) or positive")
     if args.shards < 1 or not 0 <= args.shard_index < args.shards:
         raise UserError(f"--shard-index must be in 0..{args.shards - 1} (and --shards at least 1)")
-    if args.num_workers < 1 or args.gpus_per_worker < 0:
-        raise UserError("--num-workers must be at least 1 and --gpus-per-worker not negative")
-    if args.engine == "local" and (args.num_workers != 1 or args.gpus_per_worker or args.ray_address):
-        raise UserError("--num-workers, --gpus-per-worker and --ray-address need --engine ray")
+    if args.num_workers < 1 or args.cpus_per_worker < 0 or args.gpus_per_worker < 0:
+        raise UserError("--num-workers must be at least 1, --cpus/gpus-per-worker not negative")
+    if args.engine == "local" and (args.num_workers != 1 or args.gpus_per_worker or args.ray_address
+                                   or args.cpus_per_worker != 1):
+        raise UserError("--num-workers, --cpus-per-worker, --gpus-per-worker and --ray-address need --engine ray")
     if args.engine == "ray":
         try:
             import ray  # noqa: F401
         except ImportError:
             raise UserError("--engine ray needs Ray: pip install -r requirements-ray.txt")
-    return settings_from_args(args)
+    return ex.settings_from_args(args)
 
 
 def run(args, loaded: mdl.Loaded | None = None) -> int:
@@ -402,6 +395,7 @@ def run(args, loaded: mdl.Loaded | None = None) -> int:
         config = ex.fingerprint_config(loaded, settings)
         worker = partial(process, loaded, settings, str(root), fingerprint_hash(config))
         make_worker = lambda: worker  # noqa: E731 - the local engine needs no pickling
+    root.mkdir(parents=True, exist_ok=True)
     check_config(root, config, args.overwrite)
     fp = fingerprint_hash(config)
 
@@ -428,14 +422,13 @@ def run(args, loaded: mdl.Loaded | None = None) -> int:
         manifest.append(row)
         counts[row["status"]] += 1
         if row["status"] == "error":
-            from tqdm import tqdm
             tqdm.write(f"error: {row['image']}: {row['error']}", file=sys.stderr)
 
     t0 = time.perf_counter()
     try:
         run_engine(todo, make_worker, engine=args.engine, num_workers=args.num_workers,
-                   gpus_per_worker=args.gpus_per_worker, ray_address=args.ray_address, prefetch=decode,
-                   on_result=on_result, progress="images")
+                   cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
+                   ray_address=args.ray_address, prefetch=decode, on_result=on_result, progress="images")
     finally:
         manifest.close()
     elapsed = time.perf_counter() - t0

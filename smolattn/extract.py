@@ -1,6 +1,7 @@
 """Image + prompt -> one run directory (answer, tokens, attention). Used by every script that extracts."""
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import tempfile
@@ -36,6 +37,23 @@ class Settings:
         if self.store not in store.STORES:
             raise UserError(f"unknown --store {self.store!r}; choose one of {', '.join(store.STORES)}")
         return self
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    """The extraction flags shared by every script that runs the model on images."""
+    ap.add_argument("--prompt", default=DEFAULT_PROMPT)
+    ap.add_argument("--model-id", default=mdl.DEFAULT_MODEL, help="hub id or local model directory")
+    ap.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
+    ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    ap.add_argument("--dtype", choices=mdl.DTYPES, default=None, help="default: float32 on CPU, bfloat16 on GPU")
+    ap.add_argument("--max-new-tokens", type=int, default=128, help="greedy decoding, stops at end of utterance")
+    ap.add_argument("--longest-edge", type=int, default=2048, help="processor resize of the longest edge")
+    ap.add_argument("--store", choices=store.STORES, default="compact",
+                    help="compact: text/answer rows, fp16; compact8: same, 8-bit; full: reference (1,H,S,S) npz")
+
+
+def settings_from_args(args) -> Settings:
+    return Settings(args.prompt, args.max_new_tokens, args.longest_edge, args.store).check()
 
 
 def check_writable(directory) -> None:

@@ -1,0 +1,120 @@
+"""Batch runner overhead vs a plain extract() loop, and disk bytes per image per store mode (issue 5).
+
+    python bench/bench_batch.py                          # real-shape stand-in, the 13 COCO photos
+    python bench/bench_batch.py --model-id /tmp/s256 --rounds 3 --disk-edges 512
+
+(a) one process, model loaded once: extract() over every image; (b) the batch runner (batch.run, the
+CLI's code path, local engine: discovery, manifest, fingerprint, prefetch thread) over the same
+images with the same loaded model into a fresh output root. Both run in this process after a warm-up
+image, alternating which goes first each round. Overhead = (b) / (a) per image, goal <= 1.05.
+The runner's own time (its wall time minus the per-image time the manifest rows record) is printed
+too: unlike the ratio it does not drift with the machine's load.
+(c) disk bytes per image for each store mode (run directory; manifest bytes per row separately).
+"""
+import argparse
+import contextlib
+import io
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+DEFAULT_IMAGES = ROOT.parent / "shared/data/images/coco_val2014"
+
+import extract_smolvlm_batch as cli  # noqa: E402
+from smolattn import batch, standin, store  # noqa: E402
+from smolattn import extract as ex  # noqa: E402
+from smolattn import model as mdl  # noqa: E402
+
+
+def plain(loaded, images, out: Path, settings):
+    """(wall s, process CPU s) per image."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    for img in images:
+        ex.extract(loaded, img, out / img.stem, settings)
+    return (time.perf_counter() - t0) / len(images), (time.process_time() - c0) / len(images)
+
+
+def batched(loaded, image_dir, out: Path, flags):
+    args = cli.parse_args(["--image-dir", str(image_dir), "--output-root", str(out), *flags])
+    t0, c0 = time.perf_counter(), time.process_time()
+    with contextlib.redirect_stdout(io.StringIO()):   # keep the tables readable
+        batch.run(args, loaded=loaded)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    rows = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    own = wall - sum(r["timings"]["total_s"] for r in rows)   # time spent outside the per-image work
+    return wall / len(rows), cpu / len(rows), own / len(rows)
+
+
+def dir_bytes(p: Path) -> int:
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model-id", default=None, help="default: the real-shape stand-in (built once)")
+    ap.add_argument("--images", type=Path, default=DEFAULT_IMAGES)
+    ap.add_argument("--longest-edge", type=int, default=512)
+    ap.add_argument("--max-new-tokens", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=2, help="0: only the disk table")
+    ap.add_argument("--disk-images", type=int, default=2, help="images per store mode for the disk table")
+    ap.add_argument("--disk-edges", default="512,2048", help="--longest-edge values for the disk table")
+    args = ap.parse_args()
+    model_id = args.model_id or str(standin.ensure("smolvlm-256m"))
+    images = sorted(p for p in args.images.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    loaded = mdl.load(model_id, "cpu")
+    import torch
+    print(f"model {model_id} ({'stand-in' if loaded.standin else 'real'}), {loaded.dtype}, "
+          f"{torch.get_num_threads()} torch threads; {len(images)} images from {args.images}; "
+          f"--longest-edge {args.longest_edge} --max-new-tokens {args.max_new_tokens}", flush=True)
+    settings = ex.Settings(max_new_tokens=args.max_new_tokens, longest_edge=args.longest_edge)
+    flags = ["--max-new-tokens", str(args.max_new_tokens), "--longest-edge", str(args.longest_edge)]
+    tmp = Path(tempfile.mkdtemp(prefix="bench-batch-"))
+    ex.extract(loaded, images[0], tmp / "warmup", settings)
+
+    res = {"extract() loop": [], "batch runner": []}
+    for r in range(args.rounds):
+        order = ("extract() loop", "batch runner") if r % 2 == 0 else ("batch runner", "extract() loop")
+        for name in order:
+            out = tmp / f"r{r}-{'plain' if name.startswith('extract') else 'batch'}"
+            s = plain(loaded, images, out, settings) if name.startswith("extract") else \
+                batched(loaded, args.images, out, flags)
+            res[name].append(s)
+            print(f"round {r}: {name:15s} {s[0]:.3f} s/image wall, {s[1]:.3f} s/image CPU"
+                  + (f", runner's own time {s[2] * 1000:.1f} ms/image" if len(s) > 2 else ""), flush=True)
+    if args.rounds:
+        print("\n| runner | wall s/image (median) | CPU s/image (median) | wall per round |\n|---|---|---|---|")
+        med = {}
+        for k, v in res.items():
+            med[k] = [statistics.median(x[i] for x in v) for i in (0, 1)]
+            print(f"| {k} | {med[k][0]:.3f} | {med[k][1]:.3f} | {', '.join(f'{x[0]:.3f}' for x in v)} |")
+        for i, what in enumerate(("wall", "CPU")):
+            ratio = med["batch runner"][i] / med["extract() loop"][i]
+            print(f"batch / plain per image ({what}): {ratio:.3f} (goal <= 1.05) -> {'OK' if ratio <= 1.05 else 'OVER'}")
+        own = statistics.median(x[2] for x in res["batch runner"])
+        print(f"runner's own time outside extract() (discovery, manifest, config, engine, progress): "
+              f"{own * 1000:.1f} ms/image = {own / med['extract() loop'][0]:.2%} of a plain extract()")
+        print(flush=True)
+
+    print("| store | longest edge | MB per image (run dir) | attention MB | manifest bytes per row |\n|---|---|---|---|---|")
+    for edge in [int(e) for e in args.disk_edges.split(",") if e]:
+        for mode in store.STORES:
+            out = tmp / f"disk-{mode}-{edge}"
+            flags = ["--max-new-tokens", str(args.max_new_tokens), "--longest-edge", str(edge), "--store", mode,
+                     "--limit", str(args.disk_images)]
+            batched(loaded, args.images, out, flags)
+            runs = [p.parent for p in out.glob("*/meta.json")]
+            total = sum(dir_bytes(p) for p in runs) / len(runs)
+            att = sum(dir_bytes(p / d) for p in runs for d in ("attention", "attentions_5") if (p / d).is_dir()) / len(runs)
+            row = (out / "manifest.jsonl").stat().st_size / len(runs)
+            print(f"| {mode} | {edge} | {total / 1e6:.2f} | {att / 1e6:.2f} | {row:.0f} |", flush=True)
+    import shutil
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
