@@ -1,0 +1,92 @@
+"""POPE throughput: the shared-prefix (cached) path vs naive per-question generate, same process.
+
+    python bench/bench_pope.py                          # builds the real-shape stand-in if needed
+    python bench/bench_pope.py --model-id /tmp/s256 --longest-edge 2048
+
+One COCO photo and its 18 questions (6 per split) from pope_subset.jsonl. The cached path encodes the
+image once and reuses the prefix KV cache; the naive path runs processor + vision encoder + generate
+per question. Asserts identical answers, prints questions/s of both, the ratio, and the projected
+wall time of the full POPE (3 x 3,000 questions = 500 images x 18) for the cached path on this machine.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from smolattn import pope, standin  # noqa: E402
+from smolattn import pope_runner as pr  # noqa: E402
+from smolattn.images import open_image  # noqa: E402
+
+DATA = ROOT.parent / "shared" / "data"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model-id", default=None, help="default: the smolvlm-256m stand-in (built under models/)")
+    ap.add_argument("--image", default="COCO_val2014_000000001171.jpg")
+    ap.add_argument("--questions", default=str(DATA / "pope" / "pope_subset.jsonl"))
+    ap.add_argument("--image-root", default=str(DATA / "images" / "coco_val2014"))
+    ap.add_argument("--longest-edge", type=int, default=2048)
+    ap.add_argument("--max-new-tokens", type=int, default=8)
+    ap.add_argument("--naive-questions", type=int, default=0,
+                    help="time the naive path on only the first N questions (0: all 18) and compare those")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ap.add_argument("--no-batch", action="store_true", help="cached path: one question at a time, not batched")
+    ap.add_argument("--json", default=None, help="also write the numbers here")
+    args = ap.parse_args()
+
+    if args.threads:
+        __import__("torch").set_num_threads(args.threads)
+    model_id = args.model_id or str(standin.ensure("smolvlm-256m"))
+    t = time.perf_counter()
+    loaded = pr.get_model(pr.Config(model_id, device=args.device))
+    load_s = time.perf_counter() - t
+    qs = [q for q in pope.load_questions([args.questions]) if q.image == args.image]
+    image, _ = open_image(Path(args.image_root) / args.image)
+    print(f"model {model_id} (stand-in: {bool(loaded.standin)}), {loaded.device} {loaded.dtype}, "
+          f"torch threads {__import__('torch').get_num_threads()}, load {load_s:.1f}s; {args.image}: {len(qs)} questions, "
+          f"longest edge {args.longest_edge}; load average {os.getloadavg()[0]:.1f}", flush=True)
+
+    def timed(naive, questions):
+        t0 = time.perf_counter()
+        rows = pr.answer_image(loaded, image, questions, pope.DEFAULT_SUFFIX, args.max_new_tokens,
+                               args.longest_edge, naive=naive, batch=not args.no_batch)
+        return rows, time.perf_counter() - t0
+
+    cached, cached_s = timed(False, qs)
+    print(f"cached: {len(qs)} questions in {cached_s:.1f}s = {len(qs) / cached_s:.3f} q/s", flush=True)
+    nq = args.naive_questions or len(qs)
+    naive, naive_s = timed(True, qs[:nq])
+    print(f"naive:  {nq} questions in {naive_s:.1f}s = {nq / naive_s:.3f} q/s", flush=True)
+
+    same = [(r["raw_answer"], r["new_tokens"]) for r in cached[:nq]] == [(r["raw_answer"], r["new_tokens"]) for r in naive]
+    ratio = (len(qs) / cached_s) / (nq / naive_s)
+    per_image = cached_s * 18 / len(qs)
+    full_h = 500 * per_image / 3600
+    print(f"identical answers: {same} ({nq} compared); paths: {sorted({r['path'] for r in cached})}")
+    print(f"speed-up cached / naive: {ratio:.1f}x")
+    print(f"projected full POPE (9,000 questions = 500 images x 18), cached path: {full_h:.1f} h "
+          f"({per_image:.1f}s per image); naive path: {9000 * naive_s / nq / 3600:.1f} h")
+    print("answers:", [r["raw_answer"] for r in cached][:6], "...")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({
+            "model": model_id, "standin": bool(loaded.standin), "image": args.image, "questions": len(qs),
+            "longest_edge": args.longest_edge, "max_new_tokens": args.max_new_tokens, "batched": not args.no_batch,
+            "threads": __import__("torch").get_num_threads(), "cached_s": cached_s,
+            "naive_s": naive_s, "naive_questions": nq, "speedup": ratio, "identical": same,
+            "projected_full_hours": full_h, "load_average": os.getloadavg()[0]}, indent=1))
+    if not same:
+        print("ERROR: the cached path's answers differ from the naive path's", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,472 @@
+"""POPE, model side: answer every question about one image, reusing the image's prompt prefix.
+
+All POPE questions about an image share the prompt up to the end of the image block
+(``<|im_start|>User:`` + the tile tokens + the closing ``<fake_token_around_image>``): only the text
+after it differs. So per image we run the processor and the vision encoder ONCE, prefill that prefix
+into a KV cache, and answer the questions on top of it: those whose suffixes have the same token
+count as one batch (greedy ``generate`` with the naive path's settings, fed only the uncached suffix),
+then cut the cache back to the prefix. The naive path (``naive=True``) is the plain per-question ``generate(**encode(...))``; tests check that both
+give the same answers. With attention, the object word's rows (and the answer's) are captured and
+stored as a run directory, and, with COCO boxes, scored with the pointing game.
+
+Also here: the answers.jsonl file (append, resume), work items per image, and the report.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import geometry as geo
+from . import heatmap, pope, store
+from . import model as mdl
+from .errors import UserError
+from .images import open_image
+
+
+@dataclass(frozen=True)
+class Config:
+    model_id: str = mdl.DEFAULT_MODEL
+    revision: str | None = None
+    device: str | None = None
+    dtype: str | None = None
+    suffix: str = pope.DEFAULT_SUFFIX
+    longest_edge: int | None = 2048
+    max_new_tokens: int = 8
+    naive: bool = False
+    attention_dir: str | None = None     # store object-word attention runs under this folder
+
+    def fingerprint(self) -> dict:
+        """What changes the answers; answers.jsonl refuses to mix fingerprints."""
+        return {"model": self.model_id, "revision": self.revision, "dtype": self.dtype, "suffix": self.suffix,
+                "longest_edge": self.longest_edge, "max_new_tokens": self.max_new_tokens}
+
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps(self.fingerprint(), sort_keys=True).encode()).hexdigest()[:12]
+
+
+# ============================================================================ shared prefix
+
+@dataclass
+class Prefix:
+    """The prompt tokens up to and including the image block's closing marker, and their KV cache."""
+    ids: list[int]
+    text: str            # those tokens as text: what the processor's expanded prompt starts with
+    head: str            # the chat text before the image placeholder
+    cache: object
+    geometry: geo.Geometry
+
+
+def _split_chat(loaded, prompt: str) -> tuple[str, str, str]:
+    """(chat text, text before the image placeholder, text after it)."""
+    chat = mdl.chat_text(loaded.processor, prompt)
+    head, sep, tail = chat.partition(getattr(loaded.processor, "image_token", "<image>"))
+    if not sep:
+        raise RuntimeError("the chat template put no image placeholder in the prompt")
+    return chat, head, tail
+
+
+def prefill(loaded, image, prompt: str, longest_edge) -> tuple[Prefix, list[int]]:
+    """Encode ``image`` with ``prompt`` (any of its questions), run the vision encoder and prefill the
+    prefix once. Returns the prefix and the full prompt ids of ``prompt``."""
+    import torch
+
+    _, inputs = mdl.encode(loaded, image, prompt, longest_edge)
+    ids = inputs["input_ids"][0].tolist()
+    g = geo.from_tokens(loaded.processor.tokenizer.convert_ids_to_tokens(ids))
+    end = g.image_block[1] + 1
+    with torch.inference_mode():
+        out = loaded.model(input_ids=inputs["input_ids"][:, :end], attention_mask=inputs["attention_mask"][:, :end],
+                           pixel_values=inputs["pixel_values"], pixel_attention_mask=inputs.get("pixel_attention_mask"),
+                           use_cache=True)
+    text = loaded.processor.tokenizer.decode(ids[:end], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    return Prefix(ids[:end], text, _split_chat(loaded, prompt)[1], out.cache, g), ids
+
+
+def suffix_ids(loaded, prefix: Prefix, prompt: str) -> list[int] | None:
+    """The tokens after the prefix for ``prompt``, or None when prefix + suffix would not be the full
+    tokenisation of this prompt (then the caller takes the naive path)."""
+    _, head, tail = _split_chat(loaded, prompt)
+    full = loaded.processor.tokenizer(prefix.text + tail)["input_ids"]
+    n = len(prefix.ids)
+    return full[n:] if head == prefix.head and full[:n] == prefix.ids and len(full) > n else None
+
+
+def _object_offsets(tokenizer, tail: str, suffix: list[int], obj: str) -> list[int]:
+    """Indices into ``suffix`` of the tokens that spell the question's object."""
+    enc = tokenizer(tail, add_special_tokens=False, return_offsets_mapping=True)
+    start = tail.lower().find(obj.lower())
+    if enc["input_ids"] != suffix or start < 0:
+        return []
+    end = start + len(obj)
+    return [i for i, (a, b) in enumerate(enc["offset_mapping"]) if a < end and b > start]
+
+
+# ============================================================================ answering
+
+def _rewind(prefix: Prefix) -> None:
+    """Back to the bare prefix after generate appended a suffix + answer to its cache (and batched it)."""
+    import torch
+
+    cache = prefix.cache
+    keys = cache.layers[0].keys     # (batch, heads, seq, dim); DynamicCache.batch_size says -1 here
+    if keys.shape[0] > 1:
+        cache.batch_select_indices(torch.tensor([0], device=keys.device))
+    extra = cache.get_seq_length() - len(prefix.ids)
+    if extra > 0:
+        cache.crop(-extra)   # transformers 5.x: a negative count of tokens to remove
+
+
+def _until_eos(ids: list[int], eos: set) -> list[int]:
+    """A batched row runs on (padded) after its eos: keep up to and including the first eos."""
+    return next((ids[:i + 1] for i, t in enumerate(ids) if t in eos), ids)
+
+
+def generate_batch(loaded, prefix: Prefix, suffixes: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """Greedy answers to suffixes of EQUAL length, in one batch on top of the prefix cache: no padding,
+    so every row computes exactly what it would alone. Returns the new token ids per suffix."""
+    import torch
+
+    ids = torch.tensor([prefix.ids + s for s in suffixes], device=loaded.device)
+    kwargs = mdl.generation_kwargs(loaded, max_new_tokens)
+    if len(suffixes) > 1:
+        prefix.cache.batch_repeat_interleave(len(suffixes))
+    try:
+        with torch.inference_mode():
+            out = loaded.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), cache=prefix.cache, **kwargs)
+    finally:
+        _rewind(prefix)
+    return [_until_eos(row[ids.shape[1]:].tolist(), set(kwargs["eos_token_id"])) for row in out]
+
+
+def answer_image(loaded, image, questions, suffix: str, max_new_tokens: int, longest_edge=2048, *,
+                 naive: bool = False, batch: bool = True, attention_dir=None, boxes: dict | None = None,
+                 info: dict | None = None) -> list[dict]:
+    """Answer every question (``pope.Question``) about one PIL image; one row per question, in order:
+    raw answer, the parsed answer per convention, ``path`` ("cached" or "naive") and, with
+    ``attention_dir``, the object word's attention run and localisation (``boxes``: category name ->
+    COCO [x, y, w, h] boxes of this image).
+
+    Cached: one prefill for the image, then the questions whose suffixes have the same length are
+    answered as one batch (``batch=False``: one at a time). With attention, one at a time (the capture
+    keeps batch row 0 only)."""
+    prompts = [q.text + suffix for q in questions]
+    suffixes = [None] * len(questions)
+    prefix = None
+    if not naive:
+        prefix, first_ids = prefill(loaded, image, prompts[0], longest_edge)
+        if suffix_ids(loaded, prefix, prompts[0]) == first_ids[len(prefix.ids):]:   # else: all naive
+            suffixes = [suffix_ids(loaded, prefix, p) for p in prompts]
+    rows = [None] * len(questions)
+    groups: dict = {}
+    for i, s in enumerate(suffixes):
+        if s is None or attention_dir is not None or not batch:
+            rows[i] = _answer_one(loaded, image, questions[i], prompts[i], longest_edge, max_new_tokens,
+                                  prefix if s else None, s, attention_dir, boxes, info)
+        else:
+            groups.setdefault(len(s), []).append(i)
+    for idx in groups.values():
+        for i, new in zip(idx, generate_batch(loaded, prefix, [suffixes[i] for i in idx], max_new_tokens)):
+            rows[i] = _row(loaded, questions[i], prompts[i], new, "cached")
+    return rows
+
+
+def _row(loaded, q, prompt, new, path) -> dict:
+    raw = loaded.processor.tokenizer.decode(new, skip_special_tokens=True).strip()
+    return {"split": q.split, "question_id": q.question_id, "image": q.image, "question": q.text,
+            "label": q.label, "prompt": mdl.chat_text(loaded.processor, prompt), "raw_answer": raw,
+            "parsed": {c: parse(raw) for c, parse in pope.PARSERS.items()},
+            "status": "ok", "path": path, "new_tokens": len(new)}
+
+
+def _answer_one(loaded, image, q, prompt, longest_edge, max_new_tokens, prefix, suffix_tokens,
+                attention_dir, boxes, info) -> dict:
+    """One question: on top of the prefix cache when ``suffix_tokens`` is given, else the naive path
+    (processor + vision encoder + generate). With ``attention_dir``, also the attention run."""
+    import torch
+
+    tok = loaded.processor.tokenizer
+    if suffix_tokens is not None:
+        full = prefix.ids + suffix_tokens
+        ids = torch.tensor([full], device=loaded.device)
+        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "cache": prefix.cache}
+        g, start = prefix.geometry, len(prefix.ids)
+    else:
+        _, inputs = mdl.encode(loaded, image, prompt, longest_edge)
+        full = inputs["input_ids"][0].tolist()
+        g = geo.from_tokens(tok.convert_ids_to_tokens(full))
+        start = g.image_block[1] + 1
+    recorder = offsets = None
+    if attention_dir is not None:
+        offsets = _object_offsets(tok, _split_chat(loaded, prompt)[2], full[start:], pope.object_of(q.text))
+        if offsets:   # recorder rows index the current call: the suffix when cached, the whole prompt when naive
+            recorder = mdl.Recorder(np.array(offsets) + (0 if suffix_tokens is not None else start))
+    try:
+        new = mdl.generate(loaded, inputs, max_new_tokens, recorder)
+    finally:
+        if suffix_tokens is not None:
+            _rewind(prefix)
+    row = _row(loaded, q, prompt, new, "naive" if suffix_tokens is None else "cached")
+    if attention_dir is not None:
+        row["attention"] = _store_attention(loaded, q, Path(attention_dir), full, new, start, offsets, recorder,
+                                            g, row["prompt"], row["raw_answer"], info or {}, boxes)
+    return row
+
+
+# ============================================================================ attention
+
+def object_map(layers, n_rows: int, g: geo.Geometry) -> np.ndarray:
+    """Heat grid of the first ``n_rows`` stored rows (the object word): image attention averaged over
+    those tokens, the heads and the layers; the tiled grid, or the global one for an unsplit image."""
+    keys = g.key_positions
+    maps = np.stack([a[:, :n_rows][..., keys].astype(np.float32).mean(axis=1) for a in layers])   # (L, H, K)
+    tiles, glob = g.split(heatmap.reduce(maps))
+    return tiles if tiles is not None else glob
+
+
+def localise(grid: np.ndarray, image_size, boxes) -> dict:
+    """Pointing game and attention mass for COCO ``boxes`` ([x, y, w, h] in pixels of the original image,
+    which the grid covers uniformly). A cell is inside when its centre lies in a box (edges included).
+
+    hit: the hottest cell is inside; mass: share of the grid's total inside; box_fraction: share of cells
+    inside (what a uniform map would score as mass)."""
+    gh, gw = grid.shape
+    w, h = image_size
+    cy, cx = (np.arange(gh)[:, None] + 0.5) * h / gh, (np.arange(gw)[None, :] + 0.5) * w / gw
+    inside = np.zeros(grid.shape, bool)
+    for x, y, bw, bh in boxes:
+        inside |= (cx >= x) & (cx <= x + bw) & (cy >= y) & (cy <= y + bh)
+    total = float(grid.sum())
+    return {"hit": bool(inside.flat[int(np.argmax(grid))]),
+            "mass": float(grid[inside].sum() / total) if total > 0 else 0.0,
+            "box_fraction": float(inside.mean())}
+
+
+def _store_attention(loaded, q, root: Path, full, new, start, offsets, recorder, g, chat, raw, info, boxes):
+    obj = pope.object_of(q.text)
+    out = {"object": obj, "run": None, "hit": None, "mass": None, "box_fraction": None,
+           "has_boxes": bool(boxes and boxes.get(obj.lower()))}
+    if recorder is None:
+        out["error"] = f"object {obj!r} not found among the question's tokens"
+        return out
+    tok = loaded.processor.tokenizer
+    ids = full + new
+    P, S = len(full), len(full) + len(new)
+    layers = recorder.stacked(key_len=S)
+    positions = np.concatenate([start + np.array(offsets), np.arange(P, S)])
+    meta = {"model": {"id": loaded.model_id, "revision": loaded.revision, "standin": bool(loaded.standin),
+                      "dtype": loaded.dtype, "num_layers": len(layers), "num_heads": int(layers[0].shape[0])},
+            "prompt": q.text, "chat_text": chat, "answer": raw, "token_ids": ids, "prompt_length": P,
+            "generation": {"greedy": True, "new_tokens": len(new)}, "image": dict(info),
+            "pope": {"split": q.split, "question_id": q.question_id, "label": q.label, "object": obj,
+                     "object_positions": [int(p) for p in positions[:len(offsets)]]}}
+    run = root / q.split / str(q.question_id)
+    store.write_run(run, tokens=tok.convert_ids_to_tokens(ids), layers=layers, query_positions=positions,
+                    store="compact", geometry=g, meta=meta)
+    out["run"] = str(run)
+    if out["has_boxes"] and q.label == "yes" and info.get("size"):
+        out.update(localise(object_map(layers, len(offsets), g), info["size"], boxes[obj.lower()]))
+    return out
+
+
+def load_boxes(path) -> dict:
+    """COCO instances JSON -> {image file name: {category name (lower case): [[x, y, w, h], ...]}}."""
+    try:
+        coco = json.loads(Path(path).read_text())
+        names = {c["id"]: c["name"].lower() for c in coco["categories"]}
+        files = {im["id"]: im["file_name"] for im in coco["images"]}
+        out: dict = {}
+        for a in coco["annotations"]:
+            out.setdefault(files[a["image_id"]], {}).setdefault(names[a["category_id"]], []).append(a["bbox"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"--annotations {path}: not a readable COCO instances file ({type(e).__name__}: {e})")
+    return out
+
+
+def localisation_summary(rows) -> dict | None:
+    """Per split (and all): questions scored (label yes, category has boxes), pointing-game hit rate,
+    mean attention mass inside the boxes and mean box fraction (the uniform-map baseline)."""
+    att = [r for r in rows if r.get("status") == "ok" and r.get("attention")]
+    if not att:
+        return None
+
+    def summary(rs):
+        scored = [r["attention"] for r in rs if r["attention"].get("hit") is not None]
+        mean = lambda k: float(np.mean([a[k] for a in scored])) if scored else 0.0  # noqa: E731
+        return {"scored": len(scored), "hits": sum(a["hit"] for a in scored),
+                "yes_without_boxes": sum(r["label"] == "yes" and not r["attention"]["has_boxes"] for r in rs),
+                "pointing_game": mean("hit"), "mass_in_boxes": mean("mass"), "box_fraction": mean("box_fraction")}
+
+    splits = sorted({r["split"] for r in att}, key=pope._split_rank)
+    return {"splits": {s: summary([r for r in att if r["split"] == s]) for s in splits}, "all": summary(att)}
+
+
+# ============================================================================ batch items + worker
+
+_MODELS: dict = {}
+
+
+def get_model(cfg: Config):
+    """Load once per process (the local engine's worker reuses the driver's copy)."""
+    key = (cfg.model_id, cfg.revision, cfg.device, cfg.dtype)
+    if key not in _MODELS:
+        _MODELS[key] = mdl.load(cfg.model_id, cfg.device, cfg.dtype, cfg.revision)
+    return _MODELS[key]
+
+
+def make_items(questions, image_root, boxes: dict | None = None) -> list[dict]:
+    """One work item per image, its questions in file order, images in order of first appearance."""
+    items: dict = {}
+    for q in questions:
+        item = items.setdefault(q.image, {"image": q.image, "path": str(Path(image_root) / q.image),
+                                          "questions": [], "boxes": (boxes or {}).get(q.image)})
+        item["questions"].append(q)
+    return list(items.values())
+
+
+def prefetch(item):
+    """Decode the image (runs ahead in a thread); a bad image comes back as the error."""
+    try:
+        return open_image(item["path"])
+    except UserError as e:
+        return e
+
+
+def error_rows(item, message: str) -> list[dict]:
+    return [{"split": q.split, "question_id": q.question_id, "image": q.image, "question": q.text,
+             "label": q.label, "raw_answer": None, "status": "error", "error": message} for q in item["questions"]]
+
+
+def make_worker(cfg: Config):
+    """Called once per process: loads the model, returns ``worker(item, prefetched) -> rows``."""
+    loaded = get_model(cfg)
+
+    def worker(item, prefetched=None):
+        got = prefetched if prefetched is not None else prefetch(item)
+        if isinstance(got, Exception):
+            rows = error_rows(item, str(got))
+        else:
+            image, info = got
+            rows = answer_image(loaded, image, item["questions"], cfg.suffix, cfg.max_new_tokens, cfg.longest_edge,
+                                naive=cfg.naive, attention_dir=cfg.attention_dir, boxes=item.get("boxes"), info=info)
+        for r in rows:
+            r.update(config=cfg.key(), model=cfg.model_id, standin=bool(loaded.standin))
+        return rows
+
+    return worker
+
+
+# ============================================================================ answers.jsonl
+
+def read_answers(path) -> list[dict]:
+    """Rows of an answers file; a torn last line (interrupted write) is ignored. Bad lines -> UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"answers file not found: {path}")
+    rows = []
+    lines = path.read_text(encoding="utf-8").split("\n")
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if n == len(lines):   # no newline after it: torn by an interrupted run
+                break
+            raise UserError(f"{path}:{n}: invalid JSON ({e.msg})")
+        if not {"split", "question_id", "label", "status"} <= set(rows[-1]):
+            raise UserError(f"{path}:{n}: not an answers row (needs split, question_id, label, status)")
+    return rows
+
+
+def latest(rows) -> dict:
+    """{(split, question_id): last row}: a resumed run's newer row (e.g. a retried error) wins."""
+    return {(r["split"], r["question_id"]): r for r in rows}
+
+
+class AnswersFile:
+    """answers.jsonl: one JSON row per question, appended and flushed as answers arrive."""
+
+    def __init__(self, path, cfg: Config, overwrite: bool = False):
+        self.path = Path(path)
+        self.rows = [] if overwrite or not self.path.exists() else read_answers(self.path)
+        other = sorted({r.get("config") for r in self.rows} - {cfg.key()}, key=str)
+        if other:
+            raise UserError(f"{self.path} holds answers made with another configuration (config {', '.join(map(str, other))}"
+                            f"; now {cfg.key()}: model, revision, dtype, prompt suffix, longest edge and max new tokens "
+                            "must all match to resume); pass --overwrite to start afresh, or another --output-dir")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if overwrite or not self.path.exists():
+            self.path.write_text("")
+        else:   # drop a torn last line so that the next row starts on a line of its own
+            data = self.path.read_bytes()
+            if data and not data.endswith(b"\n"):
+                self.path.write_bytes(data[:data.rfind(b"\n") + 1])
+        self.fh = open(self.path, "a", encoding="utf-8")
+
+    def done(self) -> set:
+        return {k for k, r in latest(self.rows).items() if r.get("status") == "ok"}
+
+    def append(self, row: dict) -> None:
+        self.fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+        self.fh.flush()
+        self.rows.append(row)
+
+    def close(self):
+        self.fh.close()
+
+
+# ============================================================================ report
+
+PARSER_NAMES = {"official": "AoiDragon/POPE evaluate.py (any word No/no/not -> no, else yes)",
+                "lmms_eval": "lmms-eval exact match of the lower-cased answer",
+                "vlmevalkit": "VLMEvalKit YOrN_Extraction (yes xor no among the words)"}
+
+
+def report(rows: list[dict], *, sources, config: dict | None, expected: int | None = None) -> tuple[dict, str]:
+    """results.json content and the Markdown report for the latest row per question."""
+    rows = list(latest(rows).values())
+    ok = [r for r in rows if r.get("status") == "ok"]
+    errors = [r for r in rows if r.get("status") != "ok"]
+    standin = any(r.get("standin") for r in rows)
+    template = next((r["prompt"].replace(r["question"], "{question}", 1) for r in ok if r.get("prompt")), None)
+    missing = sorted({r["image"] for r in errors if "not found" in str(r.get("error", ""))})
+    counts = {"questions": expected if expected is not None else len(rows), "answered": len(ok),
+              "errors": len(errors), "images_missing": len(missing),
+              "paths": {p: sum(r.get("path") == p for r in ok) for p in ("cached", "naive")}}
+    results = {"sources": sources, "standin": standin, "models": sorted({str(r.get("model")) for r in rows}),
+               "config": config, "config_keys": sorted({str(r.get("config")) for r in rows}),
+               "prompt": {"template": template, "suffix": config.get("suffix") if config else None},
+               "parsers": PARSER_NAMES, "counts": counts, **pope.score_answers(ok)}
+    loc = localisation_summary(ok)
+    if loc:
+        results["localisation"] = loc
+    header = ["**STAND-IN MODEL (random weights): these numbers say nothing about SmolVLM.**", ""] if standin else []
+    header += ["## POPE results", ""]
+    header += [f"- question file: `{s['path']}` (sha256 {s['sha256'][:16]}…, {s['questions']} questions)"
+               for s in sources or []] or ["- question files: not given (rows scored as stored)"]
+    header += [f"- model: {', '.join(results['models'])}" + (" (STAND-IN)" if standin else "")
+               + (f", dtype {config['dtype']}, longest edge {config['longest_edge']}, greedy, "
+                  f"max {config['max_new_tokens']} new tokens" if config else ""),
+               f"- prompt: `{json.dumps(template)}`", f"- parsers: " + "; ".join(f"{k}: {v}" for k, v in PARSER_NAMES.items()),
+               f"- answered {len(ok)} of {counts['questions']} questions; {len(errors)} failed"
+               + (f" ({len(missing)} images missing)" if missing else "")]
+    md = pope.markdown_table(results, header)
+    if loc:
+        md += "\n### Attention localisation (object word; label yes and the category has COCO boxes)\n\n"
+        md += "| split | scored | pointing game | mass in boxes | box fraction (uniform) | yes without boxes |\n|---|---|---|---|---|---|\n"
+        for name, s in [*loc["splits"].items(), ("all", loc["all"])]:
+            md += (f"| {name} | {s['scored']} | {s['pointing_game']:.4f} | {s['mass_in_boxes']:.4f} | "
+                   f"{s['box_fraction']:.4f} | {s['yes_without_boxes']} |\n")
+    return results, md
+
+
+def write_report(out_dir, results: dict, md: str) -> None:
+    out_dir = Path(out_dir)
+    results = dict(results, written=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    store.atomic_write_text(out_dir / "results.json", json.dumps(results, indent=1))
+    store.atomic_write_text(out_dir / "results.md", md)
