@@ -32,14 +32,26 @@ _local = threading.local()
 class Recorder:
     """Collects attention rows per layer while active (one forward or generate at a time per thread).
 
-    rows: prompt positions whose rows are kept during the prefill (every row is kept in a decode step).
-    cols: key positions kept (None = all keys, for the full store).
+    rows: positions (indices into the current call's queries) whose rows are kept when a call has
+    several queries (the prefill); a decode step's single row is always kept. Rows are over all keys.
+    :meth:`allocate` sizes one buffer up front: nothing grows or fragments the heap during generation.
     """
 
-    def __init__(self, rows, cols=None):
+    def __init__(self, rows):
         self.rows = np.asarray(rows, dtype=np.int64)
-        self.cols = None if cols is None else np.asarray(cols, dtype=np.int64)
-        self.layers: dict[int, list[np.ndarray]] = {}
+        self.buffer = None          # (layers, heads, max rows, max keys) float16
+        self.filled: dict[int, int] = {}
+
+    def allocate(self, layers: int, heads: int, max_rows: int, max_keys: int) -> None:
+        self.buffer = np.zeros((layers, heads, max_rows, max_keys), np.float16)
+
+    def add(self, layer: int, probs: np.ndarray) -> None:
+        """probs: (heads, rows, keys) of one call."""
+        if self.buffer is None:
+            raise RuntimeError("Recorder.allocate() must be called before recording (generate() does it)")
+        start = self.filled.get(layer, 0)
+        self.buffer[layer, :, start:start + probs.shape[1], :probs.shape[2]] = probs
+        self.filled[layer] = start + probs.shape[1]
 
     def __enter__(self):
         _local.recorder = self
@@ -48,15 +60,9 @@ class Recorder:
     def __exit__(self, *exc):
         _local.recorder = None
 
-    def stacked(self, key_len: int | None = None) -> list[np.ndarray]:
-        """Per layer (H, Q, K) fp16; with cols=None, rows are right-padded with zeros to key_len."""
-        out = []
-        for layer in sorted(self.layers):
-            parts = self.layers[layer]
-            if key_len is not None:
-                parts = [np.pad(p, ((0, 0), (0, 0), (0, key_len - p.shape[-1]))) for p in parts]
-            out.append(np.concatenate(parts, axis=1))
-        return out
+    def stacked(self, key_len: int) -> list[np.ndarray]:
+        """Per recorded layer, (H, Q, key_len) float16 views (zeros after each row's own position)."""
+        return [self.buffer[i, :, :self.filled[i], :key_len] for i in sorted(self.filled)]
 
 
 def capture_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -81,9 +87,7 @@ def capture_attention(module, query, key, value, attention_mask, scaling=None, d
         qpos = (k_len - q_len + rows).to(scores.device)
         scores = scores.masked_fill(torch.arange(k_len, device=scores.device)[None, :] > qpos[:, None], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
-    if rec.cols is not None:
-        probs = probs[..., torch.as_tensor(rec.cols, device=probs.device)]
-    rec.layers.setdefault(module.layer_idx, []).append(probs[0].to(torch.float16).cpu().numpy())
+    rec.add(module.layer_idx, probs[0].to(torch.float16).cpu().numpy())
     return out, None
 
 
@@ -227,6 +231,10 @@ def generate(loaded: Loaded, inputs, max_new_tokens: int, recorder: Recorder | N
         if recorder is None:
             out = loaded.model.generate(**inputs, **generation_kwargs(loaded, max_new_tokens))
             return out[0, inputs["input_ids"].shape[1]:].tolist()
+        cfg = loaded.model.config.text_config
+        prompt_len = inputs["input_ids"].shape[1]
+        recorder.allocate(cfg.num_hidden_layers, cfg.num_attention_heads,
+                          len(recorder.rows) + max_new_tokens, prompt_len + max_new_tokens)
         with recorder:
             out = loaded.model.generate(**inputs, **generation_kwargs(loaded, max_new_tokens),
                                         return_dict_in_generate=True)
@@ -235,6 +243,6 @@ def generate(loaded: Loaded, inputs, max_new_tokens: int, recorder: Recorder | N
             if new:
                 loaded.model(input_ids=seq[:, -1:], cache=out.past_key_values,
                              attention_mask=torch.ones_like(seq), use_cache=True)
-    if not recorder.layers:
+    if not recorder.filled:
         raise RuntimeError("attention capture recorded nothing (is the model using the 'capture' attention?)")
     return new
