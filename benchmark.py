@@ -48,8 +48,11 @@ def parse_args(argv=None):
     ap.add_argument("--engine", choices=("local", "ray"), default="local")
     ap.add_argument("--num-workers", type=int, default=1)
     ap.add_argument("--ray-address", default=None)
+    ap.add_argument("--cpus-per-worker", type=float, default=1, help="CPUs per Ray actor (= torch threads on CPU)")
     ap.add_argument("--gpus-per-worker", type=float, default=0)
     args = ap.parse_args(argv)
+    if args.engine == "local" and args.num_workers != 1:
+        ap.error("--num-workers > 1 needs --engine ray (the local engine runs one worker)")
     if args.limit < 0 or args.max_new_tokens < 1 or args.longest_edge < 1 or args.num_workers < 1:
         ap.error("--limit must be >= 0; --max-new-tokens, --longest-edge and --num-workers >= 1")
     if args.annotations and not args.attention:
@@ -113,6 +116,7 @@ def main(argv=None):
         try:
             run_engine(pr.make_items(todo, args.image_root, boxes), functools.partial(pr.make_worker, cfg),
                        engine=args.engine, num_workers=args.num_workers, gpus_per_worker=args.gpus_per_worker,
+                       cpus_per_worker=args.cpus_per_worker,
                        ray_address=args.ray_address, prefetch=pr.prefetch, on_result=on_result)
         finally:
             bar.close()

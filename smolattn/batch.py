@@ -42,8 +42,9 @@ def run_engine(items: list, make_worker, *, engine: str = "local", num_workers: 
                gpus_per_worker: float = 0, ray_address: str | None = None, prefetch=None,
                on_result=None, progress: str | None = None, cpus_per_worker: float = 1) -> None:
     """Run make_worker() once per process/actor (it loads the model), then worker(item, prefetched) for
-    every item; on_result(row) is called in the driver, in completion order, for each returned row
-    (a JSON-serialisable dict). prefetch(item) (e.g. image decoding) runs one item ahead in a
+    every item; on_result(result) is called in the driver, in completion order, with each item's
+    return value as is (JSON-serialisable: a row dict, or a list of rows for POPE's per-image items).
+    prefetch(item) (e.g. image decoding) runs one item ahead in a
     background thread (local) so it overlaps the model work; its exceptions are passed to the worker
     as the prefetched value (an Exception instance) so it can turn them into error rows.
     engine="ray": a Ray actor pool of num_workers actors (each calls make_worker once),
