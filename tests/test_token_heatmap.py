@@ -58,25 +58,24 @@ def tiny(tmp_path):
     return Run(tmp_path / "tiny")
 
 
-@pytest.fixture
-def tiny_reference(tmp_path):
-    out = tmp_path / "tiny_ref"
+def write_reference(out, n):
+    """The reference layout over the first ``n`` positions (upstream never fed the last token)."""
     (out / "attentions_5").mkdir(parents=True)
     np.save(out / "decoded_tokens.npy", np.array(TOKENS))
     for i, x in enumerate(full_layers()):
-        np.savez(out / store.FULL_FILE.format(i), attention=x[None])
+        np.savez(out / store.FULL_FILE.format(i), attention=x[None, :, :n, :n])
     return Run(out)
+
+
+@pytest.fixture
+def tiny_reference(tmp_path):
+    return write_reference(tmp_path / "tiny_ref", S)
 
 
 @pytest.fixture
 def tiny_reference_short(tmp_path):
     """Like upstream: the attention covers one position fewer than the tokens (last token never fed)."""
-    out = tmp_path / "tiny_short"
-    (out / "attentions_5").mkdir(parents=True)
-    np.save(out / "decoded_tokens.npy", np.array(TOKENS))
-    for i, x in enumerate(full_layers()):
-        np.savez(out / store.FULL_FILE.format(i), attention=x[None, :, :S - 1, :S - 1])
-    return Run(out)
+    return write_reference(tmp_path / "tiny_short", S - 1)
 
 
 # -- the reference method, by hand ---------------------------------------------------------------
