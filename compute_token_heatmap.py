@@ -20,6 +20,7 @@ from pathlib import Path
 
 from smolattn import heatmap as hm
 from smolattn.errors import UserError, run_cli
+from smolattn.images import open_image
 from smolattn.store import Run, display_token
 
 
@@ -81,15 +82,10 @@ def open_run(args) -> Run:
 
 
 def load_image(run: Run):
-    from PIL import Image, ImageOps
     path = run.image_path()
     if path is None:
         raise UserError(f"{run.path}: no image in the run for the overlay (pass --overlay '' to skip it)")
-    try:
-        with Image.open(path) as im:
-            return ImageOps.exif_transpose(im).convert("RGB")
-    except OSError as e:
-        raise UserError(f"cannot read the run's image {path}: {e}")
+    return open_image(path)[0]
 
 
 def save_all(outputs: dict) -> None:

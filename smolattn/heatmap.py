@@ -31,15 +31,18 @@ def token_rows(run: Run, layers, position: int, cache=None) -> np.ndarray:
     return np.stack([get(run, i).image[:, row] for i in layers])
 
 
+def reduce_heads(maps: np.ndarray, heads="mean") -> np.ndarray:
+    """(L, H, ...) -> (L, ...): mean or max over heads, or one head (an index)."""
+    if heads == "mean":
+        return maps.mean(axis=1)
+    if heads == "max":
+        return maps.max(axis=1)
+    return maps[:, int(heads)]
+
+
 def reduce(maps: np.ndarray, heads="mean") -> np.ndarray:
     """(L, H, K) -> (K,): mean over layers of the head reduction ("mean", "max" or a head index)."""
-    if heads == "mean":
-        per_layer = maps.mean(axis=1)
-    elif heads == "max":
-        per_layer = maps.max(axis=1)
-    else:
-        per_layer = maps[:, int(heads)]
-    return per_layer.mean(axis=0)
+    return reduce_heads(maps, heads).mean(axis=0)
 
 
 def drop_sink(values: np.ndarray) -> np.ndarray:

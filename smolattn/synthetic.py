@@ -66,7 +66,7 @@ def make_run(out, rows: int = 3, cols: int = 4, *, layers: int = 2, heads: int =
         arrays.append(a.astype(np.float16))
     if reference:
         with store.atomic_dir(out) as tmp:
-            np.save(tmp / "decoded_tokens.npy", np.array(tokens, dtype=object), allow_pickle=True)
+            np.save(tmp / "decoded_tokens.npy", np.array(tokens, dtype=object))  # pickled, as the reference
             (tmp / "attentions_5").mkdir()
             for i, a in enumerate(arrays):
                 np.savez_compressed(tmp / store.FULL_FILE.format(i), attention=a[None])

@@ -137,11 +137,6 @@ def get_heads(run: Run, value, default="mean"):
     return h
 
 
-def reduce_heads(x: np.ndarray, heads) -> np.ndarray:
-    """(L, H, ...) -> (L, ...) by mean, max or one head."""
-    return x.mean(axis=1) if heads == "mean" else x.max(axis=1) if heads == "max" else x[:, heads]
-
-
 def image_maps(name: str, run: Run, row: int, layers) -> np.ndarray:
     """(L, H, K): the row's attention over the image keys in each layer."""
     reg = registry()
@@ -150,7 +145,7 @@ def image_maps(name: str, run: Run, row: int, layers) -> np.ndarray:
 
 def token_map(name: str, run: Run, row: int, layers, heads, drop: bool) -> np.ndarray:
     """(K,): the row's image attention reduced over heads (renormalised per layer if ``drop``), mean over layers."""
-    per_layer = reduce_heads(image_maps(name, run, row, layers), heads)
+    per_layer = hm.reduce_heads(image_maps(name, run, row, layers), heads)
     return (hm.drop_sink(per_layer) if drop else per_layer).mean(axis=0)
 
 
@@ -268,7 +263,7 @@ def attention():
     image_mass = maps.sum(-1)
     total = image_mass + text_mass
     lh_mass = np.divide(image_mass, total, out=np.zeros_like(total), where=total > 0)  # (L, H)
-    per_layer = reduce_heads(maps, heads)
+    per_layer = hm.reduce_heads(maps, heads)
     if drop:
         per_layer = hm.drop_sink(per_layer)
     values = per_layer[layers.start:layers.stop].mean(axis=0)
@@ -277,7 +272,7 @@ def attention():
     return jsonify(success=True, run=name, index=pos, text=table(run)[pos]["text"],
                    layers=[layers.start, layers.stop - 1], heads=heads, drop_sink=drop, norm=norm,
                    grid=None if grid is None else numbers(grid), **{"global": numbers(glob)},
-                   image_mass=float(reduce_heads(lh_mass, heads)[layers.start:layers.stop].mean()),
+                   image_mass=float(hm.reduce_heads(lh_mass, heads)[layers.start:layers.stop].mean()),
                    vmin=float(scope.min()), vmax=float(scope.max()), layer_head_mass=numbers(lh_mass))
 
 
@@ -304,7 +299,7 @@ def reverse():
         key = g.rows * g.cols * s * s + i * s + j
     layers = get_layers(run, args.get("layers"))
     heads = get_heads(run, args.get("heads"))
-    values = reduce_heads(np.stack([registry().layer(name, run, li).image[:, :, key] for li in layers]),
+    values = hm.reduce_heads(np.stack([registry().layer(name, run, li).image[:, :, key] for li in layers]),
                           heads).mean(axis=0)                                   # (Q,)
     tokens, positions = table(run), text_rows(run).positions
     rows = [r for r, p in enumerate(positions) if tokens[p]["kind"] in TEXT_KINDS]
