@@ -11,7 +11,7 @@ import os
 import socket
 import sys
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -109,7 +109,6 @@ class Loaded:
     dtype: str
     standin: dict | None = None     # contents of standin.json for offline stand-ins
     load_seconds: float = 0.0
-    extra: dict = field(default_factory=dict)
 
     def token_ids(self, names) -> list[int]:
         return self.processor.tokenizer.convert_tokens_to_ids(list(names))

@@ -200,13 +200,11 @@ class Run:
         path = self.path / "decoded_tokens.npy"
         if not path.is_file():
             raise UserError(f"{self.path}: no decoded_tokens.npy (not a run directory)")
-        try:
-            arr = np.load(path, allow_pickle=False)
+        try:  # pickles only on the caller's explicit opt-in: unpickling runs code from the file
+            arr = np.load(path, allow_pickle=allow_pickle)
         except ValueError:
-            if not allow_pickle:
-                raise UserError(f"{path} is a pickled object array; loading it runs code from the file. "
-                                "Pass --allow-pickle only if you trust it")
-            arr = np.load(path, allow_pickle=True)
+            raise UserError(f"{path} is a pickled object array; loading it runs code from the file. "
+                            "Pass --allow-pickle only if you trust it")
         return [str(t) for t in arr.tolist()]
 
     # -- reference-format runs ----------------------------------------------------------------
