@@ -21,7 +21,7 @@ import os
 import threading
 import time
 from collections import deque
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -186,9 +186,9 @@ def pipeline(items: list, submit, step, finish, on_result, *, batch_size: int = 
     step(list of prepared) -> list of outputs (the model; this thread); finish(item, prepared, output)
     -> result (the store write; in ``writers`` threads). on_result(result) is called in this thread as
     results complete; on_error(item, exception) -> result for an item that failed before or in the
-    model step. At most ``ahead`` batches are being prepared and ``writers`` x 2 outputs wait for a
+    model step (default: raise it). Results come in item order. At most ``ahead`` batches are being prepared and ``writers`` x 2 outputs wait for a
     writer, so memory stays bounded however long the list."""
-    on_error = on_error or (lambda item, e: (_ for _ in ()).throw(e))
+    on_error = on_error or _reraise
     queued: deque = deque()
     todo = iter(items)
     writes: deque = deque()
@@ -205,12 +205,21 @@ def pipeline(items: list, submit, step, finish, on_result, *, batch_size: int = 
         while writes and (block or writes[0][1].done()):
             item, fut = writes.popleft()
             try:
-                on_result(fut.result())
+                result = fut.result()
             except Exception as e:  # noqa: BLE001 - a failed write is that item's error
-                on_result(on_error(item, e))
+                result = on_error(item, e)
+            on_result(result)
 
     def release(_):
         slots.release()
+
+    def failed(item, e):   # in order with the writes, so results come out in item order
+        done = Future()
+        try:
+            done.set_result(on_error(item, e))
+        except Exception as err:  # noqa: BLE001 - re-raised by drain, in order
+            done.set_exception(err)
+        writes.append((item, done))
 
     with ThreadPoolExecutor(max(1, writers), thread_name_prefix="writer") as pool:
         fill()
@@ -221,14 +230,14 @@ def pipeline(items: list, submit, step, finish, on_result, *, batch_size: int = 
                 try:
                     batch.append((item, fut.result()))
                 except Exception as e:  # noqa: BLE001 - a bad image is that item's error row
-                    on_result(on_error(item, e))
+                    failed(item, e)
             fill()   # the next batch is decoded while the model works on this one
             if batch:
                 try:
                     outputs = step([p for _, p in batch])
                 except Exception as e:  # noqa: BLE001
                     for item, _ in batch:
-                        on_result(on_error(item, e))
+                        failed(item, e)
                     outputs = []
                 for (item, prep), out in zip(batch, outputs):
                     slots.acquire()
@@ -237,6 +246,10 @@ def pipeline(items: list, submit, step, finish, on_result, *, batch_size: int = 
                     writes.append((item, fut))
             drain(block=False)
         drain(block=True)
+
+
+def _reraise(item, e):
+    raise e
 
 
 # ============================================================================ POPE: the shared prefix

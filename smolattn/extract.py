@@ -130,13 +130,9 @@ def extract_many(loaded: mdl.Loaded, jobs, settings: Settings, on_result, *, bat
             lambda job, p, out: (job, write(loaded, settings, p, out, job[1])),
             lambda res: on_result(res[0][2], res[1]),
             batch_size=batch_size, writers=writers,
-            on_error=lambda job, e: (job, (on_error or _reraise)(job[2], e)))
+            on_error=(lambda job, e: (job, on_error(job[2], e))) if on_error else None)
     finally:
         prep.close()
-
-
-def _reraise(tag, e):
-    raise e
 
 
 def write(loaded: mdl.Loaded, settings: Settings, prep: engine.Prepared, out: engine.Output, out_dir) -> dict:
@@ -168,7 +164,7 @@ def write(loaded: mdl.Loaded, settings: Settings, prep: engine.Prepared, out: en
         "versions": versions(),
     }
     image_name = "image.jpg" if info.get("format") == "JPEG" else "image.png"
-    timings = {"preprocess_s": round(prep.seconds, 4), "generate_s": round(out.generate_s, 4)}
+    timings = {"preprocess_s": round(prep.seconds, 4), "generate_s": round(out.generate_s, 4), "batch": out.batch}
     meta["timings"] = timings
     store.write_run(out_dir, tokens=tokens, layers=layers, query_positions=query_positions,
                     store=settings.store, geometry=g, meta=meta, image=prep.image, image_name=image_name)

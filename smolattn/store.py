@@ -294,7 +294,7 @@ class Run:
             raise IndexError(f"layer {i} out of range 0..{self.num_layers - 1}")
         keys, text_keys = self.geometry.key_positions, self.text_key_positions
         if self.store in ("compact", "compact8"):
-            z = self._layer_arrays(i)
+            z = self.layer_arrays(i)
             if self.store == "compact":   # C order: per-token row slices stay fast
                 return Layer(z["image"].astype(np.float32, order="C"), z["text"].astype(np.float32, order="C"))
             return Layer(dequantize(z["image_q"], z["image_scale"]), dequantize(z["text_q"], z["text_scale"]))
@@ -303,7 +303,7 @@ class Run:
         text_keys = text_keys[text_keys < n]
         return Layer(full[..., keys].astype(np.float32), full[..., text_keys].astype(np.float32))
 
-    def _layer_arrays(self, i: int) -> dict:
+    def layer_arrays(self, i: int) -> dict:
         """One layer's stored arrays: blosc2 chunks (format v2) or an npz (format v1)."""
         if self.meta.get("format_version", 1) >= 2:
             return {name: unpack((self.path / LAYER_FILE.format(i, name)).read_bytes(), dtype, shape)

@@ -92,7 +92,7 @@ def test_format_v1_runs_read_as_before(tmp_path, mode):
     shutil.copytree(v2, v1)
     meta = json.loads((v1 / "meta.json").read_text())
     for i in range(meta["attention"]["num_layers"]):
-        arrays = store.Run(v2)._layer_arrays(i)
+        arrays = store.Run(v2).layer_arrays(i)
         np.savez_compressed(v1 / store.LAYER_FILE_V1.format(i), **arrays)
     for f in (v1 / "attention").glob("*.b2"):
         f.unlink()
