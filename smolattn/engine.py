@@ -224,26 +224,27 @@ def pipeline(items: list, submit, step, finish, on_result, *, batch_size: int = 
     with ThreadPoolExecutor(max(1, writers), thread_name_prefix="writer") as pool:
         fill()
         while queued:
-            batch = []
-            while queued and len(batch) < batch_size:
+            entries = []   # (item, prepared or the exception that stopped it), in item order
+            while queued and sum(not isinstance(p, Exception) for _, p in entries) < batch_size:
                 item, fut = queued.popleft()
                 try:
-                    batch.append((item, fut.result()))
+                    entries.append((item, fut.result()))
                 except Exception as e:  # noqa: BLE001 - a bad image is that item's error row
-                    failed(item, e)
+                    entries.append((item, e))
             fill()   # the next batch is decoded while the model works on this one
-            if batch:
-                try:
-                    outputs = step([p for _, p in batch])
-                except Exception as e:  # noqa: BLE001
-                    for item, _ in batch:
-                        failed(item, e)
-                    outputs = []
-                for (item, prep), out in zip(batch, outputs):
-                    slots.acquire()
-                    fut = pool.submit(finish, item, prep, out)
-                    fut.add_done_callback(release)
-                    writes.append((item, fut))
+            batch = [p for _, p in entries if not isinstance(p, Exception)]
+            try:
+                outputs = iter(step(batch) if batch else [])
+            except Exception as e:  # noqa: BLE001 - the whole batch failed: every image's error
+                entries = [(item, e) for item, _ in entries]
+            for item, prep in entries:
+                if isinstance(prep, Exception):
+                    failed(item, prep)
+                    continue
+                slots.acquire()
+                fut = pool.submit(finish, item, prep, next(outputs))
+                fut.add_done_callback(release)
+                writes.append((item, fut))
             drain(block=False)
         drain(block=True)
 
