@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from . import geometry as geo
+from . import summary
 from .errors import UserError
 from .tokens import SPECIAL, display_token, piece, units  # noqa: F401  (display_token: re-exported)
 
@@ -122,6 +123,8 @@ def write_run(out, *, tokens, layers, query_positions, store: str, geometry: geo
             "dtype": "uint8 codes x scale/255 (|error| <= row max/510)" if store == "compact8" else "float16",
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        # the viewer's summary, from the layers as stored (so it matches what readers get)
+        summary.save(summary.from_run(Run(tmp)), tmp / summary.FILE)
     return Path(out)
 
 
