@@ -9,7 +9,6 @@ compute_token_heatmap.py's messages and ``--token`` matching all use it).
 """
 from __future__ import annotations
 
-import codecs
 import re
 from dataclasses import dataclass
 from functools import lru_cache
@@ -32,6 +31,7 @@ def _byte_decoder() -> dict:
     return {chr(c): b for b, c in zip(bs, cs)}
 
 
+@lru_cache(maxsize=1 << 16)
 def token_bytes(raw: str) -> bytes | None:
     """The bytes a byte-level token spells; None for special tokens and tokens that are already
     readable text (e.g. the reference project's unicode token files)."""
@@ -72,12 +72,11 @@ class Unit:
 
 def _complete(data: bytes) -> bool | None:
     """True: whole characters; False: valid so far but ends inside a character; None: invalid UTF-8."""
-    decoder = codecs.getincrementaldecoder("utf-8")()
     try:
-        decoder.decode(data, final=False)
-    except UnicodeDecodeError:
-        return None
-    return not decoder.getstate()[0]
+        data.decode("utf-8")
+        return True
+    except UnicodeDecodeError as e:   # the first error is the truncation at the end: all before is valid
+        return False if e.reason == "unexpected end of data" and e.end == len(data) else None
 
 
 def units(tokens) -> list[Unit]:
