@@ -27,6 +27,15 @@ async function getJSON(url) {
   return body;
 }
 
+async function getOrShow(url) {  // the body, or null after showing the error
+  try {
+    return await getJSON(url);
+  } catch (e) {
+    showError(e.message);
+    return null;
+  }
+}
+
 function showError(message) {
   $("alert-text").textContent = message;
   $("alert").hidden = false;
@@ -485,14 +494,8 @@ async function loadText() {
   const a = selectionParams("a");
   const p = new URLSearchParams({ run: state.run, index: state.index, layers: a.layers, heads: a.heads });
   const ticket = ++state.textRequest;
-  let body;
-  try {
-    body = await getJSON(`/api/text_attention?${p}`);
-  } catch (e) {
-    showError(e.message);
-    return;
-  }
-  if (ticket !== state.textRequest) return;
+  const body = await getOrShow(`/api/text_attention?${p}`);
+  if (!body || ticket !== state.textRequest) return;
   const total = body.tokens.reduce((s, t) => s + t.value, 0);
   $("text-caption").textContent = `#${body.index}: ${(total * 100).toFixed(1)}% on earlier text, `
     + `${(body.image * 100).toFixed(1)}% on the image. Top tokens:`;
@@ -535,14 +538,8 @@ async function loadReverse(target) {
   }
   const { layers, heads } = selectionParams("a");
   const p = new URLSearchParams({ run: state.run, cell: `${i},${j}`, view: target.view, layers, heads });
-  let body;
-  try {
-    body = await getJSON(`/api/reverse?${p}`);
-  } catch (e) {
-    showError(e.message);
-    return;
-  }
-  if (state.reverse !== target) return;
+  const body = await getOrShow(`/api/reverse?${p}`);
+  if (!body || state.reverse !== target) return;
   $("reverse-caption").textContent = `Tokens attending most to ${target.view} cell (${i}, ${j}):`;
   const list = $("reverse-list");
   list.replaceChildren();
