@@ -235,12 +235,7 @@ def localise(grid: np.ndarray, image_size, boxes) -> dict:
 
     hit: the hottest cell is inside; mass: share of the grid's total inside; box_fraction: share of cells
     inside (what a uniform map would score as mass)."""
-    gh, gw = grid.shape
-    w, h = image_size
-    cy, cx = (np.arange(gh)[:, None] + 0.5) * h / gh, (np.arange(gw)[None, :] + 0.5) * w / gw
-    inside = np.zeros(grid.shape, bool)
-    for x, y, bw, bh in boxes:
-        inside |= (cx >= x) & (cx <= x + bw) & (cy >= y) & (cy <= y + bh)
+    inside = geo.cells_in_boxes(grid.shape, image_size, boxes)
     total = float(grid.sum())
     return {"hit": bool(inside.flat[int(np.argmax(grid))]),
             "mass": float(grid[inside].sum() / total) if total > 0 else 0.0,
