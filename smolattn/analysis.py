@@ -264,6 +264,7 @@ def _task(args):
 def analyse_root(root, params: Params, boxes: dict | None = None, workers: int | None = None,
                  names=None, progress: bool = True) -> "Dataset":
     """Analyse every run under ``root`` over ``workers`` processes (default: all cores)."""
+    from scipy import ndimage, stats  # noqa: F401  (imported once here: forked workers inherit it)
     from tqdm import tqdm
 
     names = find_runs(root) if names is None else list(names)
