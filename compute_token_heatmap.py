@@ -21,7 +21,8 @@ from pathlib import Path
 from smolattn import heatmap as hm
 from smolattn.errors import UserError, run_cli
 from smolattn.images import open_image
-from smolattn.store import Run, display_token
+from smolattn import tokens as tok
+from smolattn.store import Run
 
 
 class Parser(argparse.ArgumentParser):
@@ -120,8 +121,8 @@ def main(argv=None) -> int:
     run = open_run(args)
     layers = hm.parse_layers(args.layers, run.num_layers)
     heads = hm.parse_layers(args.heads, run.num_heads, "head")
-    pos = hm.find_token(run, args.token, args.index, args.occurrence)
-    word = display_token(run.tokens[pos]).strip()
+    first, pos = hm.find_span(run, args.token, args.index, args.occurrence)
+    word = tok.text_at(run.tokens, first, pos).strip()
     role = "answer" if pos >= run.prompt_length else "prompt"
 
     t0 = time.perf_counter()
@@ -129,7 +130,8 @@ def main(argv=None) -> int:
         agg = hm.aggregate_reference(run, pos, layers, heads, args.topk)
     else:
         agg = hm.aggregate_image(run, pos, layers, heads, args.topk, args.global_mode)
-    print(f"token {word!r} at position {pos} ({role}); {len(agg.weights)} of {len(layers) * len(heads)} "
+    where = f"positions {first}-{pos} (the row of {pos}, the last)" if pos > first else f"position {pos}"
+    print(f"token {word!r} at {where} ({role}); {len(agg.weights)} of {len(layers) * len(heads)} "
           f"(layer, head) pairs weighted, total weight {agg.total_weight:.4g}; "
           f"aggregated in {time.perf_counter() - t0:.3f} s")
 
