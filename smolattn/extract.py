@@ -163,7 +163,7 @@ def write(loaded: mdl.Loaded, settings: Settings, prep: engine.Prepared, out: en
                   "tokens_per_tile_side": g.side},
         "versions": versions(),
     }
-    image_name = "image.jpg" if info.get("format") == "JPEG" else "image.png"
+    image_name = store.image_name(info)
     timings = {"preprocess_s": round(prep.seconds, 4), "generate_s": round(out.generate_s, 4), "batch": out.batch}
     meta["timings"] = timings
     store.write_run(out_dir, tokens=tokens, layers=layers, query_positions=query_positions,

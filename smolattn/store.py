@@ -119,6 +119,11 @@ def write_layers(root: Path, layers, store: str, query_positions, geometry: geo.
     return text_keys, arrays
 
 
+def image_name(info: dict) -> str:
+    """The run's image file for a source described by ``images.open_image``'s info: JPEG stays JPEG."""
+    return "image.jpg" if info.get("format") == "JPEG" else "image.png"
+
+
 def write_run(out, *, tokens, layers, query_positions, store: str, geometry: geo.Geometry, meta: dict,
               image=None, image_name: str = "image.png") -> Path:
     """Write a whole run directory atomically (temporary sibling, renamed when complete).
