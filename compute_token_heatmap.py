@@ -24,7 +24,8 @@ from smolattn import heatmap as hm
 from smolattn import methods as mth
 from smolattn.errors import UserError, run_cli
 from smolattn.images import open_image
-from smolattn.store import Run, display_token
+from smolattn import tokens as tok
+from smolattn.store import Run
 
 
 class Parser(argparse.ArgumentParser):
@@ -124,8 +125,8 @@ def main(argv=None) -> int:
     run = open_run(args)
     layers = hm.parse_layers(args.layers, run.num_layers)
     heads = hm.parse_layers(args.heads, run.num_heads, "head")
-    pos = hm.find_token(run, args.token, args.index, args.occurrence)
-    word = display_token(run.tokens[pos]).strip()
+    first, pos = hm.find_span(run, args.token, args.index, args.occurrence)
+    word = tok.text_at(run.tokens, first, pos).strip()
     role = "answer" if pos >= run.prompt_length else "prompt"
 
     t0 = time.perf_counter()
@@ -136,11 +137,12 @@ def main(argv=None) -> int:
         agg = hm.aggregate_method(run, pos, args.method, layers, args.start_layer)
     else:
         agg = hm.aggregate_image(run, pos, layers, heads, args.topk, args.global_mode)
+    where = f"positions {first}-{pos} (the row of {pos}, the last)" if pos > first else f"position {pos}"
     if derived:
-        print(f"token {word!r} at position {pos} ({role}); {args.method} map ({agg.details['row']}), "
+        print(f"token {word!r} at {where} ({role}); {args.method} map ({agg.details['row']}), "
               f"image total {agg.total_weight:.4g}; read in {time.perf_counter() - t0:.3f} s")
     else:
-        print(f"token {word!r} at position {pos} ({role}); {len(agg.weights)} of {len(layers) * len(heads)} "
+        print(f"token {word!r} at {where} ({role}); {len(agg.weights)} of {len(layers) * len(heads)} "
               f"(layer, head) pairs weighted, total weight {agg.total_weight:.4g}; "
               f"aggregated in {time.perf_counter() - t0:.3f} s")
 

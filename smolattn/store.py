@@ -20,7 +20,9 @@ from pathlib import Path
 import numpy as np
 
 from . import geometry as geo
+from . import summary
 from .errors import UserError
+from .tokens import SPECIAL, display_token, piece, units  # noqa: F401  (display_token: re-exported)
 
 FORMAT = "smolattn-run"
 FORMAT_VERSION = 2      # 2: optional derived-method maps (methods/NAME.npz); version 1 runs still open
@@ -29,8 +31,6 @@ LAYER_FILE = "attention/layer_{:02d}.npz"
 METHOD_FILE = "methods/{}.npz"
 FULL_FILE = "attentions_5/attention_fp16_rounded_layer_{}.npz"   # the reference project's name
 IMAGE_NAMES = ("image.png", "image.jpg", "static/image.png")
-SPECIAL = re.compile(r"^(<\|[^|>]+\|>|<end_of_utterance>|<fake_token_around_image>|<global-img>|<image>"
-                     r"|<row_\d+_col_\d+>)$")
 
 
 @contextmanager
@@ -143,30 +143,9 @@ def write_run(out, *, tokens, layers, query_positions, store: str, geometry: geo
         }
         meta["methods"] = write_methods(tmp, methods or {})
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        # the viewer's summary, from the layers as stored (so it matches what readers get)
+        summary.save(summary.from_run(Run(tmp)), tmp / summary.FILE)
     return Path(out)
-
-
-_BYTE_DECODER = None
-
-
-def display_token(raw: str) -> str:
-    """Byte-level BPE markers to text: Ġ -> space, Ċ -> newline (special tokens untouched)."""
-    global _BYTE_DECODER
-    if SPECIAL.match(raw):
-        return raw
-    if _BYTE_DECODER is None:  # the GPT-2 byte alphabet, as the tokenizer's decoder uses it
-        bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-        cs, n = bs[:], 0
-        for b in range(256):
-            if b not in bs:
-                bs.append(b)
-                cs.append(256 + n)
-                n += 1
-        _BYTE_DECODER = {chr(c): b for b, c in zip(bs, cs)}
-    try:
-        return bytearray(_BYTE_DECODER[c] for c in raw).decode("utf-8", errors="replace")
-    except KeyError:  # already readable text (e.g. upstream's unicode token files)
-        return raw.replace("Ġ", " ").replace("Ċ", "\n").replace("▁", " ")
 
 
 class Layer:
@@ -372,19 +351,25 @@ def token_table(run: Run) -> list[dict]:
 
     kind: "image" (an <image> token), "marker" (tile/global/fake markers), "special" (other special
     tokens), "prompt" or "answer" (text before/after the assistant turn starts).
+    text: what the token shows. Tokens that together spell whole characters (byte-level BPE pieces of
+    a Korean syllable, an emoji...) share a unit: ``unit`` = [first, last] position and ``unit_text``
+    the characters; ``text`` is then the token's own piece (split characters as ``\\xNN``).
     """
     keys = set(run.geometry.key_positions.tolist())
     first, last = run.geometry.image_block
     out = []
-    for i, raw in enumerate(run.tokens):
-        if i in keys:
-            kind = "image"
-        elif first <= i <= last:
-            kind = "marker"
-        elif SPECIAL.match(raw):
-            kind = "special"
-        else:
-            kind = "answer" if i >= run.prompt_length else "prompt"
-        out.append({"index": i, "raw": raw, "text": display_token(raw), "kind": kind,
-                    "has_row": run.row_of(i) is not None})
+    for u in units(run.tokens):
+        for i in range(u.start, u.stop):
+            raw = run.tokens[i]
+            if i in keys:
+                kind = "image"
+            elif first <= i <= last:
+                kind = "marker"
+            elif SPECIAL.match(raw):
+                kind = "special"
+            else:
+                kind = "answer" if i >= run.prompt_length else "prompt"
+            out.append({"index": i, "raw": raw, "text": u.text if u.stop - u.start == 1 else piece(raw),
+                        "kind": kind, "has_row": run.row_of(i) is not None,
+                        "unit": [u.start, u.stop - 1], "unit_text": u.text})
     return out

@@ -24,10 +24,10 @@ def make_run(tmp_path):
 
 
 @pytest.fixture
-def make_app():
-    """``make_app(RUN=path)`` or ``make_app(RUNS=root, ...)`` -> a testing app."""
+def make_app(tmp_path):
+    """``make_app(RUN=path)`` or ``make_app(RUNS=root, ...)`` -> a testing app (summary cache under tmp_path)."""
     def make(**config):
-        return create_app({"TESTING": True, **config})
+        return create_app({"TESTING": True, "CACHE_DIR": str(tmp_path / "cache"), **config})
     return make
 
 

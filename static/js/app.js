@@ -56,7 +56,8 @@ async function listRuns(query) {
   const select = $("run-select");
   select.replaceChildren();
   for (const r of body.runs) {
-    option(select, r.name, r.error ? `${r.name} (unreadable)` : `${r.name} — ${r.grid[0]}×${r.grid[1]} tiles`);
+    const grid = r.grid ? (r.grid[0] ? ` — ${r.grid[0]}×${r.grid[1]} tiles` : " — global tile only") : "";
+    option(select, r.name, r.error ? `${r.name} (failed: ${r.error})` : `${r.name}${grid}`);
   }
   if (state.run && body.runs.some((r) => r.name === state.run)) select.value = state.run;
   $("run-count").textContent = `${body.runs.length} of ${body.total}`;
