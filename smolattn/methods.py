@@ -29,7 +29,7 @@ from __future__ import annotations
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -223,7 +223,6 @@ class Context:
     params: dict
     tape: Tape | None = None
     hidden: object = None            # (S, D) last hidden states of the question forward
-    seconds: dict = field(default_factory=dict)
 
     @property
     def keys(self) -> np.ndarray:

@@ -12,7 +12,6 @@ import torch
 from transformers import AutoModelForImageTextToText
 
 from smolattn import extract as ex
-from smolattn import geometry as geo
 from smolattn import heatmap as hm
 from smolattn import methods as mth
 from smolattn import model as mdl
@@ -23,11 +22,6 @@ ROOT = Path(__file__).resolve().parent.parent
 ALL = ["raw", "rollout", "relevancy", "relative"]
 EDGE = 1024          # 640 x 480 -> 2 x 2 tiles + global: tiles exercised, short sequence
 NEW = 4
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return mdl.load(str(standin.ensure("tiny")), device="cpu")
 
 
 @pytest.fixture(scope="module")
