@@ -144,7 +144,7 @@ def extract(loaded: mdl.Loaded, image_path, out_dir, settings: Settings, image=N
                   "tokens_per_tile_side": g.side},
         "versions": versions(),
     }
-    image_name = "image.jpg" if info.get("format") == "JPEG" else "image.png"
+    image_name = store.image_name(info)
     timings = {"preprocess_s": round(t1 - t0, 4), "generate_s": round(t2 - t1, 4), "methods_s": round(t3 - t2, 4)}
     meta["timings"] = timings
     store.write_run(out_dir, tokens=tokens, layers=layers, query_positions=query_positions,

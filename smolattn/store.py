@@ -113,6 +113,11 @@ def write_methods(root: Path, methods: dict) -> dict:
     return out
 
 
+def image_name(info: dict) -> str:
+    """The run's image file for a source described by ``images.open_image``'s info: JPEG stays JPEG."""
+    return "image.jpg" if info.get("format") == "JPEG" else "image.png"
+
+
 def write_run(out, *, tokens, layers, query_positions, store: str, geometry: geo.Geometry, meta: dict,
               image=None, image_name: str = "image.png", methods: dict | None = None) -> Path:
     """Write a whole run directory atomically (temporary sibling, renamed when complete).
@@ -143,9 +148,20 @@ def write_run(out, *, tokens, layers, query_positions, store: str, geometry: geo
         }
         meta["methods"] = write_methods(tmp, methods or {})
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        # the viewer's summary, from the layers as stored (so it matches what readers get)
-        summary.save(summary.from_run(Run(tmp)), tmp / summary.FILE)
+        # the viewer's summary, from the layers at the precision they are stored (what readers get)
+        positions, keep = summary.kept(query_positions, geometry)
+        keep = slice(None) if keep is None else keep
+        stored = (Layer(as_stored(a[:, keep][..., geometry.key_positions], store),
+                        as_stored(a[:, keep][..., text_keys], store)) for a in layers)
+        summary.save(summary.compute(stored, positions), tmp / summary.FILE)
     return Path(out)
+
+
+def as_stored(x: np.ndarray, store: str) -> np.ndarray:
+    """``x`` as a reader gets it back from a ``store`` file (float32)."""
+    if store == "compact8":
+        return dequantize(*quantize(x))
+    return np.asarray(x).astype(np.float16).astype(np.float32)
 
 
 class Layer:

@@ -91,13 +91,17 @@ def compute(layers, positions) -> Summary:
                     "mean_map": (acc / n).astype(np.float32)})
 
 
-def kept_rows(run) -> tuple[np.ndarray, np.ndarray | None]:
+def kept(query_positions, geometry) -> tuple[np.ndarray, np.ndarray | None]:
     """(positions, indices into the stored rows or None for all of them): every stored query row
     outside the image block, the rows a viewer shows."""
-    first, last = run.geometry.image_block
-    q = run.query_positions
+    first, last = geometry.image_block
+    q = np.asarray(query_positions)
     keep = np.flatnonzero((q < first) | (q > last))
     return q[keep], None if len(keep) == len(q) else keep
+
+
+def kept_rows(run) -> tuple[np.ndarray, np.ndarray | None]:
+    return kept(run.query_positions, run.geometry)
 
 
 def from_run(run, layer=None) -> Summary:

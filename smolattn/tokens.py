@@ -118,7 +118,11 @@ def text_at(tokens, first: int, last: int | None = None) -> str:
     """The whole characters spelt by the units that tokens ``first``..``last`` (default: just
     ``first``) are part of."""
     last = first if last is None else last
-    return "".join(u.text for u in units(tokens) if u.start <= last and u.stop > first)
+    start = first   # units restart after any token that is not byte-level: group from the nearest one
+    while start > 0 and token_bytes(tokens[start - 1]) is not None:
+        start -= 1
+    near = units(tokens[start:last + MAX_UNIT])
+    return "".join(u.text for u in near if u.start + start <= last and u.stop + start > first)
 
 
 def search(unit_list, text: str, positions=None, exact: bool = True) -> list[tuple[int, int]]:

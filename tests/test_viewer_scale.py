@@ -93,13 +93,21 @@ def test_cli_token_finds_a_korean_word(korean_run, tmp_path):
 
 
 # -- summaries ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("store", ["compact", "compact8", "full"])
+def test_write_run_summary_matches_the_layers_as_stored(make_run, store):
+    run_dir = make_run(layers=3, heads=2, store_mode=store)
+    run = Run(run_dir)
+    stored, fresh = summary.load(run_dir / summary.FILE, run), summary.from_run(run)
+    first, last = run.geometry.image_block
+    assert stored.positions.tolist() == [p for p in range(len(run.tokens)) if not first <= p <= last]
+    for name in summary.ARRAYS:
+        assert np.allclose(getattr(stored, name), getattr(fresh, name), rtol=1e-5, atol=1e-7), name
+
+
 def test_write_run_writes_the_summary_the_viewer_opens(make_run, make_app):
     run_dir = make_run(layers=3, heads=2)
     run = Run(run_dir)
     stored = summary.load(run_dir / summary.FILE, run)
-    fresh = summary.from_run(run)
-    for name in summary.ARRAYS:
-        assert np.allclose(getattr(stored, name), getattr(fresh, name)), name
     row = run.row_of(answer_pos(2))
     image = np.stack([run.layer(i).image[:, row] for i in range(3)])               # (L, H, K)
     assert np.allclose(stored.mean_map[list(stored.positions).index(answer_pos(2))], image.mean((0, 1)), atol=1e-6)

@@ -13,6 +13,7 @@ from flask import Blueprint, current_app, jsonify, request, send_file
 from PIL import Image
 
 from smolattn import heatmap as hm
+from smolattn import tokens as tok
 from smolattn.errors import UserError
 from smolattn.store import Run, token_table
 
@@ -280,7 +281,7 @@ def attention():
     lh_mass = summary.lh_mass(row)                                                 # (L, H)
     vmin, vmax = summary.scale(row, heads, drop) if norm == "shared" else (float(values.min()), float(values.max()))
     grid, glob = run.geometry.split(values)
-    return jsonify(success=True, run=name, index=pos, text=table(run)[pos]["unit_text"], method=method,
+    return jsonify(success=True, run=name, index=pos, text=tok.text_at(run.tokens, pos), method=method,
                    layers=[layers.start, layers.stop - 1], heads=heads, drop_sink=drop, norm=norm,
                    grid=None if grid is None else numbers(grid), **{"global": numbers(glob)},
                    image_mass=float(hm.reduce_heads(lh_mass, heads)[layers.start:layers.stop].mean()),
