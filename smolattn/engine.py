@@ -154,6 +154,8 @@ class Output:
     layers: np.ndarray | None      # (layers, heads, rows, seq) float16 on the host: prompt rows, then one per new token
     generate_s: float = 0.0        # the whole batch's generate time
     batch: int = 1
+    methods: dict = field(default_factory=dict)   # derived maps (smolattn.methods.compute), filled by the caller
+    methods_s: float = 0.0
 
 
 def run(loaded: mdl.Loaded, prepared: list[Prepared], max_new_tokens: int, capture: bool = True) -> list[Output]:

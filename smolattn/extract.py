@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from . import engine
+from . import methods as mth
 from . import model as mdl
 from . import store
 from .errors import UserError
@@ -26,6 +27,7 @@ class Settings:
     max_new_tokens: int = 128
     longest_edge: int | None = None     # None: the checkpoint's own processor setting
     store: str = "compact"
+    methods: tuple = (mth.RAW,)     # raw attention, plus any of smolattn.methods.METHODS
 
     def check(self):
         if not self.prompt.strip():
@@ -36,6 +38,7 @@ class Settings:
             raise UserError("--longest-edge must be positive")
         if self.store not in store.STORES:
             raise UserError(f"unknown --store {self.store!r}; choose one of {', '.join(store.STORES)}")
+        mth.parse(",".join(self.methods))
         return self
 
     @property
@@ -52,6 +55,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help="processor resize of the longest edge (default: the checkpoint's own processor setting)")
     ap.add_argument("--store", choices=store.STORES, default="compact",
                     help="compact: text/answer rows, fp16; compact8: same, 8-bit; full: reference (1,H,S,S) npz")
+    ap.add_argument("--methods", default=mth.RAW, help=f"comma list of {', '.join(mth.names())} (default raw; "
+                    "the others are stored next to it, see docs/run-format.md)")
     ap.add_argument("--batch-size", type=int, default=None,
                     help="images per generate call (default: 8 on a GPU, 1 on CPU); answers and rows do not change")
     ap.add_argument("--workers", type=int, default=None,
@@ -63,7 +68,8 @@ def settings_from_args(args) -> Settings:
         raise UserError("--batch-size must be at least 1")
     if getattr(args, "workers", None) is not None and args.workers < 0:
         raise UserError("--workers must be 0 or more")
-    return Settings(args.prompt, args.max_new_tokens, args.longest_edge, args.store).check()
+    return Settings(args.prompt, args.max_new_tokens, args.longest_edge, args.store,
+                    tuple(mth.parse(args.methods))).check()
 
 
 def check_writable(directory) -> None:
@@ -112,7 +118,7 @@ def extract(loaded: mdl.Loaded, image_path, out_dir, settings: Settings, image=N
     rgb, info = image or open_image(image_path)
     prep = engine.prepare(loaded.processor, rgb, settings.prompt, settings.longest_edge, settings.keep, info)
     prep.seconds = time.perf_counter() - t0
-    return write(loaded, settings, prep, engine.run(loaded, [prep], settings.max_new_tokens)[0], out_dir)
+    return write(loaded, settings, prep, step(loaded, settings, [prep])[0], out_dir)
 
 
 def extract_many(loaded: mdl.Loaded, jobs, settings: Settings, on_result, *, batch_size: int | None = None,
@@ -126,13 +132,33 @@ def extract_many(loaded: mdl.Loaded, jobs, settings: Settings, on_result, *, bat
     try:
         engine.pipeline(
             list(jobs), lambda job: prep.submit(job[0]),
-            lambda batch: engine.run(loaded, batch, settings.max_new_tokens),
+            lambda batch: step(loaded, settings, batch),
             lambda job, p, out: (job, write(loaded, settings, p, out, job[1])),
             lambda res: on_result(res[0][2], res[1]),
             batch_size=batch_size, writers=writers,
             on_error=(lambda job, e: (job, on_error(job[2], e))) if on_error else None)
     finally:
         prep.close()
+
+
+def query_rows(prep: engine.Prepared, new: list[int]) -> np.ndarray:
+    """The stored query positions: the kept prompt rows, then every generated token."""
+    return np.concatenate([prep.rows, np.arange(len(prep.ids), len(prep.ids) + len(new))])
+
+
+def step(loaded: mdl.Loaded, settings: Settings, batch: list[engine.Prepared]) -> list[engine.Output]:
+    """The model step of a batch: one generate (engine.run), then each image's derived methods, if
+    any, on its own slice of the batch's image features (no second vision pass)."""
+    with mth.keep_image_features(loaded) as kept:
+        outs = engine.run(loaded, batch, settings.max_new_tokens)
+    if any(m != mth.RAW for m in settings.methods):
+        first = 0
+        for prep, out in zip(batch, outs):
+            t0, tiles = time.perf_counter(), prep.pixel_values.shape[0]
+            out.methods = mth.compute(loaded, prep.ids + out.new, len(prep.ids), prep.geometry,
+                                      query_rows(prep, out.new), settings.methods, kept.features[first:first + tiles])
+            out.methods_s, first = time.perf_counter() - t0, first + tiles
+    return outs
 
 
 def write(loaded: mdl.Loaded, settings: Settings, prep: engine.Prepared, out: engine.Output, out_dir) -> dict:
@@ -143,7 +169,7 @@ def write(loaded: mdl.Loaded, settings: Settings, prep: engine.Prepared, out: en
     ids = prep.ids + new
     tokens = tok.convert_ids_to_tokens(ids)
     layers = list(out.layers)
-    query_positions = np.concatenate([prep.rows, np.arange(P, len(ids))])
+    query_positions = query_rows(prep, new)
     eos = set(mdl.generation_kwargs(loaded, 1)["eos_token_id"])
     proc = processor_settings(loaded, settings.longest_edge)
     info = {k: v for k, v in prep.info.items() if k != "decode_s"}
@@ -164,10 +190,12 @@ def write(loaded: mdl.Loaded, settings: Settings, prep: engine.Prepared, out: en
         "versions": versions(),
     }
     image_name = store.image_name(info)
-    timings = {"preprocess_s": round(prep.seconds, 4), "generate_s": round(out.generate_s, 4), "batch": out.batch}
+    timings = {"preprocess_s": round(prep.seconds, 4), "generate_s": round(out.generate_s, 4), "batch": out.batch,
+               "methods_s": round(out.methods_s, 4)}
     meta["timings"] = timings
     store.write_run(out_dir, tokens=tokens, layers=layers, query_positions=query_positions,
-                    store=settings.store, geometry=g, meta=meta, image=prep.image, image_name=image_name)
+                    store=settings.store, geometry=g, meta=meta, image=prep.image, image_name=image_name,
+                    methods=out.methods)
     timings["write_s"] = round(time.perf_counter() - t0, 4)
     return {"run": str(out_dir), "answer": meta["answer"], "new_tokens": len(new), "grid": [g.rows, g.cols],
             "timings": timings}

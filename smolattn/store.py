@@ -14,6 +14,7 @@ import shutil
 import tempfile
 import zipfile
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,10 +25,11 @@ from .errors import UserError
 from .tokens import SPECIAL, display_token, piece, units  # noqa: F401  (display_token: re-exported)
 
 FORMAT = "smolattn-run"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 2      # 2: blosc2 layer files, optional derived-method maps (methods/NAME.npz); v1 runs still open
 STORES = ("compact", "compact8", "full")
-LAYER_FILE = "attention/layer_{:02d}.{}.b2"            # format v2: one blosc2 chunk per array
-LAYER_FILE_V1 = "attention/layer_{:02d}.npz"           # format v1: np.savez_compressed
+LAYER_FILE = "attention/layer_{:02d}.{}.b2"            # one blosc2 chunk per array (meta.attention.arrays)
+LAYER_FILE_V1 = "attention/layer_{:02d}.npz"           # np.savez_compressed (v1, and v2 runs without arrays)
+METHOD_FILE = "methods/{}.npz"
 # Byte shuffle + zstd level 1, one thread per call (writer threads run in parallel): on real-shape
 # rows ~10x faster to write than np.savez_compressed's zlib, ~12 % smaller (bench/bench_codec.py).
 CODEC = {"codec": "ZSTD", "clevel": 1, "filter": "SHUFFLE"}
@@ -119,17 +121,34 @@ def write_layers(root: Path, layers, store: str, query_positions, geometry: geo.
     return text_keys, arrays
 
 
+def write_methods(root: Path, methods: dict) -> dict:
+    """Write each derived method's maps (``smolattn.methods.compute``'s output) to methods/NAME.npz:
+    ``maps`` (L, Q, K) over the image keys in the method's dtype, ``positions`` (Q,) the token each
+    map belongs to, ``query_positions`` (Q,) the row it was read from. Returns meta.json's section."""
+    out = {}
+    for name, m in methods.items():
+        path = root / METHOD_FILE.format(name)
+        path.parent.mkdir(exist_ok=True)
+        np.savez_compressed(path, maps=np.asarray(m["maps"]).astype(m["meta"]["dtype"]),
+                            positions=np.asarray(m["positions"], np.int64),
+                            query_positions=np.asarray(m["query_positions"], np.int64))
+        out[name] = {**m["meta"], "file": METHOD_FILE.format(name), "shape": list(np.shape(m["maps"])),
+                     "positions": [int(p) for p in m["positions"]]}
+    return out
+
+
 def image_name(info: dict) -> str:
     """The run's image file for a source described by ``images.open_image``'s info: JPEG stays JPEG."""
     return "image.jpg" if info.get("format") == "JPEG" else "image.png"
 
 
 def write_run(out, *, tokens, layers, query_positions, store: str, geometry: geo.Geometry, meta: dict,
-              image=None, image_name: str = "image.png") -> Path:
+              image=None, image_name: str = "image.png", methods: dict | None = None) -> Path:
     """Write a whole run directory atomically (temporary sibling, renamed when complete).
 
     ``layers``: per layer (H, Q, S) attention rows over all S keys for the Q ``query_positions``.
     ``meta``: everything else for meta.json; the format, geometry and attention sections are added here.
+    ``methods``: derived maps from ``smolattn.methods.compute`` (written under methods/).
     """
     if store not in STORES:
         raise UserError(f"unknown store {store!r}; choose one of {', '.join(STORES)}")
@@ -152,6 +171,7 @@ def write_run(out, *, tokens, layers, query_positions, store: str, geometry: geo
             "arrays": arrays, "codec": None if store == "full" else dict(CODEC, library="blosc2", typesize="dtype itemsize"),
             "dtype": "uint8 codes x scale/255 (|error| <= row max/510)" if store == "compact8" else "float16",
         }
+        meta["methods"] = write_methods(tmp, methods or {})
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         # the viewer's summary, from the layers at the precision they are stored (what readers get)
         positions, keep = summary.kept(query_positions, geometry)
@@ -178,6 +198,21 @@ class Layer:
     @property
     def nbytes(self) -> int:
         return self.image.nbytes + self.text.nbytes
+
+
+@dataclass
+class MethodMaps:
+    """One derived method's maps in a run: ``maps`` (L, Q, K) float32 over the image keys; axis 0 is
+    ``meta['axis']`` (start layer or layer); ``positions[i]`` is the token whose map is ``maps[:, i]``."""
+    name: str
+    maps: np.ndarray
+    positions: np.ndarray
+    query_positions: np.ndarray
+    meta: dict
+
+    def index(self, position: int) -> int | None:
+        hit = np.flatnonzero(self.positions == int(position))
+        return int(hit[0]) if len(hit) else None
 
 
 class Run:
@@ -214,6 +249,7 @@ class Run:
         self.text_key_positions = np.setdiff1d(np.arange(len(self.tokens)), self.geometry.key_positions)
         self._row = {int(p): i for i, p in enumerate(self.query_positions)}
         self.num_layers, self.num_heads = att["num_layers"], att["num_heads"]
+        self._methods: dict[str, MethodMaps] = {}
 
     # -- tokens -------------------------------------------------------------------------------
     def _read_tokens(self, allow_pickle):
@@ -280,6 +316,25 @@ class Run:
         with Image.open(p) as im:
             return im.size
 
+    @property
+    def methods(self) -> list[str]:
+        """The explanation methods this run holds: 'raw' (the attention rows) and every derived one."""
+        return ["raw"] + sorted(self.meta.get("methods") or {})
+
+    def method(self, name: str) -> MethodMaps:
+        """The stored maps of a derived method (read once, then cached)."""
+        info = (self.meta.get("methods") or {}).get(name)
+        if info is None:
+            raise UserError(f"{self.path}: no {name!r} maps in this run (re-extract with --methods raw,{name})")
+        if name not in self._methods:
+            try:
+                with np.load(self.path / info["file"]) as z:
+                    self._methods[name] = MethodMaps(name, z["maps"].astype(np.float32), z["positions"],
+                                                     z["query_positions"], info)
+            except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+                raise UserError(f"{self.path}: cannot read {info['file']}: {e}")
+        return self._methods[name]
+
     def row_of(self, position: int) -> int | None:
         """Index of the stored row for token ``position`` (token t attending), or None."""
         return self._row.get(int(position))
@@ -299,8 +354,8 @@ class Run:
         return Layer(full[..., keys].astype(np.float32), full[..., text_keys].astype(np.float32))
 
     def layer_arrays(self, i: int) -> dict:
-        """One layer's stored arrays: blosc2 chunks (format v2) or an npz (format v1)."""
-        if self.meta.get("format_version", 1) >= 2:
+        """One layer's stored arrays: blosc2 chunks (listed in meta.attention.arrays) or an npz (v1)."""
+        if "arrays" in self.meta.get("attention", {}):
             return {name: unpack((self.path / LAYER_FILE.format(i, name)).read_bytes(), dtype, shape)
                     for name, (dtype, shape) in self.meta["attention"]["arrays"].items()}
         with np.load(self.path / LAYER_FILE_V1.format(i)) as z:

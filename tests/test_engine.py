@@ -7,17 +7,12 @@ import pytest
 import torch
 from transformers import AttentionInterface
 
-from smolattn import engine, standin, store, synthetic
+from smolattn import engine, store, synthetic
 from smolattn import extract as ex
 from smolattn import model as mdl
 
 SIZES = {(3, 4): (640, 480), (4, 3): (480, 640), (4, 4): (640, 640), (1, 4): (800, 200)}
 NEW = 6
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return mdl.load(str(standin.ensure("tiny")), device="cpu", dtype="float32")
 
 
 @pytest.fixture(scope="module")
