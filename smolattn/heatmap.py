@@ -356,6 +356,34 @@ def aggregate_image(run: Run, position: int, layers, heads, topk: int = 10, glob
     return Aggregate(grid, glob, weights, total, "image", details)
 
 
+def method_map(run: Run, name: str, position: int, layers=None, start_layer: int = 0) -> np.ndarray:
+    """A derived method's stored map (K,) of token ``position`` (smolattn.methods): the start layer's map
+    for rollout/relevancy, the mean over ``layers`` (default all) for per-layer methods (relative)."""
+    m = run.method(name)
+    i = m.index(position)
+    if i is None:
+        raise UserError(f"token {tok.text_at(run.tokens, position).strip()!r} at position {position} has no "
+                        f"{name} map ({name} covers {m.meta.get('rows', 'other tokens')})")
+    n = m.maps.shape[0]
+    if m.meta.get("axis") == "start_layer":
+        if not 0 <= start_layer < n:
+            raise UserError(f"start layer {start_layer} out of range: this run has layers 0..{n - 1}")
+        return m.maps[start_layer, i].astype(np.float64)
+    return m.maps[list(range(n)) if layers is None else list(layers), i].mean(0).astype(np.float64)
+
+
+def aggregate_method(run: Run, position: int, name: str, layers=None, start_layer: int = 0) -> Aggregate:
+    """:func:`method_map` as an :class:`Aggregate` (tiled grid + global grid; no head weights)."""
+    vec = method_map(run, name, position, layers, start_layer)
+    grid, glob = run.geometry.split(vec)
+    m = run.method(name)
+    axis = {"start_layer": {"start_layer": start_layer}, "layer": {"layers": list(layers or range(m.maps.shape[0]))}}
+    details = {"position": position, "token": tok.text_at(run.tokens, position).strip(),
+               "raw_token": run.tokens[position], "num_keys": len(vec), "row": m.meta.get("rows"),
+               "params": m.meta.get("params", {}), **axis.get(m.meta.get("axis"), {})}
+    return Aggregate(grid, glob, {}, float(vec.sum()), name, details)
+
+
 def blend_global(grid: np.ndarray, glob: np.ndarray, rows: int, cols: int) -> np.ndarray:
     """Equal-weight average of the tiled view and the global view over the tiled grid, each view
     renormalised to sum 1 (a view with no mass is left out). Both views cover the whole original image
@@ -383,7 +411,8 @@ def aggregate_figures(agg: Aggregate, title: str, panel_global: bool):
     panel beside it and is also returned alone. The global panel is drawn over the same image area
     as the tiled one: each global cell covers R x C tiled cells (values unchanged), so both panels have
     the image's shape and line up."""
-    label = {"reference": "share of top-k attn"}.get(agg.method, "share of top-k img attn")
+    label = {"reference": "share of top-k attn", "rollout": "rollout", "relevancy": "relevancy",
+             "relative": "attn / generic attn"}.get(agg.method, "share of top-k img attn")
     if agg.details.get("global_mode") == "blend" and agg.grid is not None:
         label = "share of image (blend)"
     main = agg.grid if agg.grid is not None else agg.global_grid

@@ -14,6 +14,7 @@ import shutil
 import tempfile
 import zipfile
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,9 +25,10 @@ from .errors import UserError
 from .tokens import SPECIAL, display_token, piece, units  # noqa: F401  (display_token: re-exported)
 
 FORMAT = "smolattn-run"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2      # 2: optional derived-method maps (methods/NAME.npz); version 1 runs still open
 STORES = ("compact", "compact8", "full")
 LAYER_FILE = "attention/layer_{:02d}.npz"
+METHOD_FILE = "methods/{}.npz"
 FULL_FILE = "attentions_5/attention_fp16_rounded_layer_{}.npz"   # the reference project's name
 IMAGE_NAMES = ("image.png", "image.jpg", "static/image.png")
 
@@ -95,12 +97,34 @@ def write_layers(root: Path, layers, store: str, query_positions, geometry: geo.
     return text_keys
 
 
+def write_methods(root: Path, methods: dict) -> dict:
+    """Write each derived method's maps (``smolattn.methods.compute``'s output) to methods/NAME.npz:
+    ``maps`` (L, Q, K) over the image keys in the method's dtype, ``positions`` (Q,) the token each
+    map belongs to, ``query_positions`` (Q,) the row it was read from. Returns meta.json's section."""
+    out = {}
+    for name, m in methods.items():
+        path = root / METHOD_FILE.format(name)
+        path.parent.mkdir(exist_ok=True)
+        np.savez_compressed(path, maps=np.asarray(m["maps"]).astype(m["meta"]["dtype"]),
+                            positions=np.asarray(m["positions"], np.int64),
+                            query_positions=np.asarray(m["query_positions"], np.int64))
+        out[name] = {**m["meta"], "file": METHOD_FILE.format(name), "shape": list(np.shape(m["maps"])),
+                     "positions": [int(p) for p in m["positions"]]}
+    return out
+
+
+def image_name(info: dict) -> str:
+    """The run's image file for a source described by ``images.open_image``'s info: JPEG stays JPEG."""
+    return "image.jpg" if info.get("format") == "JPEG" else "image.png"
+
+
 def write_run(out, *, tokens, layers, query_positions, store: str, geometry: geo.Geometry, meta: dict,
-              image=None, image_name: str = "image.png") -> Path:
+              image=None, image_name: str = "image.png", methods: dict | None = None) -> Path:
     """Write a whole run directory atomically (temporary sibling, renamed when complete).
 
     ``layers``: per layer (H, Q, S) attention rows over all S keys for the Q ``query_positions``.
     ``meta``: everything else for meta.json; the format, geometry and attention sections are added here.
+    ``methods``: derived maps from ``smolattn.methods.compute`` (written under methods/).
     """
     if store not in STORES:
         raise UserError(f"unknown store {store!r}; choose one of {', '.join(STORES)}")
@@ -122,6 +146,7 @@ def write_run(out, *, tokens, layers, query_positions, store: str, geometry: geo
             "files": FULL_FILE if store == "full" else LAYER_FILE,
             "dtype": "uint8 codes x scale/255 (|error| <= row max/510)" if store == "compact8" else "float16",
         }
+        meta["methods"] = write_methods(tmp, methods or {})
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         # the viewer's summary, from the layers at the precision they are stored (what readers get)
         positions, keep = summary.kept(query_positions, geometry)
@@ -148,6 +173,21 @@ class Layer:
     @property
     def nbytes(self) -> int:
         return self.image.nbytes + self.text.nbytes
+
+
+@dataclass
+class MethodMaps:
+    """One derived method's maps in a run: ``maps`` (L, Q, K) float32 over the image keys; axis 0 is
+    ``meta['axis']`` (start layer or layer); ``positions[i]`` is the token whose map is ``maps[:, i]``."""
+    name: str
+    maps: np.ndarray
+    positions: np.ndarray
+    query_positions: np.ndarray
+    meta: dict
+
+    def index(self, position: int) -> int | None:
+        hit = np.flatnonzero(self.positions == int(position))
+        return int(hit[0]) if len(hit) else None
 
 
 class Run:
@@ -184,6 +224,7 @@ class Run:
         self.text_key_positions = np.setdiff1d(np.arange(len(self.tokens)), self.geometry.key_positions)
         self._row = {int(p): i for i, p in enumerate(self.query_positions)}
         self.num_layers, self.num_heads = att["num_layers"], att["num_heads"]
+        self._methods: dict[str, MethodMaps] = {}
 
     # -- tokens -------------------------------------------------------------------------------
     def _read_tokens(self, allow_pickle):
@@ -249,6 +290,25 @@ class Run:
         from PIL import Image
         with Image.open(p) as im:
             return im.size
+
+    @property
+    def methods(self) -> list[str]:
+        """The explanation methods this run holds: 'raw' (the attention rows) and every derived one."""
+        return ["raw"] + sorted(self.meta.get("methods") or {})
+
+    def method(self, name: str) -> MethodMaps:
+        """The stored maps of a derived method (read once, then cached)."""
+        info = (self.meta.get("methods") or {}).get(name)
+        if info is None:
+            raise UserError(f"{self.path}: no {name!r} maps in this run (re-extract with --methods raw,{name})")
+        if name not in self._methods:
+            try:
+                with np.load(self.path / info["file"]) as z:
+                    self._methods[name] = MethodMaps(name, z["maps"].astype(np.float32), z["positions"],
+                                                     z["query_positions"], info)
+            except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+                raise UserError(f"{self.path}: cannot read {info['file']}: {e}")
+        return self._methods[name]
 
     def row_of(self, position: int) -> int | None:
         """Index of the stored row for token ``position`` (token t attending), or None."""
