@@ -46,6 +46,11 @@ def default_workers(device: str) -> int:
     return 0 if str(device).startswith("cpu") else max(1, min(8, (os.cpu_count() or 2) - 2))
 
 
+def default_writers(device: str) -> int:
+    """Store-write threads (the codec releases the GIL): 2 on CPU, up to 8 next to an accelerator."""
+    return 2 if str(device).startswith("cpu") else max(2, min(8, (os.cpu_count() or 4) // 2))
+
+
 # ============================================================================ one image, prepared
 
 @dataclass

@@ -122,13 +122,16 @@ def extract(loaded: mdl.Loaded, image_path, out_dir, settings: Settings, image=N
 
 
 def extract_many(loaded: mdl.Loaded, jobs, settings: Settings, on_result, *, batch_size: int | None = None,
-                 workers: int | None = None, writers: int = 2, on_error=None) -> None:
+                 workers: int | None = None, writers: int | None = None, on_error=None,
+                 preparer: engine.Preparer | None = None) -> None:
     """Extract many images through the pipeline: ``jobs`` are (image path, run directory, tag) triples;
-    on_result(tag, summary) per finished run, on_error(tag, exception) -> summary for a failed one."""
+    on_result(tag, summary) per finished run, on_error(tag, exception) -> summary for a failed one.
+    ``preparer``: an engine.Preparer made for these settings, to reuse its worker processes."""
     settings.check()
     batch_size = batch_size or engine.default_batch_size(loaded.device)
     workers = engine.default_workers(loaded.device) if workers is None else workers
-    prep = engine.Preparer(loaded, settings.prompt, settings.longest_edge, settings.keep, workers)
+    writers = writers or engine.default_writers(loaded.device)
+    prep = preparer or engine.Preparer(loaded, settings.prompt, settings.longest_edge, settings.keep, workers)
     try:
         engine.pipeline(
             list(jobs), lambda job: prep.submit(job[0]),
@@ -138,7 +141,8 @@ def extract_many(loaded: mdl.Loaded, jobs, settings: Settings, on_result, *, bat
             batch_size=batch_size, writers=writers,
             on_error=(lambda job, e: (job, on_error(job[2], e))) if on_error else None)
     finally:
-        prep.close()
+        if preparer is None:
+            prep.close()
 
 
 def query_rows(prep: engine.Prepared, new: list[int]) -> np.ndarray:

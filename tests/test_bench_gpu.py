@@ -1,0 +1,25 @@
+"""bench/bench_gpu.py's small CPU version runs end to end (so the GPU script never rots); not timed."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = Path("/work/shared/data")
+
+
+def test_bench_gpu_small_runs_and_reports_every_figure(tmp_path):
+    extra = ["--images", str(DATA / "images" / "coco_val2014"), "--pope", str(DATA / "pope" / "pope_subset.jsonl")] \
+        if DATA.is_dir() else []
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_gpu.py"), "--small", "--json", str(tmp_path / "b.json"),
+                        *extra], capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert r.returncode == 0, r.stdout + r.stderr
+    res = json.loads((tmp_path / "b.json").read_text())
+    assert res["standin"] and set(res["batch"]) == {"1", "2"}
+    for row in res["batch"].values():
+        assert row["plain_images_per_s"] > 0 and row["extraction_images_per_s"] > 0 and row["extraction_vs_floor"] > 0
+    assert res["single"]["ratio"] > 0 and res["syncs"]["plain"] is None        # syncs: counted on CUDA only
+    for line in ("plain generate", "extraction (store write included)", "single image:", "device syncs"):
+        assert line in r.stdout
+    if DATA.is_dir():
+        assert res["pope"]["identical"] is True and res["pope"]["questions"] == 6 and "POPE: cached" in r.stdout
