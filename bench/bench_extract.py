@@ -1,11 +1,14 @@
-"""Extraction cost vs plain generate, and store sizes (issue: core). Prints ratios from one run.
+"""Extraction cost vs plain generate, and store sizes. Prints ratios from one run.
 
     python bench/bench_extract.py                      # real-shape stand-in, a 3x4-tile COCO photo
+    python bench/bench_extract.py --photos 13          # the 13 COCO photos: whole-process walls
     python bench/bench_extract.py --model-id DIR --image photo.jpg --max-new-tokens 32
 
 Each measurement runs in a fresh process (same process style for both sides), 2 torch threads;
-plain and compact extraction alternate so drift hits both. Peak RSS is the phase peak after the
-model is loaded (VmHWM reset through /proc/self/clear_refs).
+plain and compact extraction alternate so drift hits both. "Whole process" is the child's wall
+from start to exit (imports, model load, image, generate or extract + store write); "section" is
+the part after the model is loaded. Peak RSS is the phase peak after the model is loaded (VmHWM
+reset through /proc/self/clear_refs). Longest edge: the checkpoint's own (2048 for the 256M shape).
 """
 import argparse
 import json
@@ -19,7 +22,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-DEFAULT_IMAGE = ROOT.parent / "shared/data/images/coco_val2014/COCO_val2014_000000001171.jpg"
+DATA = next((d for d in (ROOT / "shared/data", ROOT.parent / "shared/data") if d.is_dir()), ROOT.parent / "shared/data")
+DEFAULT_IMAGE = DATA / "images/coco_val2014/COCO_val2014_000000001171.jpg"
 
 
 def hwm_mib():
@@ -38,7 +42,7 @@ def child(args):
     t0 = time.perf_counter()
     if args.child == "plain":
         rgb, _ = ex.open_image(args.image)
-        _, inputs = mdl.encode(loaded, rgb, ex.DEFAULT_PROMPT)
+        _, inputs = mdl.encode(loaded, rgb, ex.DEFAULT_PROMPT)   # the processor's own longest edge
         new = mdl.generate(loaded, inputs, args.max_new_tokens)
     else:
         s = ex.extract(loaded, args.image, args.out, ex.Settings(max_new_tokens=args.max_new_tokens, store=args.child))
@@ -47,11 +51,33 @@ def child(args):
                       "new_tokens": new if isinstance(new, int) else len(new)}))
 
 
-def measure(args, mode, out):
-    cmd = [sys.executable, __file__, "--child", mode, "--model-id", args.model_id, "--image", str(args.image),
+def measure(args, mode, out, image=None):
+    cmd = [sys.executable, __file__, "--child", mode, "--model-id", args.model_id, "--image", str(image or args.image),
            "--max-new-tokens", str(args.max_new_tokens), "--threads", str(args.threads), "--out", str(out)]
+    t = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    return dict(json.loads(r.stdout.strip().splitlines()[-1]), process_s=time.perf_counter() - t)
+
+
+def photos_table(args, tmp):
+    """Whole-process wall of extraction vs plain generate over the first N COCO photos, alternating."""
+    images = sorted(p for p in args.image.parent.glob("*.jpg"))[:args.photos]
+    if not images:
+        raise SystemExit(f"no photos next to {args.image}")
+    rows = []
+    for i, img in enumerate(images):
+        pair = {}
+        for mode in (("plain", "compact") if i % 2 == 0 else ("compact", "plain")):
+            pair[mode] = measure(args, mode, tmp / f"photo{i}-{mode}", img)
+        rows.append(pair)
+        print(f"{img.name}: whole process plain {pair['plain']['process_s']:.1f}s, extraction "
+              f"{pair['compact']['process_s']:.1f}s ({pair['compact']['process_s'] / pair['plain']['process_s']:.3f}x); "
+              f"section {pair['plain']['seconds']:.1f}s vs {pair['compact']['seconds']:.1f}s", flush=True)
+    total = {m: sum(r[m]["process_s"] for r in rows) for m in ("plain", "compact")}
+    section = {m: sum(r[m]["seconds"] for r in rows) for m in ("plain", "compact")}
+    print(f"\n{len(rows)} photos, {args.max_new_tokens} new tokens, fp32, {args.threads} threads: whole-process wall "
+          f"extraction / plain generate = {total['compact'] / total['plain']:.3f} (goal <= 1.05; sum "
+          f"{total['compact']:.0f}s vs {total['plain']:.0f}s); after loading: {section['compact'] / section['plain']:.3f}")
 
 
 def dir_bytes(p):
@@ -65,6 +91,8 @@ def main():
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--photos", type=int, default=0,
+                    help="N > 0: only the whole-process table over the first N photos of the image's folder")
     ap.add_argument("--child", default=None)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -73,6 +101,8 @@ def main():
     from smolattn import standin, store
     args.model_id = args.model_id or str(standin.ensure("smolvlm-256m"))
     tmp = Path(tempfile.mkdtemp(prefix="bench-extract-"))
+    if args.photos:
+        return photos_table(args, tmp)
     res = {"plain": [], "compact": []}
     for i in range(args.repeats):
         for mode in ("plain", "compact"):

@@ -22,7 +22,7 @@ from smolattn import pope, standin  # noqa: E402
 from smolattn import pope_runner as pr  # noqa: E402
 from smolattn.images import open_image  # noqa: E402
 
-DATA = ROOT.parent / "shared" / "data"
+DATA = next((d for d in (ROOT / "shared/data", ROOT.parent / "shared/data") if d.is_dir()), ROOT.parent / "shared/data")
 
 
 def main():
@@ -31,7 +31,9 @@ def main():
     ap.add_argument("--image", default="COCO_val2014_000000001171.jpg")
     ap.add_argument("--questions", default=str(DATA / "pope" / "pope_subset.jsonl"))
     ap.add_argument("--image-root", default=str(DATA / "images" / "coco_val2014"))
-    ap.add_argument("--longest-edge", type=int, default=2048)
+    ap.add_argument("--longest-edge", type=int, default=None, help="default: the checkpoint's own (2048)")
+    ap.add_argument("--batch-images", type=int, default=1,
+                    help="cached path: the questions of this many images (from --image on, in file order) in one batch")
     ap.add_argument("--max-new-tokens", type=int, default=8)
     ap.add_argument("--naive-questions", type=int, default=0,
                     help="time the naive path on only the first N questions (0: all 18) and compare those")
@@ -47,16 +49,24 @@ def main():
     t = time.perf_counter()
     loaded = pr.get_model(pr.Config(model_id, device=args.device))
     load_s = time.perf_counter() - t
-    qs = [q for q in pope.load_questions([args.questions]) if q.image == args.image]
-    image, _ = open_image(Path(args.image_root) / args.image)
+    by_image: dict = {}
+    for q in pope.load_questions([args.questions]):
+        by_image.setdefault(q.image, []).append(q)
+    names = list(by_image)
+    names = names[names.index(args.image):][:args.batch_images]
+    images = [{"image": open_image(Path(args.image_root) / n)[0], "questions": by_image[n]} for n in names]
+    qs = [q for im in images for q in im["questions"]]
     print(f"model {model_id} (stand-in: {bool(loaded.standin)}), {loaded.device} {loaded.dtype}, "
-          f"torch threads {__import__('torch').get_num_threads()}, load {load_s:.1f}s; {args.image}: {len(qs)} questions, "
-          f"longest edge {args.longest_edge}; load average {os.getloadavg()[0]:.1f}", flush=True)
+          f"torch threads {__import__('torch').get_num_threads()}, load {load_s:.1f}s; {', '.join(names)}: "
+          f"{len(qs)} questions, longest edge {args.longest_edge or 'the processor default'}; "
+          f"load average {os.getloadavg()[0]:.1f}", flush=True)
 
     def timed(naive, questions):
+        wanted = {q.key for q in questions}
+        subset = [dict(im, questions=[q for q in im["questions"] if q.key in wanted]) for im in images]
         t0 = time.perf_counter()
-        rows = pr.answer_image(loaded, image, questions, pope.DEFAULT_SUFFIX, args.max_new_tokens,
-                               args.longest_edge, naive=naive, batch=not args.no_batch)
+        rows = pr.answer_images(loaded, [im for im in subset if im["questions"]], pope.DEFAULT_SUFFIX,
+                                args.max_new_tokens, args.longest_edge, naive=naive, batch=not args.no_batch)
         return rows, time.perf_counter() - t0
 
     cached, cached_s = timed(False, qs)

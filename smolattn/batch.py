@@ -412,7 +412,7 @@ def run(args, loaded: mdl.Loaded | None = None) -> int:
               file=sys.stderr)
     if args.engine == "ray":   # the driver loads on CPU only to learn the configuration
         device = args.device or ("cuda" if args.gpus_per_worker > 0 else "cpu")
-        dtype = args.dtype or ("float32" if device == "cpu" else "bfloat16")
+        dtype = args.dtype or mdl.default_dtype(device)
         model_args = dict(model_id=args.model_id, device=device, dtype=dtype, revision=args.revision)
         probe = loaded or mdl.load(args.model_id, "cpu", dtype, args.revision)
         config = ex.fingerprint_config(probe, settings)
