@@ -43,10 +43,12 @@ def codecs():
         return (lambda arrs: [comp(a.tobytes()) for a in arrs.values()],
                 lambda blobs: [decomp(b) for b in blobs])
 
-    def b2(codec, level):
-        cp = {"codec": codec, "clevel": level, "filters": [blosc2.Filter.SHUFFLE], "nthreads": 1}
-        return (lambda arrs: [blosc2.pack_tensor(a, cparams=cp) for a in arrs.values()],
-                lambda blobs: [blosc2.unpack_tensor(b) for b in blobs])
+    def b2(codec, level, filt=blosc2.Filter.SHUFFLE):
+        return (lambda arrs: [blosc2.compress2(a, typesize=a.dtype.itemsize, codec=codec, clevel=level,
+                                               filters=[filt], nthreads=1) for a in arrs.values()],
+                lambda blobs: [blosc2.decompress2(b) for b in blobs])
+
+    from smolattn import store   # the store's own codec, exactly as runs are written and read
 
     zc = {lvl: zstandard.ZstdCompressor(level=lvl) for lvl in (1, 3)}
     zd = zstandard.ZstdDecompressor()
@@ -57,8 +59,10 @@ def codecs():
         "zstd 3": raw(zc[3].compress, zd.decompress),
         "lz4": raw(lz4.frame.compress, lz4.frame.decompress),
         "blosc2 shuffle+lz4 5": b2(blosc2.Codec.LZ4, 5),
-        "blosc2 shuffle+zstd 1": b2(blosc2.Codec.ZSTD, 1),
+        "blosc2 bitshuffle+lz4 5": b2(blosc2.Codec.LZ4, 5, blosc2.Filter.BITSHUFFLE),
         "blosc2 shuffle+zstd 3": b2(blosc2.Codec.ZSTD, 3),
+        "store v2: blosc2 shuffle+zstd 1 (chosen)": (lambda arrs: [store.pack(a) for a in arrs.values()],
+                                                     lambda blobs: [store.unpack(b, np.uint8, -1) for b in blobs]),
     }
 
 
