@@ -212,6 +212,8 @@ def analyse_run(path, params: Params, boxes: dict | None = None) -> dict:
             out["hit"], out["mass"] = box_scores(main, inside)
             out["box_fraction"] = float(inside.mean())
             mm.update(zip(("hit", "mass"), map(float, box_scores(mean, inside))))
+        elif info and info.get("label") == "yes":  # present but without a COCO box (POPE has such): not scored
+            pass
         elif info:                                 # absent: the mean over the image's categories
             masks_c = [_mask(g, main.shape[-2:], size, bs) for bs in image_boxes.values()]
             out["mass"] = np.mean([box_scores(main, m)[1] for m in masks_c], axis=0)
@@ -391,14 +393,21 @@ class Dataset:
             for outcome in ("TP", "FP", "TN", "FN"):
                 idx = [i for i, r in rows if (split == "all" or r["split"] == split) and _outcome(r) == outcome]
                 mm = [self.runs[i]["mean_map"] for i in idx]
-                mean = lambda k: float(np.mean([m[k] for m in mm if k in m])) if any(k in m for m in mm) else None  # noqa: E731
-                top_mass = float(np.mean([self.scores["mass"][i][tuple(zip(*top))] for i in idx])) if idx and top else None
+                mean = lambda k: mean_of([m.get(k) for m in mm])  # noqa: E731
+                top_mass = [float(np.mean(self.scores["mass"][i][tuple(zip(*top))])) for i in idx] if top else []
+                top_mass = mean_of([m for m in top_mass if not np.isnan(m)])
                 groups[outcome] = {"n": len(idx), "mass": mean("mass"), "hit": mean("hit"),
                                    "on_objects": mean("on_objects"), "hit_any": mean("hit_any"),
                                    "top_heads_mass": top_mass,
-                                   "box_fraction": float(np.mean([self.runs[i]["box_fraction"] for i in idx])) if idx else None}
+                                   "box_fraction": mean_of([self.runs[i]["box_fraction"] for i in idx])}
             out[split] = groups
         return {"top_heads": top, "splits": out}
+
+
+def mean_of(values) -> float | None:
+    """Mean of the values that are not None (None when there are none)."""
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None
 
 
 def _outcome(r) -> str:

@@ -180,6 +180,13 @@ def test_cli_refuses_a_folder_it_did_not_make_and_bad_input(pope_root, tmp_path)
     assert (keep / "notes.txt").read_text() == "precious"
 
 
+def test_a_present_object_without_a_box_is_not_scored(pope_root):
+    root, _ = pope_root                                     # random/1 asks about a dog; give only a cat box
+    r = an.analyse_run(root / "random" / "1", an.Params(), {"a.jpg": {"cat": [CAT]}})
+    assert np.isnan(r["mass"]).all() and np.isnan(r["hit"]).all() and r["box_fraction"] is None
+    assert np.isfinite(r["on_objects"]).all() and r["boxed"]
+
+
 def test_unreadable_runs_are_skipped_with_a_reason(pope_root, tmp_path):
     root, _ = pope_root
     bad = tmp_path / "bad"
