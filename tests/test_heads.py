@@ -217,6 +217,7 @@ def test_dataset_api(served):
     assert d["table"]["auroc"][BOX_HEAD[0]][BOX_HEAD[1]] == 1.0 and d["table"]["se"][0][0] == "inf"
     h = client.get(f"/api/dataset/head?layer={BOX_HEAD[0]}&head={BOX_HEAD[1]}&score=mass&n=2").get_json()
     assert [e["label"] for e in h["best"]] == ["yes", "yes"] and h["values"]["hit"] == 1.0
+    assert h["best"][0]["boxes"] == [[0.5, 0.5, 0.25, 0.25]]                 # DOG on 640 x 480
     ex = h["best"][0]
     tokens = np.load(Path(served.extensions["runs"].root) / ex["run"] / "decoded_tokens.npy")
     assert tokens[ex["position"]] == ":" and tokens[ex["position"] + 1] in ("Yes", "No")  # the last prompt token
@@ -269,6 +270,7 @@ def test_dataset_page_in_a_browser(served):
             page.click(cell)
             page.wait_for_selector("#best .ds-example img")
             page.wait_for_function("() => [...document.querySelectorAll('#best img')].every(i => i.complete && i.naturalWidth > 0)")
+            assert page.locator("#best .ds-box").count() >= 1                   # the object's box drawn
             page.screenshot(path=str(shots / "dataset.png"), full_page=True)
             href = page.get_attribute("#best .ds-example", "href")
             assert f"layers={BOX_HEAD[0]}&heads={BOX_HEAD[1]}" in href
