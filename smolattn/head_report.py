@@ -164,10 +164,12 @@ def head_map(run: store.Run, rows, layer: int, head: int) -> np.ndarray:
     return tiles if tiles is not None else glob
 
 
-def top_heads_png(path, ds: an.Dataset, heads, title: str, per_head: int = 3) -> None:
-    """For each head, its best examples (lowest SE) as overlays on the photos."""
+def top_heads_png(path, ds: an.Dataset, heads, title: str, per_head: int = 3, boxes=None) -> bool:
+    """For each head, its best examples (lowest SE) as overlays on the photos, with the question's
+    object boxes (cyan) when ``boxes`` has them. False when no head has an example."""
     import matplotlib
     matplotlib.use("Agg")
+    import matplotlib.patches
     import matplotlib.pyplot as plt
     from PIL import Image
 
@@ -188,6 +190,10 @@ def top_heads_png(path, ds: an.Dataset, heads, title: str, per_head: int = 3) ->
             base.thumbnail((480, 480))
             grid = head_map(run, an.query_rows(run, ds.params.query), l, h)
             ax.imshow(heatmap.overlay(base, grid))
+            sx, sy = base.width / run.image_size()[0], base.height / run.image_size()[1]
+            for bx, by, bw, bh in (an.run_boxes(run, boxes) or {}).get((ex[c]["object"] or "").lower(), []):
+                ax.add_patch(matplotlib.patches.Rectangle((bx * sx, by * sy), bw * sx, bh * sy, fill=False,
+                                                          edgecolor="cyan", linewidth=1.2))
             label = f" {ex[c]['object']} ({ex[c]['label']})" if ex[c]["object"] else ""
             ax.set_title(f"L{l} H{h}  SE {ex[c]['value']:.2f}{label}\n{ex[c]['run']}", fontsize=7)
     fig.suptitle(title, fontsize=9)
@@ -225,7 +231,7 @@ def write(out, ds: an.Dataset, found: int, annotations=None, boxes=None, top: in
                 grid_png(tmp / f"grid_{k}.png", table[k], f"{label}{tag}\n{len(ds)} runs, query {ds.params.query}", high)
                 md += f"- `grid_{k}.png`: {label}\n"
             best = [(l, h) for l, h, f in ds.ranked("frequency", table)[:top] if f > 0]
-            if top_heads_png(tmp / "top_heads.png", ds, best, f"top localisation heads, lowest-SE examples{tag}"):
+            if top_heads_png(tmp / "top_heads.png", ds, best, f"top localisation heads, lowest-SE examples{tag}", boxes=boxes):
                 md += "- `top_heads.png`: the top heads' maps on their lowest-SE examples\n"
             buf = io.StringIO()
             w = csv.writer(buf)
