@@ -55,7 +55,8 @@ def sha256(path) -> str:
     return h.hexdigest()
 
 
-def _num(x):
+def number(x):
+    """A score for JSON: None for NaN, "inf" for an infinite SE, else rounded to 6 decimals."""
     x = float(x)
     return None if np.isnan(x) else ("inf" if np.isinf(x) else round(x, 6))
 
@@ -215,8 +216,8 @@ def write(out, ds: an.Dataset, found: int, annotations=None, boxes=None, top: in
     tag = " (STAND-IN, random weights)" if ds.standin else ""
     result = {"format": FORMAT, "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "inputs": info,
               "params": ds.params.to_json(), "scores": {k: v[0] for k, v in an.SCORES.items()},
-              "table": {k: [[_num(x) for x in row] for row in v] for k, v in (table or {}).items()},
-              "top": {k: [[l, h, _num(v)] for l, h, v in ds.ranked(k, table)[:TOP_ROWS]] for k in an.SCORES} if table else {},
+              "table": {k: [[number(x) for x in row] for row in v] for k, v in (table or {}).items()},
+              "top": {k: [[l, h, number(v)] for l, h, v in ds.ranked(k, table)[:TOP_ROWS]] for k in an.SCORES} if table else {},
               "lens": lens}
     md = "\n".join(header(info, ds.params))
     with store.atomic_dir(out) as tmp:
@@ -237,13 +238,13 @@ def write(out, ds: an.Dataset, found: int, annotations=None, boxes=None, top: in
             w = csv.writer(buf)
             w.writerow(("rank", "layer", "head") + CSV_COLUMNS)
             for k, (l, h, _) in enumerate(ds.ranked("frequency", table), 1):
-                w.writerow((k, l, h) + tuple(_num(table[c][l, h]) for c in CSV_COLUMNS))
+                w.writerow((k, l, h) + tuple(number(table[c][l, h]) for c in CSV_COLUMNS))
             (tmp / "heads.csv").write_text(buf.getvalue())
             np.savez_compressed(tmp / "scores.npz", names=np.array(ds.names, dtype=str),
                                 **{k: v for k, v in ds.scores.items()})
         else:
             md += "\nNo run could be analysed.\n"
-        (tmp / "runs.json").write_text(json.dumps([dict(r, run=n) for n, r in zip(ds.names, ds.runs)], default=_num))
+        (tmp / "runs.json").write_text(json.dumps([dict(r, run=n) for n, r in zip(ds.names, ds.runs)], default=number))
         (tmp / "report.md").write_text(md)
         (tmp / "analysis.json").write_text(json.dumps(result, indent=1))
     return result | {"markdown": md}

@@ -98,5 +98,5 @@ def head():
     ex = ds.examples(layer, h, score, n)
     for e in ex["best"] + ex["worst"]:
         e["boxes"] = example_boxes(e["run"], e["object"], boxes)
-    values = {k: head_report._num(v[layer, h]) for k, v in table.items()}
+    values = {k: head_report.number(v[layer, h]) for k, v in table.items()}
     return jsonify(success=True, layer=layer, head=h, values=values, **ex)
