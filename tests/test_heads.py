@@ -196,6 +196,9 @@ def test_unreadable_runs_are_skipped_with_a_reason(pope_root, tmp_path):
     assert len(ds) == 0 and "broken" in ds.skipped
     ds = an.analyse_root(root, an.Params(query="answer"), None, workers=1, progress=False, names=["random/1"])
     assert len(ds) == 1 and np.isnan(ds.scores["mass"]).all()          # no boxes given: no box scores
+    ds = an.analyse_root(root, an.Params(query="object"), None, workers=1, progress=False, names=["random/1"])
+    tokens = np.load(root / "random" / "1" / "decoded_tokens.npy")
+    assert tokens[ds.runs[0]["position"]] == "Ġdog"                   # the object word's row was read
 
 
 # ------------------------------------------------------------------------------ the viewer's dataset page
