@@ -271,7 +271,7 @@ def test_url_keeps_the_view_title_names_the_run(page, server):
     page.select_option("#heads", "1")
     page.wait_for_selector('#overlay[data-layers="1-1"]')
     url = page.url
-    for part in ("run=landscape", f"token={tile_pos}", "layers=1", "heads=1", "method=attention"):
+    for part in ("run=landscape", f"token={tile_pos}", "layers=1", "heads=1", "method=raw"):
         assert part in url, url
     page.goto(url)                                            # a shared link opens the same view
     page.wait_for_selector(f'#overlay[data-index="{tile_pos}"][data-layers="1-1"]')

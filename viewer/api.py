@@ -22,7 +22,7 @@ from .runs import MAX_OPEN_RUNS, NotFound, text_rows
 
 bp = Blueprint("api", __name__, url_prefix="/api")
 TEXT_KINDS = ("prompt", "answer", "special")
-METHODS = ("attention",)   # explanation methods: the raw attention for now
+METHODS = ("raw",)   # explanation methods (Run.methods names): the stored attention for now
 PNG_MAX_SIDE = 1024
 REVERSE_TOP = 20
 

@@ -398,7 +398,7 @@ function paint(ctx, heat, width, height) {
 function describe(d) {
   const layers = d.layers[0] === d.layers[1] ? `layer ${d.layers[0]}` : `layers ${d.layers[0]}–${d.layers[1]}`;
   const heads = typeof d.heads === "number" ? `head ${d.heads}` : `${d.heads} over heads`;
-  return `${layers} · ${heads} · ${d.method || "attention"}`;
+  return `${layers} · ${heads} · ${d.method || "raw"}`;
 }
 
 function drawAll() {
@@ -555,7 +555,7 @@ async function loadReverse(target) {
 
 // -- export --------------------------------------------------------------------------------------
 function exportName(d, ext) {
-  return `${safeName(state.run)}_token${d.index}_layers${d.layers.join("-")}_heads-${d.heads}_${d.method || "attention"}.${ext}`;
+  return `${safeName(state.run)}_token${d.index}_layers${d.layers.join("-")}_heads-${d.heads}_${d.method || "raw"}.${ext}`;
 }
 
 function save(blob, name) {
@@ -583,7 +583,7 @@ function downloadNumbers() {
   if (!d) return;
   const t = state.info.token_table[d.index];
   const out = { run: state.run, index: d.index, token: t.unit_text, piece: t.text, raw: t.raw,
-    method: d.method || "attention", layers: d.layers, heads: d.heads, drop_sink: d.drop_sink, norm: d.norm,
+    method: d.method || "raw", layers: d.layers, heads: d.heads, drop_sink: d.drop_sink, norm: d.norm,
     image_mass: d.image_mass, vmin: d.vmin, vmax: d.vmax, grid: d.grid, global: d.global,
     query_semantics: state.info.query_semantics,
     note: "grid: the tiled view, rows x cols of image cells (null when the image was not split); global: the global tile" };
