@@ -178,7 +178,8 @@ def run_boxes(run: store.Run, boxes: dict | None) -> dict | None:
 def analyse_run(path, params: Params, boxes: dict | None = None) -> dict:
     """Everything the dataset analysis needs from one run: small (L, H) arrays and its labels."""
     run = store.Run(path)
-    maps, share = query_maps(run, query_rows(run, params.query))
+    rows = query_rows(run, params.query)
+    maps, share = query_maps(run, rows)
     g = run.geometry
     tiles, glob = g.split(maps)
     main = tiles if tiles is not None else glob
@@ -190,6 +191,7 @@ def analyse_run(path, params: Params, boxes: dict | None = None) -> dict:
     out = {"image_sum": share, "se": se, "se_global": spatial_entropy(glob, params.threshold) if tiles is not None else se,
            "selected": selected, "above_elbow": above,
            "model": run.meta.get("model", {}).get("id"), "standin": run.standin, "grid": list(main.shape[-2:]),
+           "position": int(run.query_positions[rows[0]]),
            "split": info.get("split"), "question_id": info.get("question_id"), "label": info.get("label"),
            "object": info.get("object"), "answer": answer,
            "pred": pope.PARSERS["official"](answer) if info and answer is not None else None}
@@ -370,8 +372,8 @@ class Dataset:
         ok = np.flatnonzero(np.isfinite(v))
         better_high = SCORES.get(key, (None, True))[1]
         order = ok[np.argsort(-v[ok] if better_high else v[ok], kind="stable")]
-        pick = lambda idx: [{"run": self.names[i], "value": float(v[i]), **{k: self.runs[i][k] for k in  # noqa: E731
-                                                                           ("split", "question_id", "label", "pred", "object")}}
+        pick = lambda idx: [{"run": self.names[i], "value": float(v[i]), **{k: self.runs[i].get(k) for k in  # noqa: E731
+                                 ("split", "question_id", "label", "pred", "object", "answer", "position")}}
                             for i in idx]
         return {"score": key, "best": pick(order[:n]), "worst": pick(order[::-1][:n])}
 

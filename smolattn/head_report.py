@@ -115,6 +115,24 @@ def lens_markdown(lens: dict) -> str:
     return md
 
 
+def load(out) -> tuple[an.Dataset, dict]:
+    """An analysis folder back as (Dataset, analysis.json content), without re-reading any run."""
+    out = Path(out)
+    try:
+        result = json.loads((out / "analysis.json").read_text())
+        if result.get("format") != FORMAT:
+            raise ValueError("not a head analysis")
+        runs = json.loads((out / "runs.json").read_text())
+        with np.load(out / "scores.npz") as z:
+            names = [str(n) for n in z["names"]]
+            scores = {k: z[k] for k in an.PER_RUN}
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"{out}: not a readable head analysis ({type(e).__name__}: {e}); run analyze_heads.py")
+    by_name = {r["run"]: r for r in runs}
+    results = {n: {**by_name[n], **{k: scores[k][i] for k in an.PER_RUN}} for i, n in enumerate(names)}
+    return an.Dataset(result["inputs"]["root"], an.Params(**result["params"]), results, {}), result
+
+
 # ================================================================================ pictures
 
 def grid_png(path, values: np.ndarray, title: str, better_high: bool) -> None:

@@ -189,3 +189,89 @@ def test_unreadable_runs_are_skipped_with_a_reason(pope_root, tmp_path):
     assert len(ds) == 0 and "broken" in ds.skipped
     ds = an.analyse_root(root, an.Params(query="answer"), None, workers=1, progress=False, names=["random/1"])
     assert len(ds) == 1 and np.isnan(ds.scores["mass"]).all()          # no boxes given: no box scores
+
+
+# ------------------------------------------------------------------------------ the viewer's dataset page
+
+@pytest.fixture(scope="module")
+def served(pope_root, dataset):
+    from smolattn import head_report
+    from smolattn import pope_runner as pr
+    from viewer import create_app
+    root, ann = pope_root
+    head_report.write(root / "analysis", dataset, len(QUESTIONS), ann, pr.load_boxes(ann), top=2)
+    return create_app({"RUNS": str(root)})         # finds ROOT/analysis by itself
+
+
+def test_dataset_api(served):
+    client = served.test_client()
+    d = client.get("/api/dataset").get_json()
+    assert d["success"] and d["shape"] == [LAYERS, HEADS] and d["inputs"]["standin"] and d["same_root"]
+    assert d["table"]["auroc"][BOX_HEAD[0]][BOX_HEAD[1]] == 1.0 and d["table"]["se"][0][0] == "inf"
+    h = client.get(f"/api/dataset/head?layer={BOX_HEAD[0]}&head={BOX_HEAD[1]}&score=mass&n=2").get_json()
+    assert [e["label"] for e in h["best"]] == ["yes", "yes"] and h["values"]["hit"] == 1.0
+    ex = h["best"][0]
+    tokens = np.load(Path(served.extensions["runs"].root) / ex["run"] / "decoded_tokens.npy")
+    assert tokens[ex["position"]] == ":" and tokens[ex["position"] + 1] in ("Yes", "No")  # the last prompt token
+    png = client.get(f"/api/overlay.png?run={ex['run']}&index={ex['position']}&layers=1&heads=2")
+    assert png.status_code == 200 and png.data[:4] == b"\x89PNG"
+    assert client.get("/api/dataset/head?layer=9&head=0").status_code == 404
+    assert client.get("/api/dataset/head?layer=0&head=0&score=nope").status_code == 400
+    assert client.get("/dataset").status_code == 200
+
+
+def test_dataset_page_without_an_analysis(pope_root, tmp_path):
+    from smolattn.errors import UserError
+    from viewer import create_app
+    root, _ = pope_root
+    app = create_app({"RUN": str(root / "random" / "1")})
+    r = app.test_client().get("/api/dataset")
+    assert r.status_code == 404 and "analyze_heads.py" in r.get_json()["error"]
+    with pytest.raises(UserError, match="no analysis.json"):
+        create_app({"RUNS": str(root), "ANALYSIS": str(tmp_path)})
+
+
+def test_dataset_page_in_a_browser(served):
+    """Grid coloured by a score, click a head -> its examples with overlays, click one -> the run view at
+    that layer, head and token. Screenshot: artifacts/screenshots/dataset.png."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (CI installs it)")
+    chromium = Path("/usr/bin/chromium")
+    if not chromium.is_file():
+        pytest.skip("/usr/bin/chromium is missing (CI installs it)")
+    import threading
+    from werkzeug.serving import make_server
+    shots = ROOT / "artifacts" / "screenshots"
+    shots.mkdir(parents=True, exist_ok=True)
+    srv = make_server("127.0.0.1", 0, served, threaded=True)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{srv.server_port}"
+    errors = []
+    try:
+        with sync_api.sync_playwright() as p:
+            b = p.chromium.launch(executable_path=str(chromium), args=["--headless", "--no-sandbox", "--disable-gpu"])
+            page = b.new_page(viewport={"width": 1400, "height": 900})
+            page.set_default_timeout(10_000)
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(f"{url}/dataset?score=auroc")
+            page.wait_for_selector(".ds-grid .cell")
+            assert page.locator(".ds-grid .cell").count() == LAYERS * HEADS
+            assert page.is_visible("#standin-banner")
+            cell = f'.ds-grid .cell[data-layer="{BOX_HEAD[0]}"][data-head="{BOX_HEAD[1]}"]'
+            colour = lambda sel: page.eval_on_selector(sel, "e => getComputedStyle(e).backgroundColor")  # noqa: E731
+            assert colour(cell) != colour('.ds-grid .cell[data-layer="0"][data-head="1"]')   # 1.0 vs 0.5
+            page.click(cell)
+            page.wait_for_selector("#best .ds-example img")
+            page.wait_for_function("() => [...document.querySelectorAll('#best img')].every(i => i.complete && i.naturalWidth > 0)")
+            page.screenshot(path=str(shots / "dataset.png"), full_page=True)
+            href = page.get_attribute("#best .ds-example", "href")
+            assert f"layers={BOX_HEAD[0]}&heads={BOX_HEAD[1]}" in href
+            page.click("#best .ds-example")
+            page.wait_for_selector("#overlay[data-index]")
+            assert page.input_value("#heads") == str(BOX_HEAD[1]) and page.input_value("#layer-mode") == "single"
+            assert page.input_value("#layer") == str(BOX_HEAD[0])
+            token = int(href.split("token=")[1].split("&")[0])
+            assert page.get_attribute("#overlay", "data-index") == str(token)
+            b.close()
+    finally:
+        srv.shutdown()
+    assert not errors, errors

@@ -18,7 +18,8 @@ log = logging.getLogger(__name__)
 def create_app(config: dict) -> Flask:
     """``config``: RUN (one run directory) or RUNS (a root holding runs), ALLOW_PICKLE, CACHE_MB (layers
     and summaries), CACHE_DIR (summaries computed for runs that have none; default ~/.cache/smolattn or
-    $SMOLATTN_CACHE), and any Flask setting. Raises UserError when the run or root cannot be served."""
+    $SMOLATTN_CACHE), ANALYSIS (a head analysis folder for the dataset page; default ROOT/analysis when
+    it holds one), and any Flask setting. Raises UserError when the run or root cannot be served."""
     app = Flask(__name__, template_folder=str(ROOT / "templates"), static_folder=str(ROOT / "static"))
     app.config.update(ALLOW_PICKLE=False, CACHE_MB=512, CACHE_DIR=None)
     app.config.update(config)
@@ -37,9 +38,11 @@ def create_app(config: dict) -> Flask:
         registry.run(registry.single_name)  # fail now, with one clear line, if the run is unreadable
     app.extensions["runs"] = registry
 
-    from . import api, pages
+    from . import api, dataset, pages
+    app.extensions["analysis_dir"] = dataset.analysis_dir(app.config, registry.root)
     app.register_blueprint(api.bp)
     app.register_blueprint(pages.bp)
+    app.register_blueprint(dataset.bp)
 
     @app.errorhandler(HTTPException)
     def http_error(e):
