@@ -231,7 +231,7 @@ def test_viewer_offers_methods_and_the_command_for_missing_ones(make_run, make_a
     with_maps, _ = planted_run(make_run)
     info = make_app(RUN=with_maps).test_client().get("/api/initialize").get_json()
     assert [(m["name"], m["available"]) for m in info["methods"]] == [
-        ("attention", True), ("rollout", True), ("relevancy", True), ("relative", True)]
+        ("raw", True), ("rollout", True), ("relevancy", True), ("relative", True)]
     info = make_app(RUN=make_run("plain")).test_client().get("/api/initialize").get_json()
     missing = {m["name"]: m for m in info["methods"] if not m["available"]}
     assert set(missing) == {"rollout", "relevancy", "relative"}

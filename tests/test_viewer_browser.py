@@ -274,7 +274,7 @@ def test_url_keeps_the_view_title_names_the_run(page, server):
     page.select_option("#heads", "1")
     page.wait_for_selector('#overlay[data-layers="1-1"]')
     url = page.url
-    for part in ("run=landscape", f"token={tile_pos}", "layers=1", "heads=1", "method=attention"):
+    for part in ("run=landscape", f"token={tile_pos}", "layers=1", "heads=1", "method=raw"):
         assert part in url, url
     page.goto(url)                                            # a shared link opens the same view
     page.wait_for_selector(f'#overlay[data-index="{tile_pos}"][data-layers="1-1"]')
@@ -355,5 +355,5 @@ def test_methods_missing_from_a_run_are_greyed_out_with_the_command(page, server
         assert "--methods raw," in option.get_attribute("title")
     note = page.locator("#method-note")
     assert note.is_visible() and "--methods raw,rollout,relevancy,relative" in note.inner_text()
-    assert not page.locator('#method option[value="attention"]').is_disabled()
+    assert not page.locator('#method option[value="raw"]').is_disabled()
     page.screenshot(path=str(SHOTS / "methods-missing.png"), full_page=True)

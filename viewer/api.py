@@ -23,7 +23,7 @@ from .runs import MAX_OPEN_RUNS, NotFound, text_rows
 
 bp = Blueprint("api", __name__, url_prefix="/api")
 TEXT_KINDS = ("prompt", "answer", "special")
-RAW = "attention"          # the raw attention rows; the others are smolattn.methods' stored maps
+RAW = mth.RAW              # the stored attention rows (Run.methods names); the others: smolattn.methods' maps
 METHODS = (RAW,) + tuple(mth.METHODS)
 METHOD_LABELS = {RAW: "Attention", "rollout": "Attention rollout", "relevancy": "Gradient relevancy",
                  "relative": "Relative attention"}

@@ -200,14 +200,14 @@ function fillMethods(info) {
 function methodControls() {
   // rollout/relevancy: a start layer instead of a layer range; derived maps have no heads
   const m = methodInfo($("method").value);
-  const start = m.axis === "start_layer", raw = m.name === "attention";
+  const start = m.axis === "start_layer", raw = m.name === "raw";
   $("start-layer-row").hidden = !start;
   for (const id of ["layer-mode", "layer", "layer-from", "layer-to"]) $(id).disabled = start;
   $("heads").disabled = !raw;
   $("heads").closest(".field").classList.toggle("disabled", !raw);
   $("layer-mode").closest(".field").classList.toggle("disabled", start);
   const b = methodInfo($("b-method").value);
-  $("b-heads").disabled = b.name !== "attention";
+  $("b-heads").disabled = b.name !== "raw";
   $("b-layer-to").disabled = b.axis === "start_layer";
 }
 
@@ -454,7 +454,7 @@ function span(d) {  // which layers (and heads) a map covers
   return `${layers} · ${typeof d.heads === "number" ? `head ${d.heads}` : `${d.heads} over heads`}`;
 }
 
-function describe(d) { return `${span(d)} · ${d.method || "attention"}`; }
+function describe(d) { return `${span(d)} · ${d.method || "raw"}`; }
 
 function share(d) {  // the map's share of the attention, or a dash for ratios
   return d && d.image_mass !== null && d.image_mass !== undefined ? `${(d.image_mass * 100).toFixed(1)}%` : "–";
@@ -470,7 +470,7 @@ function drawAll() {
   drawOverview(a);
   $("label-a").textContent = a ? `A: ${describe(a)}` : "";
   $("label-b").textContent = b ? `B: ${describe(b)}` + (b.image_mass === null ? "" : ` · ${share(b)} on the image`) : "B";
-  $("sel-mass").textContent = a && a.image_mass !== null ? `${share(a)} of the ${a.method === "attention" ? "attention" : `${methodInfo(a.method).label.toLowerCase()} row`}` : "–";
+  $("sel-mass").textContent = a && a.image_mass !== null ? `${share(a)} of the ${a.method === "raw" ? "attention" : `${methodInfo(a.method).label.toLowerCase()} row`}` : "–";
 }
 
 function drawOverlay(view, d) {
@@ -486,7 +486,7 @@ function drawOverlay(view, d) {
   paint(ctx, heatCanvas(d.grid || d.global, d.vmin, d.vmax), canvas.width, canvas.height);
   canvas.dataset.index = d.index;  // lets tests (and you) see which token is drawn
   canvas.dataset.layers = d.layers.join("-");
-  canvas.dataset.method = d.method || "attention";
+  canvas.dataset.method = d.method || "raw";
 }
 
 function drawGlobal(d) {
@@ -507,7 +507,7 @@ function drawColorbar(d) {
   $("colorbar-label").textContent = "";
   if (!d) return;
   for (let k = 0; k <= 4; k++) ticks.append(el("span", "", fmt(d.vmin + (d.vmax - d.vmin) * k / 4)));
-  const unit = { attention: d.drop_sink ? "Share of the image attention" : "Attention weight",
+  const unit = { raw: d.drop_sink ? "Share of the image attention" : "Attention weight",
     rollout: d.drop_sink ? "Attention rollout, share of the image" : "Attention rollout (row of the layer product)",
     relevancy: d.drop_sink ? "Gradient relevancy, share of the image" : "Gradient relevancy (Chefer et al.)",
     relative: d.drop_sink ? "Relative attention, share of the image" : "Relative attention (÷ generic prompt)" }[d.method]
@@ -623,7 +623,7 @@ async function loadReverse(target) {
 function exportName(d, ext) {
   const heads = d.heads === null || d.heads === undefined ? "" : `_heads-${d.heads}`;
   const layers = d.start_layer === null || d.start_layer === undefined ? `_layers${d.layers.join("-")}` : `_start${d.start_layer}`;
-  return `${safeName(state.run)}_${d.method || "attention"}_token${d.index}${layers}${heads}.${ext}`;
+  return `${safeName(state.run)}_${d.method || "raw"}_token${d.index}${layers}${heads}.${ext}`;
 }
 
 function save(blob, name) {
@@ -651,7 +651,7 @@ function downloadNumbers() {
   if (!d) return;
   const t = state.info.token_table[d.index];
   const out = { run: state.run, index: d.index, token: t.unit_text, piece: t.text, raw: t.raw,
-    method: d.method || "attention", method_rows: methodInfo(d.method || "attention").rows,
+    method: d.method || "raw", method_rows: methodInfo(d.method || "raw").rows,
     start_layer: d.start_layer, layers: d.layers, heads: d.heads, drop_sink: d.drop_sink, norm: d.norm,
     image_mass: d.image_mass, vmin: d.vmin, vmax: d.vmax, grid: d.grid, global: d.global,
     query_semantics: state.info.query_semantics,
