@@ -2,12 +2,13 @@
 
 Modules, one per concern:
   model     loading (hub or local stand-in) and attention capture via transformers' AttentionInterface
+  engine    the one engine: batched generate with capture, the decode/model/write pipeline, POPE's prefix cache
   geometry  which <image> token covers which part of the original image
   store     the run directory format (docs/run-format.md): writer and the one reader
   images    opening user images safely (EXIF, modes, corrupt files)
-  extract   image + prompt -> run directory (used by the single-image, batch and POPE scripts)
+  extract   image(s) + prompt -> run directories on the engine (single-image and batch scripts)
   heatmap   attention maps: selection, aggregation over layers/heads, colour maps and rendering
   pope      POPE question files, answer parsers and scoring
-  batch     resumable, sharded batch engine (local or Ray)
+  batch     resumable, sharded batch runner (local pipeline or Ray)
   standin   offline stand-in models with SmolVLM's shapes
 """
