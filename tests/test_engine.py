@@ -130,3 +130,20 @@ def test_pipeline_with_worker_processes(tiny, tmp_path):
         for i in range(a.num_layers):
             np.testing.assert_allclose(a.layer(i).image, b.layer(i).image, atol=1e-3)
     assert json.loads((tmp_path / "out" / "b" / "meta.json").read_text())["generation"]["batch_size"] == 2
+
+
+def test_derived_methods_in_a_batch_equal_single_images(tiny, tmp_path):
+    """--methods in a batch: each image's maps come from its own slice of the batch's image features
+    (13 and 5 tiles here), so they equal the single-image extraction's."""
+    paths = []
+    for name, size in [("a", (640, 480)), ("b", (800, 200))]:
+        paths.append(tmp_path / f"{name}.png")
+        synthetic.test_image(size).save(paths[-1])
+    settings = ex.Settings(max_new_tokens=3, methods=("raw", "rollout"))
+    ex.extract_many(tiny, [(p, tmp_path / "batch" / p.stem, p.stem) for p in paths], settings,
+                    lambda tag, s: None, batch_size=2, workers=0)
+    for p in paths:
+        ex.extract(tiny, p, tmp_path / "single" / p.stem, settings)
+        a, b = store.Run(tmp_path / "batch" / p.stem), store.Run(tmp_path / "single" / p.stem)
+        assert a.meta["generation"]["batch_size"] == 2 and a.methods == b.methods == ["raw", "rollout"]
+        np.testing.assert_allclose(a.method("rollout").maps, b.method("rollout").maps, atol=1e-4, rtol=1e-3)
