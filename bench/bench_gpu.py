@@ -123,32 +123,31 @@ def main(argv=None):
           flush=True)
     tmp = Path(tempfile.mkdtemp(prefix="bench-gpu-"))
     settings = ex.Settings(max_new_tokens=new_tokens, longest_edge=edge)
-    n_images = max(max(sizes) * 2, 8 if small else 32)
+    n_images = max(max(sizes) * 2, 8 if small else 16)
     paths = photos(args.images, n_images, tmp)
-    preps = [engine.prepare_path(p, settings.prompt, edge, settings.keep, loaded.processor) for p in paths]
+    workers = engine.default_workers(loaded.device)
+    preparer = engine.Preparer(loaded, settings.prompt, edge, settings.keep, workers)
+    preps = [f.result() for f in [preparer.submit(p) for p in paths]]     # also starts the worker processes
     grids = sorted({f"{p.geometry.rows}x{p.geometry.cols}" for p in preps})
     res["images"] = {"count": n_images, "distinct": len({str(p) for p in paths}), "grids": grids}
     print(f"{n_images} images ({res['images']['distinct']} distinct, tile grids {', '.join(grids)})", flush=True)
     engine.run(loaded, preps[:max(sizes)], new_tokens, capture=True)          # warm-up (kernels, allocator)
 
-    # 1 + 2: floor and extraction per batch size -----------------------------------------------------
-    workers = engine.default_workers(loaded.device)
-    preparer = engine.Preparer(loaded, settings.prompt, edge, settings.keep, workers)
-    for f in [preparer.submit(p) for p in paths[:max(1, workers)]]:   # start the worker processes
-        f.result()
+    # 1 + 2: floor and extraction per batch size (2 x b images, at least 16; 4 with --small) ---------
     res["batch"] = {}
     for b in sizes:
+        n = max(2 * b, 4 if small else 16)
         peak_reset(loaded)
         cuda_sync(loaded)
         t = time.perf_counter()
-        for i in range(0, n_images, b):
+        for i in range(0, n, b):
             engine.run(loaded, preps[i:i + b], new_tokens, capture=False)
-        plain = n_images / (time.perf_counter() - t)
+        plain = n / (time.perf_counter() - t)
         plain_peak = peak_gib(loaded)
         peak_reset(loaded)
         done = []
         t = time.perf_counter()
-        ex.extract_many(loaded, [(p, tmp / f"b{b}" / f"{i:04d}", i) for i, p in enumerate(paths)], settings,
+        ex.extract_many(loaded, [(p, tmp / f"b{b}" / f"{i:04d}", i) for i, p in enumerate(paths[:n])], settings,
                         lambda tag, s: done.append(s), batch_size=b, preparer=preparer)
         cuda_sync(loaded)
         extraction = len(done) / (time.perf_counter() - t)
