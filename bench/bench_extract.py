@@ -12,6 +12,8 @@ reset through /proc/self/clear_refs). Longest edge: the checkpoint's own (2048 f
 """
 import argparse
 import json
+import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -54,9 +56,11 @@ def child(args):
 def measure(args, mode, out, image=None):
     cmd = [sys.executable, __file__, "--child", mode, "--model-id", args.model_id, "--image", str(image or args.image),
            "--max-new-tokens", str(args.max_new_tokens), "--threads", str(args.threads), "--out", str(out)]
-    t = time.perf_counter()
+    t, c = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     r = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    return dict(json.loads(r.stdout.strip().splitlines()[-1]), process_s=time.perf_counter() - t)
+    c2 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return dict(json.loads(r.stdout.strip().splitlines()[-1]), process_s=time.perf_counter() - t,
+                process_cpu_s=(c2.ru_utime - c.ru_utime) + (c2.ru_stime - c.ru_stime))
 
 
 def photos_table(args, tmp):
@@ -70,14 +74,17 @@ def photos_table(args, tmp):
         for mode in (("plain", "compact") if i % 2 == 0 else ("compact", "plain")):
             pair[mode] = measure(args, mode, tmp / f"photo{i}-{mode}", img)
         rows.append(pair)
-        print(f"{img.name}: whole process plain {pair['plain']['process_s']:.1f}s, extraction "
-              f"{pair['compact']['process_s']:.1f}s ({pair['compact']['process_s'] / pair['plain']['process_s']:.3f}x); "
-              f"section {pair['plain']['seconds']:.1f}s vs {pair['compact']['seconds']:.1f}s", flush=True)
-    total = {m: sum(r[m]["process_s"] for r in rows) for m in ("plain", "compact")}
-    section = {m: sum(r[m]["seconds"] for r in rows) for m in ("plain", "compact")}
-    print(f"\n{len(rows)} photos, {args.max_new_tokens} new tokens, fp32, {args.threads} threads: whole-process wall "
-          f"extraction / plain generate = {total['compact'] / total['plain']:.3f} (goal <= 1.05; sum "
-          f"{total['compact']:.0f}s vs {total['plain']:.0f}s); after loading: {section['compact'] / section['plain']:.3f}")
+        p, e = pair["plain"], pair["compact"]
+        print(f"{img.name}: whole process plain {p['process_s']:.1f}s wall / {p['process_cpu_s']:.1f}s CPU, extraction "
+              f"{e['process_s']:.1f}s / {e['process_cpu_s']:.1f}s ({e['process_s'] / p['process_s']:.3f}x wall, "
+              f"{e['process_cpu_s'] / p['process_cpu_s']:.3f}x CPU)", flush=True)
+    for key, what in (("process_s", "wall"), ("process_cpu_s", "CPU time")):
+        total = {m: sum(r[m][key] for r in rows) for m in ("plain", "compact")}
+        print(f"{len(rows)} photos, {args.max_new_tokens} new tokens, fp32, {args.threads} threads: whole-process {what} "
+              f"extraction / plain generate = {total['compact'] / total['plain']:.3f} (goal <= 1.05; sum "
+              f"{total['compact']:.0f}s vs {total['plain']:.0f}s)")
+    print(f"load average at the end {os.getloadavg()[0]:.1f} (a shared machine: wall ratios drift with the load, "
+          f"CPU-time ratios much less)")
 
 
 def dir_bytes(p):
