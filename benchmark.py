@@ -12,6 +12,7 @@ import functools
 import sys
 from pathlib import Path
 
+from smolattn import extract as ex
 from smolattn import model as mdl
 from smolattn import pope
 from smolattn import pope_runner as pr
@@ -98,6 +99,7 @@ def main(argv=None):
                     args.dtype or ("float32" if device == "cpu" else "bfloat16"), args.prompt_suffix,
                     args.longest_edge, args.max_new_tokens, args.naive,
                     str(out / "attention") if args.attention else None)
+    ex.check_longest_edge(args.longest_edge, ex.checkpoint_tile_size(args.model_id, args.revision))
     answers = pr.AnswersFile(out / "answers.jsonl", cfg, args.overwrite)
     done = answers.done()
     todo = [q for q in questions if q.key not in done]

@@ -75,7 +75,8 @@ def test_quantisation_error_bound():
 
 def test_future_format_version_is_refused(tmp_path):
     run = synthetic.make_run(tmp_path / "r", 1, 4)
-    meta = (run / "meta.json").read_text().replace('"format_version": 1', '"format_version": 99')
-    (run / "meta.json").write_text(meta)
-    with pytest.raises(UserError, match="v1"):
+    meta = (run / "meta.json").read_text()
+    assert f'"format_version": {store.FORMAT_VERSION}' in meta
+    (run / "meta.json").write_text(meta.replace(f'"format_version": {store.FORMAT_VERSION}', '"format_version": 99'))
+    with pytest.raises(UserError, match="version 1 or 2"):
         store.Run(run)

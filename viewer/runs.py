@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import threading
+import weakref
 from collections import OrderedDict
 from functools import lru_cache
 from pathlib import Path
@@ -41,6 +42,14 @@ def text_rows(run: Run) -> TextRows:
 
 class NotFound(LookupError):
     """An unknown run, token or layer (HTTP 404)."""
+
+
+def disk_identity(path: Path) -> tuple:
+    """What changes when a run is rewritten on disk: the inode of its directory (a replaced run is a
+    new directory) and the inode, mtime and size of its meta.json (or token file, reference format)."""
+    meta = path / "meta.json"
+    d, m = path.stat(), (meta if meta.exists() else path / RUN_MARKER).stat()
+    return d.st_ino, m.st_ino, m.st_mtime_ns, m.st_size
 
 
 class LRU:
@@ -93,6 +102,7 @@ class Registry:
         self.runs = LRU(MAX_OPEN_RUNS)
         self.layers = LRU(cache_bytes, size=lambda layer: layer.nbytes)
         self._summaries: dict = {}
+        self._ids = weakref.WeakKeyDictionary()   # Run -> (name, disk identity) it was read as
 
     # -- discovery ------------------------------------------------------------------------------
     def names(self) -> list[str]:
@@ -126,29 +136,47 @@ class Registry:
         return path.resolve().is_relative_to(self.root)
 
     # -- cached access ------------------------------------------------------------------------
-    def run(self, name: str) -> Run:
-        path = self.path(name)
+    def _identity(self, name: str, path: Path) -> tuple:
+        try:
+            return disk_identity(path)
+        except OSError:      # replaced or removed between two looks
+            raise NotFound(f"run {name!r} is being rewritten on disk; try again") from None
 
-        return self.runs.get(name, lambda: Run(path, allow_pickle=self.allow_pickle))
+    def run(self, name: str) -> Run:
+        """The run, read again whenever it changed on disk (caches are keyed by its disk identity, so
+        old and new data never mix)."""
+        path = self.path(name)
+        key = (name, self._identity(name, path))
+        run = self.runs.get(key, lambda: Run(path, allow_pickle=self.allow_pickle))
+        self._ids[run] = key
+        return run
 
     def layer(self, name: str, run: Run, i: int) -> Layer:
         """Layer ``i`` restricted to the rows of ``text_rows(run)`` (cached)."""
         if not 0 <= i < run.num_layers:
             raise NotFound(f"unknown layer {i}: the run has layers 0..{run.num_layers - 1}")
 
+        def same():
+            if (name, self._identity(name, run.path)) != self._ids.get(run):   # rewritten since it was read
+                raise NotFound(f"run {name!r} changed on disk since it was read; reload it")
+
         def load():
+            same()
             layer, keep = run.layer(i), text_rows(run).keep
+            same()
             return layer if keep is None else Layer(layer.image[:, keep], layer.text[:, keep])
-        return self.layers.get((name, i), load)
+        return self.layers.get((self._ids.get(run, name), i), load)
 
     def summary(self, name: str) -> dict:
-        """Picker entry for a run (kept for every run seen: a few hundred bytes each)."""
-        if name not in self._summaries:
-            try:
+        """Picker entry for a run (kept for every run seen: a few hundred bytes each; read again when
+        the run changed on disk)."""
+        try:
+            key = (name, self._identity(name, self.path(name)))
+            if key not in self._summaries:
                 run = self.run(name)
                 g = run.geometry
-                self._summaries[name] = {"name": name, "standin": run.standin, "image_size": list(run.image_size()),
-                                         "grid": [g.rows, g.cols], "model": run.meta.get("model", {}).get("id")}
-            except UserError as e:
-                return {"name": name, "error": str(e)}
-        return self._summaries[name]
+                self._summaries[key] = {"name": name, "standin": run.standin, "image_size": list(run.image_size()),
+                                        "grid": [g.rows, g.cols], "model": run.meta.get("model", {}).get("id")}
+        except (UserError, NotFound) as e:
+            return {"name": name, "error": str(e)}
+        return self._summaries[key]
