@@ -109,6 +109,9 @@ class _RayWorker:
         except Exception as e:  # noqa: BLE001 - re-raised in run()
             self.failed = e
 
+    def ping(self):
+        return True
+
     def run(self, item):
         if self.failed is not None:
             raise self.failed
@@ -130,7 +133,8 @@ def _run_ray(items, make_worker, num_workers, cpus_per_worker, gpus_per_worker, 
                                                    max_concurrency=2, max_restarts=-1, max_task_retries=0)
         actors = [actor_cls.remote(make_worker, prefetch) for _ in range(min(num_workers, len(items)))]
         queue, suspects, tries = deque(range(len(items))), deque(), Counter()
-        busy, alone, pending = {a: 0 for a in actors}, set(), {}    # pending: ref -> (actor, item index)
+        busy, alone, waking = {a: 0 for a in actors}, set(), set()   # busy: usable actor -> items in flight
+        pending = {}   # ref -> (actor, item index, or None for a ping to an actor that is restarting)
 
         def submit(actor, i, isolated=False):
             pending[actor.run.remote(items[i])] = (actor, i)
@@ -138,9 +142,9 @@ def _run_ray(items, make_worker, num_workers, cpus_per_worker, gpus_per_worker, 
             if isolated:
                 alone.add(actor)
 
-        def fill():
-            for actor in list(busy):
-                if actor in alone:
+        def fill():   # items that were in flight when a process died run alone, on an actor that is up
+            for actor in busy:
+                if actor in alone or actor in waking:
                     continue
                 if suspects:
                     if busy[actor] == 0:
@@ -149,10 +153,28 @@ def _run_ray(items, make_worker, num_workers, cpus_per_worker, gpus_per_worker, 
                 while queue and busy[actor] < 2:
                     submit(actor, queue.popleft())
 
+        def ping(actor):
+            waking.add(actor)
+            pending[actor.ping.remote()] = (actor, None)
+
         fill()
         while pending:
             (ref,), _ = ray.wait(list(pending), num_returns=1)
             actor, i = pending.pop(ref)
+            if i is None:                            # is the restarted actor up again?
+                try:
+                    ray.get(ref)
+                    waking.discard(actor)
+                except ray.exceptions.ActorUnavailableError:
+                    time.sleep(0.2)
+                    ping(actor)
+                except ray.exceptions.RayError:      # gone for good
+                    busy.pop(actor, None)
+                    waking.discard(actor)
+                    if not busy:
+                        raise UserError("every Ray worker is gone; rerun to resume") from None
+                fill()
+                continue
             if actor in busy:
                 busy[actor] -= 1
                 alone.discard(actor)
@@ -162,18 +184,18 @@ def _run_ray(items, make_worker, num_workers, cpus_per_worker, gpus_per_worker, 
                 if not isinstance(e.cause, DeviceError):
                     raise e.cause from e             # e.g. the model could not be loaded: stop the batch
                 if actor in busy:                    # a CUDA error: this actor stops, the others go on
-                    print(f"error: Ray worker {list(busy).index(actor)} stopped: {e.cause}", file=sys.stderr)
+                    print(f"error: Ray worker {actors.index(actor)} stopped: {e.cause}", file=sys.stderr)
                     del busy[actor]
                     alone.discard(actor)
                     ray.kill(actor, no_restart=True)
                 if not busy:
                     raise e.cause from e
                 suspects.append(i)
-            except ray.exceptions.RayError as e:     # the actor process died (or was killed) with the item
-                tries[i] += 1
-                if actor not in busy:                # stopped by us above: not this item's fault
-                    suspects.append(i)
-                elif tries[i] <= retries:
+            except ray.exceptions.RayError as e:     # the actor's process died with the item in flight
+                if actor in busy and actor not in waking:
+                    ping(actor)                      # Ray restarts it; nothing goes to it until it answers
+                tries[i] += actor in busy            # an actor stopped by us above: not this item's fault
+                if tries[i] <= retries:
                     suspects.append(i)
                 elif on_failure is None:
                     raise
