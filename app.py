@@ -31,18 +31,25 @@ def main(argv=None) -> int:
     p.add_argument("--port", type=int, default=5001)
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow pickled decoded_tokens.npy (the reference format); only for files you trust")
-    p.add_argument("--cache-mb", type=float, default=512, help="memory for cached attention layers (MB)")
+    p.add_argument("--cache-mb", type=float, default=512, help="memory for cached attention layers and summaries (MB)")
+    p.add_argument("--cache-dir", help="where summaries of runs that have none (reference format, older runs) are "
+                   "cached (default: $SMOLATTN_CACHE or ~/.cache/smolattn)")
+    p.add_argument("--analysis", metavar="DIR", help="head analysis (analyze_heads.py) for the dataset page at "
+                   "/dataset (default: ROOT/analysis when it holds one)")
     args = p.parse_args(argv)
     if not 0 <= args.port <= 65535:
         raise UserError(f"port {args.port} out of range 0..65535")
     app = create_app({"RUN": args.run or (None if args.runs else default_run()), "RUNS": args.runs,
-                      "ALLOW_PICKLE": args.allow_pickle, "CACHE_MB": args.cache_mb})
+                      "ALLOW_PICKLE": args.allow_pickle, "CACHE_MB": args.cache_mb,
+                      "CACHE_DIR": args.cache_dir, "ANALYSIS": args.analysis})
     registry = app.extensions["runs"]
-    count = 1 if registry.single else len(registry.names())
+    count = len(registry.index)
     if count == 0:
         raise UserError(f"no runs under {registry.root} (a run is a directory with decoded_tokens.npy)")
     shown = "localhost" if args.host in ("127.0.0.1", "0.0.0.0", "localhost", "::") else args.host
     print(f"Serving {count} run(s) from {registry.root} at http://{shown}:{args.port}/")
+    if app.extensions["analysis_dir"]:
+        print(f"Dataset page (head analysis {app.extensions['analysis_dir']}): http://{shown}:{args.port}/dataset")
     app.run(host=args.host, port=args.port, debug=False, threaded=True)
     return 0
 

@@ -2,9 +2,11 @@
 """Where does the model look when it reads or writes one token? Aggregate that token's attention
 over layers and heads into one map over the image, and draw it (heatmap + overlay on the photo).
 
-Two methods (formulas in docs/token-heatmap.md and smolattn/heatmap.py):
+Methods (formulas in docs/token-heatmap.md, smolattn/heatmap.py and smolattn/methods.py):
   image      (default) top-k and entropy over the image keys only, heads weighted by their image mass
   reference  the user's original compute_token_heatmap.py, exactly (top-k and entropy over ALL keys)
+  rollout, relevancy, relative   maps stored by `extract_smolvlm_attn.py --methods ...` (--start-layer
+             picks rollout's and relevancy's first layer; --layers averages relative's layers)
 
 Examples:
   python compute_token_heatmap.py --run runs/skier --token jacket
@@ -19,9 +21,11 @@ import time
 from pathlib import Path
 
 from smolattn import heatmap as hm
+from smolattn import methods as mth
 from smolattn.errors import UserError, run_cli
 from smolattn.images import open_image
-from smolattn.store import Run, display_token
+from smolattn import tokens as tok
+from smolattn.store import Run
 
 
 class Parser(argparse.ArgumentParser):
@@ -47,7 +51,8 @@ def parse_args(argv):
                      "(default 1)")
     tok.add_argument("--index", type=int, help="the token's position in the sequence (overrides --token)")
     agg = p.add_argument_group("aggregation")
-    agg.add_argument("--method", choices=hm.METHODS, default="image")
+    agg.add_argument("--method", choices=hm.METHODS + tuple(mth.METHODS), default="image")
+    agg.add_argument("--start-layer", type=int, default=0, help="rollout/relevancy: first layer used (default 0)")
     agg.add_argument("--layers", default="all", help="'a-b', 'a-', or a list like '0,5,10-12' "
                      "(default all: 0-29 on SmolVLM-256M)")
     agg.add_argument("--heads", default="all", help="same syntax as --layers (default all)")
@@ -120,23 +125,34 @@ def main(argv=None) -> int:
     run = open_run(args)
     layers = hm.parse_layers(args.layers, run.num_layers)
     heads = hm.parse_layers(args.heads, run.num_heads, "head")
-    pos = hm.find_token(run, args.token, args.index, args.occurrence)
-    word = display_token(run.tokens[pos]).strip()
+    first, pos = hm.find_span(run, args.token, args.index, args.occurrence)
+    word = tok.text_at(run.tokens, first, pos).strip()
     role = "answer" if pos >= run.prompt_length else "prompt"
 
     t0 = time.perf_counter()
+    derived = args.method in mth.METHODS
     if args.method == "reference":
         agg = hm.aggregate_reference(run, pos, layers, heads, args.topk)
+    elif derived:
+        agg = hm.aggregate_method(run, pos, args.method, layers, args.start_layer)
     else:
         agg = hm.aggregate_image(run, pos, layers, heads, args.topk, args.global_mode)
-    print(f"token {word!r} at position {pos} ({role}); {len(agg.weights)} of {len(layers) * len(heads)} "
-          f"(layer, head) pairs weighted, total weight {agg.total_weight:.4g}; "
-          f"aggregated in {time.perf_counter() - t0:.3f} s")
+    where = f"positions {first}-{pos} (the row of {pos}, the last)" if pos > first else f"position {pos}"
+    if derived:
+        print(f"token {word!r} at {where} ({role}); {args.method} map ({agg.details['row']}), "
+              f"image total {agg.total_weight:.4g}; read in {time.perf_counter() - t0:.3f} s")
+    else:
+        print(f"token {word!r} at {where} ({role}); {len(agg.weights)} of {len(layers) * len(heads)} "
+              f"(layer, head) pairs weighted, total weight {agg.total_weight:.4g}; "
+              f"aggregated in {time.perf_counter() - t0:.3f} s")
 
-    title = f"'{word}' #{pos} | {args.method} | layers {spans(layers)}"
-    title += f" | heads {spans(heads)}" if len(heads) < run.num_heads else ""
-    title += f" | top-{args.topk}" if args.topk > 0 else ""
-    panel = args.method == "image" and args.global_mode == "panel"
+    if derived and "start_layer" in agg.details:
+        title = f"'{word}' #{pos} | {args.method} | layers {args.start_layer}-{run.num_layers - 1}"
+    else:
+        title = f"'{word}' #{pos} | {args.method} | layers {spans(layers)}"
+        title += f" | heads {spans(heads)}" if len(heads) < run.num_heads and not derived else ""
+        title += f" | top-{args.topk}" if args.topk > 0 and not derived else ""
+    panel = (args.method == "image" or derived) and args.global_mode == "panel"
     fig, glob = hm.aggregate_figures(agg, title, panel)
     outputs = {args.output: fig}
     if glob is not None:

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from . import geometry as geo
+from . import methods as mth
 from . import model as mdl
 from . import store
 from .errors import UserError
@@ -27,6 +28,7 @@ class Settings:
     max_new_tokens: int = 128
     longest_edge: int | None = 2048
     store: str = "compact"
+    methods: tuple = (mth.RAW,)     # raw attention, plus any of smolattn.methods.METHODS
 
     def check(self):
         if not self.prompt.strip():
@@ -37,6 +39,7 @@ class Settings:
             raise UserError("--longest-edge must be positive")
         if self.store not in store.STORES:
             raise UserError(f"unknown --store {self.store!r}; choose one of {', '.join(store.STORES)}")
+        mth.parse(",".join(self.methods))
         return self
 
 
@@ -51,10 +54,13 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--longest-edge", type=int, default=2048, help="processor resize of the longest edge")
     ap.add_argument("--store", choices=store.STORES, default="compact",
                     help="compact: text/answer rows, fp16; compact8: same, 8-bit; full: reference (1,H,S,S) npz")
+    ap.add_argument("--methods", default=mth.RAW, help=f"comma list of {', '.join(mth.names())} (default raw; "
+                    "the others are stored next to it, see docs/run-format.md)")
 
 
 def settings_from_args(args) -> Settings:
-    return Settings(args.prompt, args.max_new_tokens, args.longest_edge, args.store).check()
+    return Settings(args.prompt, args.max_new_tokens, args.longest_edge, args.store,
+                    tuple(mth.parse(args.methods))).check()
 
 
 def check_writable(directory) -> None:
@@ -147,13 +153,16 @@ def extract(loaded: mdl.Loaded, image_path, out_dir, settings: Settings, image=N
         np.array([i for i in range(P) if not first <= i <= last])
     t1 = time.perf_counter()
     recorder = mdl.Recorder(rows)
-    new = mdl.generate(loaded, inputs, settings.max_new_tokens, recorder)
+    with mth.keep_image_features(loaded) as kept:
+        new = mdl.generate(loaded, inputs, settings.max_new_tokens, recorder)
     t2 = time.perf_counter()
     ids = prompt_ids + new
     tokens = tok.convert_ids_to_tokens(ids)
     S = len(ids)
     layers = recorder.stacked(key_len=S)
     query_positions = np.concatenate([rows, np.arange(P, S)])
+    extra = mth.compute(loaded, ids, P, g, query_positions, settings.methods, kept.features)
+    t3 = time.perf_counter()
     eos = set(mdl.generation_kwargs(loaded, 1)["eos_token_id"])
     tile = processor_settings(loaded, settings.longest_edge)["tile_size"]
     meta = {
@@ -172,11 +181,11 @@ def extract(loaded: mdl.Loaded, image_path, out_dir, settings: Settings, image=N
                   "tokens_per_tile_side": g.side},
         "versions": versions(),
     }
-    image_name = "image.jpg" if info.get("format") == "JPEG" else "image.png"
-    timings = {"preprocess_s": round(t1 - t0, 4), "generate_s": round(t2 - t1, 4)}
+    image_name = store.image_name(info)
+    timings = {"preprocess_s": round(t1 - t0, 4), "generate_s": round(t2 - t1, 4), "methods_s": round(t3 - t2, 4)}
     meta["timings"] = timings
     store.write_run(out_dir, tokens=tokens, layers=layers, query_positions=query_positions,
-                    store=settings.store, geometry=g, meta=meta, image=rgb, image_name=image_name)
-    timings["write_s"] = round(time.perf_counter() - t2, 4)
+                    store=settings.store, geometry=g, meta=meta, image=rgb, image_name=image_name, methods=extra)
+    timings["write_s"] = round(time.perf_counter() - t3, 4)
     return {"run": str(out_dir), "answer": meta["answer"], "new_tokens": len(new), "grid": [g.rows, g.cols],
             "timings": timings}

@@ -89,6 +89,19 @@ class Geometry:
                    tuple(d["image_block"]))
 
 
+def cells_in_boxes(grid_shape, image_size, boxes) -> np.ndarray:
+    """Boolean (gh, gw) mask of the cells of a view whose centre lies in one of ``boxes`` (COCO
+    [x, y, w, h] in pixels of the ORIGINAL image, edges included). Every view covers the whole image
+    uniformly, so cell (i, j) of a gh x gw view has its centre at ((j + .5) W / gw, (i + .5) H / gh)."""
+    gh, gw = grid_shape
+    w, h = image_size
+    cy, cx = (np.arange(gh)[:, None] + 0.5) * h / gh, (np.arange(gw)[None, :] + 0.5) * w / gw
+    inside = np.zeros((gh, gw), bool)
+    for x, y, bw, bh in boxes:
+        inside |= (cx >= x) & (cx <= x + bw) & (cy >= y) & (cy <= y + bh)
+    return inside
+
+
 def from_tokens(tokens) -> Geometry:
     """Recover the geometry of the (single) image from its token strings.
 

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import UserError
-from .store import Layer, Run, display_token
+from . import tokens as tok
+from .store import Layer, Run
 
 HEAD_REDUCTIONS = ("mean", "max")
 
@@ -141,32 +142,46 @@ class Aggregate:
                 **{k: v for k, v in self.details.items() if k != "per_head"}}
 
 
-def find_token(run: Run, token: str, index: int | None = None, occurrence: int | None = None) -> int:
-    """Position of the token to aggregate.
+def find_span(run: Run, token: str, index: int | None = None, occurrence: int | None = None) -> tuple[int, int]:
+    """(first, last) positions of the token (or run of tokens) to aggregate; its row is the last one's.
 
-    ``index`` (a position in the sequence) wins over ``token``. Otherwise a token matches when its
-    display text, stripped and lower-cased, equals ``token`` lower-cased; answer tokens come first,
-    then the prompt, each in order, and ``occurrence`` (1-based, default 1) picks one of them.
+    ``index`` (a position in the sequence) wins over ``token``. Otherwise ``token`` is matched on the
+    decoded text (``smolattn.tokens``: byte-level pieces joined into whole characters), stripped and
+    case-insensitive: first units whose text equals it (a token, or the tokens that together spell one
+    or more characters), else occurrences inside the text (``고양이`` inside ``고양이를``). Answer
+    matches come first, then the prompt, each in order; ``occurrence`` (1-based, default 1) picks one.
+    A match over several tokens uses the last one's row: the step that has read the whole word.
     """
     n = len(run.tokens)
     if index is not None:
         if not 0 <= index < n:
             raise UserError(f"--index {index} is out of range 0..{n - 1}")
-        return index
-    want = token.strip().lower()
-    texts = [display_token(t).strip().lower() for t in run.tokens]
-    order = list(range(run.prompt_length, n)) + list(range(min(run.prompt_length, n)))
-    matches = [i for i in order if texts[i] == want]
+        return index, index
+    units = tok.units(run.tokens)
+    plen = min(run.prompt_length, n)
+    matches = []
+    for exact in (True, False):
+        matches = [m for part in (range(plen, n), range(plen))
+                   for m in tok.search(units, token, positions=part, exact=exact)]
+        if matches:
+            break
     if not matches:
         image = set(run.geometry.key_positions.tolist())
-        words = sorted({texts[i] for i in order if texts[i] and i not in image and run.row_of(i) is not None})
-        close = difflib.get_close_matches(want, words, n=5, cutoff=0.0)
+        words = sorted({u.text.strip().lower() for u in units if u.text.strip() and u.start not in image
+                        and run.row_of(u.stop - 1) is not None})
+        close = difflib.get_close_matches(token.strip().lower(), words, n=5, cutoff=0.0)
         raise UserError(f"token {token!r} not found; closest: {', '.join(map(repr, close)) or 'none'}")
     k = 1 if occurrence is None else occurrence
     if not 1 <= k <= len(matches):
         raise UserError(f"token {token!r} occurs {len(matches)} time(s) (positions "
-                        f"{', '.join(map(str, matches))}); --occurrence must be 1..{len(matches)}")
+                        f"{', '.join(f'{a}-{b}' if b > a else str(a) for a, b in matches)}); "
+                        f"--occurrence must be 1..{len(matches)}")
     return matches[k - 1]
+
+
+def find_token(run: Run, token: str, index: int | None = None, occurrence: int | None = None) -> int:
+    """The position whose row :func:`find_span` picks."""
+    return find_span(run, token, index, occurrence)[1]
 
 
 def parse_layers(spec, num_layers: int, what: str = "layer") -> list[int]:
@@ -195,7 +210,7 @@ def token_layers(run: Run, position: int, layers, heads) -> list[tuple[int, Laye
     image (h, 1, K) and text (h, 1, T))]. Read once, shared by every view."""
     row = run.row_of(position)
     if row is None:
-        raise UserError(f"token {display_token(run.tokens[position]).strip()!r} at position {position} "
+        raise UserError(f"token {tok.text_at(run.tokens, position).strip()!r} at position {position} "
                         "has no stored attention row (pick a text or answer token)")
     heads, out = list(heads), []
     for i in layers:
@@ -254,7 +269,7 @@ def _weighted_mean(rows, heads, per_layer, required=True):
 
 
 def _details(run, position, layers, heads, topk, num_keys, per_head, **extra) -> dict:
-    return {"position": position, "token": display_token(run.tokens[position]).strip(),
+    return {"position": position, "token": tok.text_at(run.tokens, position).strip(),
             "raw_token": run.tokens[position], "layers": list(layers), "heads": list(heads),
             "topk": topk, "num_keys": num_keys, "per_head": per_head, **extra}
 
@@ -341,6 +356,34 @@ def aggregate_image(run: Run, position: int, layers, heads, topk: int = 10, glob
     return Aggregate(grid, glob, weights, total, "image", details)
 
 
+def method_map(run: Run, name: str, position: int, layers=None, start_layer: int = 0) -> np.ndarray:
+    """A derived method's stored map (K,) of token ``position`` (smolattn.methods): the start layer's map
+    for rollout/relevancy, the mean over ``layers`` (default all) for per-layer methods (relative)."""
+    m = run.method(name)
+    i = m.index(position)
+    if i is None:
+        raise UserError(f"token {tok.text_at(run.tokens, position).strip()!r} at position {position} has no "
+                        f"{name} map ({name} covers {m.meta.get('rows', 'other tokens')})")
+    n = m.maps.shape[0]
+    if m.meta.get("axis") == "start_layer":
+        if not 0 <= start_layer < n:
+            raise UserError(f"start layer {start_layer} out of range: this run has layers 0..{n - 1}")
+        return m.maps[start_layer, i].astype(np.float64)
+    return m.maps[list(range(n)) if layers is None else list(layers), i].mean(0).astype(np.float64)
+
+
+def aggregate_method(run: Run, position: int, name: str, layers=None, start_layer: int = 0) -> Aggregate:
+    """:func:`method_map` as an :class:`Aggregate` (tiled grid + global grid; no head weights)."""
+    vec = method_map(run, name, position, layers, start_layer)
+    grid, glob = run.geometry.split(vec)
+    m = run.method(name)
+    axis = {"start_layer": {"start_layer": start_layer}, "layer": {"layers": list(layers or range(m.maps.shape[0]))}}
+    details = {"position": position, "token": tok.text_at(run.tokens, position).strip(),
+               "raw_token": run.tokens[position], "num_keys": len(vec), "row": m.meta.get("rows"),
+               "params": m.meta.get("params", {}), **axis.get(m.meta.get("axis"), {})}
+    return Aggregate(grid, glob, {}, float(vec.sum()), name, details)
+
+
 def blend_global(grid: np.ndarray, glob: np.ndarray, rows: int, cols: int) -> np.ndarray:
     """Equal-weight average of the tiled view and the global view over the tiled grid, each view
     renormalised to sum 1 (a view with no mass is left out). Both views cover the whole original image
@@ -368,7 +411,8 @@ def aggregate_figures(agg: Aggregate, title: str, panel_global: bool):
     panel beside it and is also returned alone. The global panel is drawn over the same image area
     as the tiled one: each global cell covers R x C tiled cells (values unchanged), so both panels have
     the image's shape and line up."""
-    label = {"reference": "share of top-k attn"}.get(agg.method, "share of top-k img attn")
+    label = {"reference": "share of top-k attn", "rollout": "rollout", "relevancy": "relevancy",
+             "relative": "attn / generic attn"}.get(agg.method, "share of top-k img attn")
     if agg.details.get("global_mode") == "blend" and agg.grid is not None:
         label = "share of image (blend)"
     main = agg.grid if agg.grid is not None else agg.global_grid

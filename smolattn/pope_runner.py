@@ -204,7 +204,8 @@ def _answer_one(loaded, image, q, prompt, longest_edge, max_new_tokens, prefix, 
     if attention_dir is not None:
         offsets = _object_offsets(tok, _split_chat(loaded, prompt)[2], full[start:], pope.object_of(q.text))
         if offsets:   # recorder rows index the current call: the suffix when cached, the whole prompt when naive
-            recorder = mdl.Recorder(np.array(offsets) + (0 if suffix_tokens is not None else start))
+            rows = sorted(set(offsets) | {len(full) - 1 - start})   # + the last prompt token (answers first)
+            recorder = mdl.Recorder(np.array(rows) + (0 if suffix_tokens is not None else start))
     try:
         new = mdl.generate(loaded, inputs, max_new_tokens, recorder)
     finally:
@@ -213,7 +214,7 @@ def _answer_one(loaded, image, q, prompt, longest_edge, max_new_tokens, prefix, 
     row = _row(loaded, q, prompt, new, "naive" if suffix_tokens is None else "cached")
     if attention_dir is not None:
         row["attention"] = _store_attention(loaded, q, Path(attention_dir), full, new, start, offsets, recorder,
-                                            g, row["prompt"], row["raw_answer"], info or {}, boxes)
+                                            g, row["prompt"], row["raw_answer"], info or {}, boxes, image)
     return row
 
 
@@ -234,19 +235,17 @@ def localise(grid: np.ndarray, image_size, boxes) -> dict:
 
     hit: the hottest cell is inside; mass: share of the grid's total inside; box_fraction: share of cells
     inside (what a uniform map would score as mass)."""
-    gh, gw = grid.shape
-    w, h = image_size
-    cy, cx = (np.arange(gh)[:, None] + 0.5) * h / gh, (np.arange(gw)[None, :] + 0.5) * w / gw
-    inside = np.zeros(grid.shape, bool)
-    for x, y, bw, bh in boxes:
-        inside |= (cx >= x) & (cx <= x + bw) & (cy >= y) & (cy <= y + bh)
+    inside = geo.cells_in_boxes(grid.shape, image_size, boxes)
     total = float(grid.sum())
     return {"hit": bool(inside.flat[int(np.argmax(grid))]),
             "mass": float(grid[inside].sum() / total) if total > 0 else 0.0,
             "box_fraction": float(inside.mean())}
 
 
-def _store_attention(loaded, q, root: Path, full, new, start, offsets, recorder, g, chat, raw, info, boxes):
+def _store_attention(loaded, q, root: Path, full, new, start, offsets, recorder, g, chat, raw, info, boxes, image):
+    """Write the question's run: rows of the object word, of the last prompt token (the step that
+    produces the answer's first token) and of every answer token, with the image (so it opens in the
+    viewer with its overlay), and score the object word's map against the object's COCO boxes."""
     obj = pope.object_of(q.text)
     out = {"object": obj, "run": None, "hit": None, "mass": None, "box_fraction": None,
            "has_boxes": bool(boxes and boxes.get(obj.lower()))}
@@ -257,16 +256,17 @@ def _store_attention(loaded, q, root: Path, full, new, start, offsets, recorder,
     ids = full + new
     P, S = len(full), len(full) + len(new)
     layers = recorder.stacked(key_len=S)
-    positions = np.concatenate([start + np.array(offsets), np.arange(P, S)])
+    prompt_rows = sorted(set(offsets) | {P - 1 - start})      # as the recorder's rows, in this order
+    positions = np.concatenate([start + np.array(prompt_rows), np.arange(P, S)])
     meta = {"model": {"id": loaded.model_id, "revision": loaded.revision, "standin": bool(loaded.standin),
                       "dtype": loaded.dtype, "num_layers": len(layers), "num_heads": int(layers[0].shape[0])},
             "prompt": q.text, "chat_text": chat, "answer": raw, "token_ids": ids, "prompt_length": P,
             "generation": {"greedy": True, "new_tokens": len(new)}, "image": dict(info),
             "pope": {"split": q.split, "question_id": q.question_id, "label": q.label, "object": obj,
-                     "object_positions": [int(p) for p in positions[:len(offsets)]]}}
+                     "object_positions": [start + int(o) for o in offsets]}}
     run = root / q.split / str(q.question_id)
     store.write_run(run, tokens=tok.convert_ids_to_tokens(ids), layers=layers, query_positions=positions,
-                    store="compact", geometry=g, meta=meta)
+                    store="compact", geometry=g, meta=meta, image=image, image_name=store.image_name(info))
     out["run"] = str(run)
     if out["has_boxes"] and q.label == "yes" and info.get("size"):
         out.update(localise(object_map(layers, len(offsets), g), info["size"], boxes[obj.lower()]))

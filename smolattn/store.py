@@ -16,23 +16,25 @@ import signal
 import socket
 import zipfile
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from . import geometry as geo
+from . import summary
 from .errors import UserError
+from .tokens import SPECIAL, display_token, piece, units  # noqa: F401  (display_token: re-exported)
 
 FORMAT = "smolattn-run"
-FORMAT_VERSION = 2          # 2: meta.json lists every file with its size ("files")
-READ_VERSIONS = (1, 2)
-DEFAULT_RUN_DIR = "smolattn_run"   # the single-image default output directory (README, "Safety")
+FORMAT_VERSION = 2      # 2: optional derived-method maps (methods/NAME.npz) and the completeness record
+READ_VERSIONS = (1, 2)  # (meta.files); version 1 runs still open
+DEFAULT_RUN_DIR = "smolattn_run"   # the single-image default output directory (README, "Your files are safe")
 STORES = ("compact", "compact8", "full")
 LAYER_FILE = "attention/layer_{:02d}.npz"
+METHOD_FILE = "methods/{}.npz"
 FULL_FILE = "attentions_5/attention_fp16_rounded_layer_{}.npz"   # the reference project's name
 IMAGE_NAMES = ("image.png", "image.jpg", "static/image.png")
-SPECIAL = re.compile(r"^(<\|[^|>]+\|>|<end_of_utterance>|<fake_token_around_image>|<global-img>|<image>"
-                     r"|<row_\d+_col_\d+>)$")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -41,9 +43,12 @@ SPECIAL = re.compile(r"^(<\|[^|>]+\|>|<end_of_utterance>|<fake_token_around_imag
 # ---------------------------------------------------------------------------------------------
 CRASH_ENV = "SMOLATTN_CRASH_AT"   # tests: SIGKILL this process at the named step of the protocol
 CRASH_STEPS = ("writing", "written", "aside", "swapped", "deleting")
-OUR_NAMES = {"meta.json", "decoded_tokens.npy", "image.jpg", "image.png", "attention", "attentions_5"}
+OUR_NAMES = {"meta.json", "decoded_tokens.npy", "image.jpg", "image.png", "summary.npz", "attention", "attentions_5",
+             "methods"}
+OUR_FOLDERS = {"attention": re.compile(r"^layer_\d+\.npz$"),          # folder -> the only files it may hold
+               "attentions_5": re.compile(r"^attention_fp16_rounded_layer_\d+\.npz$"),
+               "methods": re.compile(r"^[A-Za-z0-9_-]+\.npz$")}
 REFERENCE_NAMES = {"decoded_tokens.npy", "attention_array.npy", "attentions_5", "image.png"}
-_LAYER_NAME = re.compile(r"^(layer_\d+|attention_fp16_rounded_layer_\d+)\.npz$")
 _TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-[0-9a-f]{8}-(?P<host>.*)-(?P<pid>\d+)$")
 _HOST = socket.gethostname().replace("/", "_")
 
@@ -95,9 +100,9 @@ def write_bytes_durably(path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def _only_layer_files(folder: Path) -> bool:
+def _only_our_files(folder: Path, pattern) -> bool:
     with os.scandir(folder) as entries:
-        return all(e.is_file() and _LAYER_NAME.match(e.name) for e in entries)
+        return all(e.is_file(follow_symlinks=False) and pattern.match(e.name) for e in entries)
 
 
 def _empty(folder) -> bool:
@@ -119,10 +124,10 @@ def owned_run(path) -> bool:
         return False
     if not names <= allowed:
         return False
-    for sub in names & {"attention", "attentions_5"}:
-        if (path / sub).is_symlink() or not (path / sub).is_dir() or not _only_layer_files(path / sub):
+    for sub in names & set(OUR_FOLDERS):
+        if (path / sub).is_symlink() or not (path / sub).is_dir() or not _only_our_files(path / sub, OUR_FOLDERS[sub]):
             return False
-    return all((path / n).is_file() and not (path / n).is_symlink() for n in names - {"attention", "attentions_5"})
+    return all((path / n).is_file() and not (path / n).is_symlink() for n in names - set(OUR_FOLDERS))
 
 
 def _meta_format(path: Path):
@@ -294,12 +299,34 @@ def write_layers(root: Path, layers, store: str, query_positions, geometry: geo.
     return text_keys
 
 
+def write_methods(root: Path, methods: dict) -> dict:
+    """Write each derived method's maps (``smolattn.methods.compute``'s output) to methods/NAME.npz:
+    ``maps`` (L, Q, K) over the image keys in the method's dtype, ``positions`` (Q,) the token each
+    map belongs to, ``query_positions`` (Q,) the row it was read from. Returns meta.json's section."""
+    out = {}
+    for name, m in methods.items():
+        path = root / METHOD_FILE.format(name)
+        path.parent.mkdir(exist_ok=True)
+        np.savez_compressed(path, maps=np.asarray(m["maps"]).astype(m["meta"]["dtype"]),
+                            positions=np.asarray(m["positions"], np.int64),
+                            query_positions=np.asarray(m["query_positions"], np.int64))
+        out[name] = {**m["meta"], "file": METHOD_FILE.format(name), "shape": list(np.shape(m["maps"])),
+                     "positions": [int(p) for p in m["positions"]]}
+    return out
+
+
+def image_name(info: dict) -> str:
+    """The run's image file for a source described by ``images.open_image``'s info: JPEG stays JPEG."""
+    return "image.jpg" if info.get("format") == "JPEG" else "image.png"
+
+
 def write_run(out, *, tokens, layers, query_positions, store: str, geometry: geo.Geometry, meta: dict,
-              image=None, image_name: str = "image.png") -> Path:
+              image=None, image_name: str = "image.png", methods: dict | None = None) -> Path:
     """Write a whole run directory atomically (temporary sibling, renamed when complete).
 
     ``layers``: per layer (H, Q, S) attention rows over all S keys for the Q ``query_positions``.
     ``meta``: everything else for meta.json; the format, geometry and attention sections are added here.
+    ``methods``: derived maps from ``smolattn.methods.compute`` (written under methods/).
     """
     if store not in STORES:
         raise UserError(f"unknown store {store!r}; choose one of {', '.join(STORES)}")
@@ -322,32 +349,23 @@ def write_run(out, *, tokens, layers, query_positions, store: str, geometry: geo
             "files": FULL_FILE if store == "full" else LAYER_FILE,
             "dtype": "uint8 codes x scale/255 (|error| <= row max/510)" if store == "compact8" else "float16",
         }
-        meta["files"] = file_sizes(tmp)          # written last: the completeness record
+        meta["methods"] = write_methods(tmp, methods or {})
+        # the viewer's summary, from the layers at the precision they are stored (what readers get)
+        positions, keep = summary.kept(query_positions, geometry)
+        keep = slice(None) if keep is None else keep
+        stored = (Layer(as_stored(a[:, keep][..., geometry.key_positions], store),
+                        as_stored(a[:, keep][..., text_keys], store)) for a in layers)
+        summary.save(summary.compute(stored, positions), tmp / summary.FILE)
+        meta["files"] = file_sizes(tmp)          # meta.json last: the completeness record
         write_bytes_durably(tmp / "meta.json", json.dumps(meta, indent=1).encode())
     return Path(out)
 
 
-_BYTE_DECODER = None
-
-
-def display_token(raw: str) -> str:
-    """Byte-level BPE markers to text: Ġ -> space, Ċ -> newline (special tokens untouched)."""
-    global _BYTE_DECODER
-    if SPECIAL.match(raw):
-        return raw
-    if _BYTE_DECODER is None:  # the GPT-2 byte alphabet, as the tokenizer's decoder uses it
-        bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-        cs, n = bs[:], 0
-        for b in range(256):
-            if b not in bs:
-                bs.append(b)
-                cs.append(256 + n)
-                n += 1
-        _BYTE_DECODER = {chr(c): b for b, c in zip(bs, cs)}
-    try:
-        return bytearray(_BYTE_DECODER[c] for c in raw).decode("utf-8", errors="replace")
-    except KeyError:  # already readable text (e.g. upstream's unicode token files)
-        return raw.replace("Ġ", " ").replace("Ċ", "\n").replace("▁", " ")
+def as_stored(x: np.ndarray, store: str) -> np.ndarray:
+    """``x`` as a reader gets it back from a ``store`` file (float32)."""
+    if store == "compact8":
+        return dequantize(*quantize(x))
+    return np.asarray(x).astype(np.float16).astype(np.float32)
 
 
 class Layer:
@@ -359,6 +377,21 @@ class Layer:
     @property
     def nbytes(self) -> int:
         return self.image.nbytes + self.text.nbytes
+
+
+@dataclass
+class MethodMaps:
+    """One derived method's maps in a run: ``maps`` (L, Q, K) float32 over the image keys; axis 0 is
+    ``meta['axis']`` (start layer or layer); ``positions[i]`` is the token whose map is ``maps[:, i]``."""
+    name: str
+    maps: np.ndarray
+    positions: np.ndarray
+    query_positions: np.ndarray
+    meta: dict
+
+    def index(self, position: int) -> int | None:
+        hit = np.flatnonzero(self.positions == int(position))
+        return int(hit[0]) if len(hit) else None
 
 
 class Run:
@@ -397,6 +430,7 @@ class Run:
         self.text_key_positions = np.setdiff1d(np.arange(len(self.tokens)), self.geometry.key_positions)
         self._row = {int(p): i for i, p in enumerate(self.query_positions)}
         self.num_layers, self.num_heads = att["num_layers"], att["num_heads"]
+        self._methods: dict[str, MethodMaps] = {}
 
     # -- tokens -------------------------------------------------------------------------------
     def _read_tokens(self, allow_pickle):
@@ -463,6 +497,25 @@ class Run:
         with Image.open(p) as im:
             return im.size
 
+    @property
+    def methods(self) -> list[str]:
+        """The explanation methods this run holds: 'raw' (the attention rows) and every derived one."""
+        return ["raw"] + sorted(self.meta.get("methods") or {})
+
+    def method(self, name: str) -> MethodMaps:
+        """The stored maps of a derived method (read once, then cached)."""
+        info = (self.meta.get("methods") or {}).get(name)
+        if info is None:
+            raise UserError(f"{self.path}: no {name!r} maps in this run (re-extract with --methods raw,{name})")
+        if name not in self._methods:
+            try:
+                with np.load(self.path / info["file"]) as z:
+                    self._methods[name] = MethodMaps(name, z["maps"].astype(np.float32), z["positions"],
+                                                     z["query_positions"], info)
+            except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+                raise UserError(f"{self.path}: cannot read {info['file']}: {e}")
+        return self._methods[name]
+
     def row_of(self, position: int) -> int | None:
         """Index of the stored row for token ``position`` (token t attending), or None."""
         return self._row.get(int(position))
@@ -520,19 +573,25 @@ def token_table(run: Run) -> list[dict]:
 
     kind: "image" (an <image> token), "marker" (tile/global/fake markers), "special" (other special
     tokens), "prompt" or "answer" (text before/after the assistant turn starts).
+    text: what the token shows. Tokens that together spell whole characters (byte-level BPE pieces of
+    a Korean syllable, an emoji...) share a unit: ``unit`` = [first, last] position and ``unit_text``
+    the characters; ``text`` is then the token's own piece (split characters as ``\\xNN``).
     """
     keys = set(run.geometry.key_positions.tolist())
     first, last = run.geometry.image_block
     out = []
-    for i, raw in enumerate(run.tokens):
-        if i in keys:
-            kind = "image"
-        elif first <= i <= last:
-            kind = "marker"
-        elif SPECIAL.match(raw):
-            kind = "special"
-        else:
-            kind = "answer" if i >= run.prompt_length else "prompt"
-        out.append({"index": i, "raw": raw, "text": display_token(raw), "kind": kind,
-                    "has_row": run.row_of(i) is not None})
+    for u in units(run.tokens):
+        for i in range(u.start, u.stop):
+            raw = run.tokens[i]
+            if i in keys:
+                kind = "image"
+            elif first <= i <= last:
+                kind = "marker"
+            elif SPECIAL.match(raw):
+                kind = "special"
+            else:
+                kind = "answer" if i >= run.prompt_length else "prompt"
+            out.append({"index": i, "raw": raw, "text": u.text if u.stop - u.start == 1 else piece(raw),
+                        "kind": kind, "has_row": run.row_of(i) is not None,
+                        "unit": [u.start, u.stop - 1], "unit_text": u.text})
     return out

@@ -8,6 +8,7 @@ import numpy as np
 
 from . import geometry as geo
 from . import store
+from .tokens import units
 
 PROMPT = ["ĠCan", "Ġyou", "Ġdescribe", "Ġthis", "Ġimage", "?"]
 ANSWER = ["ĠA", "Ġskier", "Ġin", "Ġa", "Ġred", "Ġjacket", "Ġ&", "Ġ\"", "<", "Ġdog", "'s", "Ġjacket", "."]
@@ -40,12 +41,15 @@ def test_image(size=(640, 480)):
 
 def make_run(out, rows: int = 3, cols: int = 4, *, layers: int = 2, heads: int = 2, side: int = 8,
              image_size=(640, 480), store_mode: str = "compact", one_hot: dict | None = None,
-             seed: int = 0, all_rows: bool = False, answer=ANSWER, reference: bool = False):
+             seed: int = 0, all_rows: bool = False, answer=ANSWER, prompt=PROMPT, reference: bool = False,
+             plant=None, meta_extra: dict | None = None):
     """Write a synthetic run. ``one_hot`` maps a query position to an image key index: every layer
     and head of that row then puts all its mass on that key. Other rows get random softmax rows.
-    ``reference=True`` writes the reference project's layout instead (tokens + attentions_5 only).
+    ``plant(layer, a, q, g)``: then edits layer ``layer``'s rows ``a`` (H, len(q), S) in place
+    (q: the stored query positions, g: the geometry). ``meta_extra``: merged into meta.json (one level
+    deep). ``reference=True`` writes the reference project's layout instead (tokens + attentions_5 only).
     """
-    tokens, plen = make_tokens(rows, cols, side, answer=answer)
+    tokens, plen = make_tokens(rows, cols, side, prompt=prompt, answer=answer)
     g = geo.from_tokens(tokens)
     S = len(tokens)
     first, last = g.image_block
@@ -63,6 +67,8 @@ def make_run(out, rows: int = 3, cols: int = 4, *, layers: int = 2, heads: int =
             row = int(np.flatnonzero(q == pos)[0])
             a[:, row] = 0
             a[:, row, keys[key]] = 1.0
+        if plant is not None:
+            plant(len(arrays), a, q, g)
         arrays.append(a.astype(np.float16))
     if reference:
         with store.atomic_dir(out) as tmp:
@@ -72,8 +78,11 @@ def make_run(out, rows: int = 3, cols: int = 4, *, layers: int = 2, heads: int =
                 np.savez_compressed(tmp / store.FULL_FILE.format(i), attention=a[None])
             test_image(image_size).save(tmp / "image.png")
         return out
-    meta = {"model": {"id": "synthetic", "standin": True, "dtype": "float16"}, "prompt": "Can you describe this image?",
-            "answer": "".join(store.display_token(t) for t in tokens[plen:]), "prompt_length": plen,
+    meta = {"model": {"id": "synthetic", "standin": True, "dtype": "float16"},
+            "prompt": "".join(u.text for u in units(prompt)).strip(),
+            "answer": "".join(u.text for u in units(tokens[plen:])), "prompt_length": plen,
             "image": {"size": list(image_size), "source": "synthetic"}}
+    for k, v in (meta_extra or {}).items():
+        meta[k] = {**meta[k], **v} if isinstance(meta.get(k), dict) and isinstance(v, dict) else v
     return store.write_run(out, tokens=tokens, layers=arrays, query_positions=q, store=store_mode,
                            geometry=g, meta=meta, image=test_image(image_size))

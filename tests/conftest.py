@@ -23,11 +23,18 @@ def make_run(tmp_path):
     return make
 
 
+@pytest.fixture(scope="session")
+def tiny():
+    """The tiny stand-in model (CPU), loaded once for every test file that runs it."""
+    from smolattn import model, standin
+    return model.load(str(standin.ensure("tiny")), device="cpu")
+
+
 @pytest.fixture
-def make_app():
-    """``make_app(RUN=path)`` or ``make_app(RUNS=root, ...)`` -> a testing app."""
+def make_app(tmp_path):
+    """``make_app(RUN=path)`` or ``make_app(RUNS=root, ...)`` -> a testing app (summary cache under tmp_path)."""
     def make(**config):
-        return create_app({"TESTING": True, **config})
+        return create_app({"TESTING": True, "CACHE_DIR": str(tmp_path / "cache"), **config})
     return make
 
 

@@ -199,6 +199,8 @@ def test_attention_runs_and_localisation(tiny, tiny_dir, tmp_path):
     for r in rows:
         run = store.Run(r["attention"]["run"])
         assert run.meta["pope"]["question_id"] == r["question_id"] and run.standin
+        assert run.image_path() is not None      # the overlay has its photo (the viewer opens every example)
+        assert run.row_of(run.prompt_length - 1) is not None   # the step that produces the answer's first token
         positions = run.meta["pope"]["object_positions"]
         words = "".join(store.display_token(run.tokens[p]) for p in positions).strip()
         assert words == pope.object_of(r["question"])

@@ -11,11 +11,6 @@ from smolattn import standin, store, synthetic
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    return mdl.load(str(standin.ensure("tiny")), device="cpu")
-
-
-@pytest.fixture(scope="module")
 def runs(tiny, tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     img = root / "img.png"

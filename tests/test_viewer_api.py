@@ -17,7 +17,7 @@ from PIL import Image
 from smolattn import synthetic
 from smolattn.errors import UserError
 from smolattn.store import Run
-from viewer.runs import LRU, MAX_OPEN_RUNS
+from viewer.runs import LAYER_SHARE, LRU, MAX_OPEN_RUNS
 
 ROOT = Path(__file__).resolve().parent.parent
 HOT = (5, 27)                     # tiled cell (row, col) of the one-hot in a 3 x 4 run
@@ -193,9 +193,9 @@ def test_runs_discovery_and_search(make_app, root):
     body = ok(client.get("/api/runs"))
     assert [r["name"] for r in body["runs"]] == ["a/cat", "b/dog", "broken"] and body["single"] is False
     dog = body["runs"][1]
-    assert dog["grid"] == [4, 3] and dog["image_size"] == [480, 640] and dog["standin"] is True
-    assert "error" in body["runs"][2]
-    assert [r["name"] for r in ok(client.get("/api/runs?q=DO"))["runs"]] == ["b/dog"]
+    assert dog["grid"] == [4, 3] and "skier" in dog["answer"] and dog["error"] is None
+    assert body["runs"][2]["answer"] is None          # no meta.json: listed by name, its error shows on opening
+    assert [r["name"] for r in ok(client.get("/api/runs?q=B/DO"))["runs"]] == ["b/dog"]    # name, answer or image
     assert ok(client.get("/api/runs?limit=1"))["total"] == 3
     assert ok(client.get("/api/initialize?run=b/dog"))["geometry"]["rows"] == 4
     resp = client.get("/api/initialize")
@@ -238,12 +238,17 @@ def test_layer_cache_stays_bounded_across_many_runs(make_run, make_app, tmp_path
     for k in range(6):
         make_run(f"img{k}", layers=3, heads=2)
     layer_bytes = Run(tmp_path / "runs" / "img0").layer(0).nbytes
-    app = make_app(RUNS=tmp_path / "runs", CACHE_MB=2.5 * layer_bytes / 1e6)
+    app = make_app(RUNS=tmp_path / "runs", CACHE_MB=2.5 * layer_bytes / LAYER_SHARE / 1e6)
     client, registry = app.test_client(), app.extensions["runs"]
     for k in range(6):
-        ok(client.get(f"/api/attention?run=img{k}&index={answer_pos()}"))
+        ok(client.get(f"/api/attention?run=img{k}&index={answer_pos()}&layers=0-2&heads=0"))
         assert registry.layers.total <= registry.layers.capacity
+        assert registry.summaries.total <= registry.summaries.capacity
         assert len(registry.layers) == 2 and len(registry.runs) <= MAX_OPEN_RUNS
+    health = ok(client.get("/api/health"))
+    assert health["layers"]["entries"] == 2 and health["layers"]["size"] <= health["layers"]["capacity"]
+    assert health["layers"]["misses"] == 18 and health["summaries"]["misses"] == 6
+    assert health["index"]["entries"] == 6
 
 
 def test_lru_loads_each_key_once_under_concurrency():

@@ -32,6 +32,18 @@ TILE_TOKEN, GLOBAL_TOKEN = 1, 4   # answer offsets of " skier" and " red"
 EVIL = ["ĠA", "Ġ<b>bold</b>", "Ġ<img", "Ġsrc=x", "Ġonerror=window.__xss=1>", "Ġ&amp;", "Ġ\"'", "."]
 
 
+KOREAN, JAPANESE, EMOJI = "이 고양이를 설명해 주세요", "猫がソファの上で寝ています。", " 🐱 café"
+
+
+def byte_level_bpe():
+    """The tiny stand-in's byte-level BPE (the GPT-2 byte alphabet, as SmolLM2's)."""
+    from tokenizers import Tokenizer
+
+    from smolattn import standin
+    tok = Tokenizer.from_file(str(standin.ensure("tiny") / "tokenizer.json"))
+    return lambda text: tok.encode(text, add_special_tokens=False).tokens
+
+
 def tile_key(rows, cols, i, j, side=8):
     return ((i // side) * cols + j // side) * side * side + (i % side) * side + j % side
 
@@ -51,6 +63,9 @@ def server(tmp_path_factory):
         synthetic.make_run(root / name, rows, cols, image_size=size, one_hot=one_hot, layers=3, heads=2)
     synthetic.make_run(root / "reference", 3, 4, reference=True)
     synthetic.make_run(root / "escape", 3, 4, answer=EVIL)
+    bpe = byte_level_bpe()
+    synthetic.make_run(root / "korean", 3, 4, prompt=bpe(" " + KOREAN), layers=3, heads=2,
+                       answer=bpe(" " + JAPANESE) + bpe(EMOJI))
     (root / "broken").mkdir()
     (root / "broken" / "decoded_tokens.npy").write_bytes(b"not a numpy file")
     srv = make_server("127.0.0.1", 0, create_app({"RUNS": str(root), "ALLOW_PICKLE": True}), threaded=True)
@@ -76,9 +91,10 @@ def page(browser):
     pg.set_default_timeout(10_000)
     errors = []
     pg.on("pageerror", lambda e: errors.append(str(e)))
+    pg.on("response", lambda r: r.status == 404 and not r.url.count("/api/") and errors.append(f"404 {r.url}"))
     yield pg
     context.close()
-    assert not errors, f"JavaScript errors: {errors}"
+    assert not errors, f"JavaScript errors or missing files: {errors}"
 
 
 def open_run(page, server, name):
@@ -222,3 +238,72 @@ def test_standin_banner(page, server):
     assert not banner.is_visible()
     assert page.locator("#prompt-tokens .image-chip").inner_text() == "[image: 3×4 tiles + global, 832 tokens]"
     page.screenshot(path=str(SHOTS / "reference.png"), full_page=True)
+
+
+def test_korean_japanese_and_emoji_tokens(page, server):
+    open_run(page, server, "korean")
+    prompt, answer = page.inner_text("#prompt-tokens"), page.inner_text("#answer-tokens")
+    assert KOREAN in prompt and JAPANESE in answer and "🐱" in answer and "café" in answer
+    assert "�" not in prompt + answer
+    chip = page.locator("#prompt-tokens .token.unit", has_text="고").first
+    first, last = map(int, chip.get_attribute("data-unit").split("-"))
+    chip.click()                                             # the unit: its last token's row
+    page.wait_for_selector(f'#overlay[data-index="{last}"]')
+    assert page.locator("#pieces").is_visible() and page.locator("#pieces-list .token").count() == last - first + 1
+    assert "selected" in chip.get_attribute("class")
+    page.click(f'#pieces-list .token[data-index="{first}"]')  # each underlying token is selectable
+    page.wait_for_selector(f'#overlay[data-index="{first}"]')
+    page.keyboard.press("ArrowRight")                        # and reachable by keyboard
+    page.wait_for_selector(f'#overlay[data-index="{first + 1}"]')
+    assert page.locator("#pieces-list .token.selected").get_attribute("data-index") == str(first + 1)
+    assert "고" in page.inner_text("#sel-token") and "korean" in page.title()
+    page.screenshot(path=str(SHOTS / "korean.png"), full_page=True)
+
+
+def test_url_keeps_the_view_title_names_the_run(page, server):
+    rows, cols, size, _, _ = SHAPES["landscape"]
+    tile_pos, _ = positions(rows, cols)
+    open_run(page, server, "landscape")
+    assert page.title().startswith("landscape") or "landscape" in page.title()
+    click_token(page, tile_pos)
+    page.select_option("#layer-mode", "single")
+    page.select_option("#layer", "1")
+    page.select_option("#heads", "1")
+    page.wait_for_selector('#overlay[data-layers="1-1"]')
+    url = page.url
+    for part in ("run=landscape", f"token={tile_pos}", "layers=1", "heads=1", "method=attention"):
+        assert part in url, url
+    page.goto(url)                                            # a shared link opens the same view
+    page.wait_for_selector(f'#overlay[data-index="{tile_pos}"][data-layers="1-1"]')
+    assert page.locator("#layer-mode").input_value() == "single" and page.locator("#heads").input_value() == "1"
+    assert page.locator(".token.selected").get_attribute("data-index") == str(tile_pos)
+    assert page.request.get(f"{server}/favicon.ico").ok
+
+
+def test_compare_mode_text_view_and_numbers(page, server, tmp_path):
+    rows, cols, size, (i, j), _ = SHAPES["landscape"]
+    tile_pos, _ = positions(rows, cols)
+    open_run(page, server, "landscape")
+    click_token(page, tile_pos)
+    page.check("#compare")
+    page.select_option("#b-layer-from", "0")
+    page.select_option("#b-layer-to", "0")
+    page.select_option("#b-heads", "0")
+    page.wait_for_selector(f'#overlay-b[data-index="{tile_pos}"][data-layers="0-0"]')
+    assert page.locator("#overlay").get_attribute("data-layers") == "0-2"
+    assert "compare=1" in page.url and "layers_b=0" in page.url and "heads_b=0" in page.url
+    assert "B: layer 0 · head 0" in page.inner_text("#view-b")
+    page.screenshot(path=str(SHOTS / "compare.png"), full_page=True)
+
+    page.click("#text-view summary")                          # text -> text: earlier tokens, ranked
+    page.locator("#text-list li").first.wait_for()
+    assert all(int(x) <= tile_pos for x in page.eval_on_selector_all("#text-list li", "els => els.map(e => e.dataset.index)"))
+
+    with page.expect_download() as info:
+        page.click("#download-numbers")
+    path = tmp_path / "numbers.json"
+    info.value.save_as(path)
+    import json
+    numbers = json.loads(path.read_text())
+    assert numbers["index"] == tile_pos and len(numbers["grid"]) == rows * 8 and len(numbers["grid"][0]) == cols * 8
+    assert max(max(r) for r in numbers["grid"]) == numbers["grid"][i][j]

@@ -16,10 +16,12 @@ log = logging.getLogger(__name__)
 
 
 def create_app(config: dict) -> Flask:
-    """``config``: RUN (one run directory) or RUNS (a root holding runs), ALLOW_PICKLE, CACHE_MB, and
-    any Flask setting. Raises UserError when the run or root cannot be served."""
+    """``config``: RUN (one run directory) or RUNS (a root holding runs), ALLOW_PICKLE, CACHE_MB (layers
+    and summaries), CACHE_DIR (summaries computed for runs that have none; default ~/.cache/smolattn or
+    $SMOLATTN_CACHE), ANALYSIS (a head analysis folder for the dataset page; default ROOT/analysis when
+    it holds one), and any Flask setting. Raises UserError when the run or root cannot be served."""
     app = Flask(__name__, template_folder=str(ROOT / "templates"), static_folder=str(ROOT / "static"))
-    app.config.update(ALLOW_PICKLE=False, CACHE_MB=512)
+    app.config.update(ALLOW_PICKLE=False, CACHE_MB=512, CACHE_DIR=None)
     app.config.update(config)
     if app.config.get("RUN") and app.config.get("RUNS"):
         raise UserError("give either a run directory or a runs root, not both")
@@ -30,14 +32,17 @@ def create_app(config: dict) -> Flask:
     if single and not (root / RUN_MARKER).is_file():
         raise UserError(f"{root.resolve()} is not a run directory (no {RUN_MARKER}); "
                         "pass --run DIR or --runs ROOT")
-    registry = Registry(root, single, bool(app.config["ALLOW_PICKLE"]), float(app.config["CACHE_MB"]) * 1e6)
+    registry = Registry(root, single, bool(app.config["ALLOW_PICKLE"]), float(app.config["CACHE_MB"]) * 1e6,
+                        app.config["CACHE_DIR"])
     if single:
         registry.run(registry.single_name)  # fail now, with one clear line, if the run is unreadable
     app.extensions["runs"] = registry
 
-    from . import api, pages
+    from . import api, dataset, pages
+    app.extensions["analysis_dir"] = dataset.analysis_dir(app.config, registry.root)
     app.register_blueprint(api.bp)
     app.register_blueprint(pages.bp)
+    app.register_blueprint(dataset.bp)
 
     @app.errorhandler(HTTPException)
     def http_error(e):

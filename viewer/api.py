@@ -13,13 +13,16 @@ from flask import Blueprint, current_app, jsonify, request, send_file
 from PIL import Image
 
 from smolattn import heatmap as hm
+from smolattn import tokens as tok
 from smolattn.errors import UserError
 from smolattn.store import Run, token_table
 
+from .index import SORTS
 from .runs import MAX_OPEN_RUNS, NotFound, text_rows
 
 bp = Blueprint("api", __name__, url_prefix="/api")
 TEXT_KINDS = ("prompt", "answer", "special")
+METHODS = ("attention",)   # explanation methods: the raw attention for now
 PNG_MAX_SIDE = 1024
 REVERSE_TOP = 20
 
@@ -171,14 +174,26 @@ def display_size(run: Run) -> tuple[int, int]:
 # -- routes ----------------------------------------------------------------------------------
 @bp.get("/runs")
 def runs():
+    """One page of the run index: search (name, answer or image), sort, paging."""
     args = params()
-    q = str(args.get("q", "")).lower()
     limit = as_int(args.get("limit", "200"), "limit")
     if not 1 <= limit <= 1000:
         raise ApiError("limit must be in 1..1000")
-    names = [n for n in registry().names() if q in n.lower()]
-    return jsonify(success=True, total=len(names), single=registry().single,
-                   runs=[registry().summary(n) for n in names[:limit]])
+    offset = as_int(args.get("offset", "0"), "offset")
+    if offset < 0:
+        raise ApiError("offset must be >= 0")
+    sort = choice(args, "sort", SORTS, "name")
+    desc = choice(args, "desc", ("0", "1"), "0") == "1"
+    reg = registry()
+    total, page = reg.index.query(str(args.get("q", "")), sort, desc, offset, limit)
+    return jsonify(success=True, total=total, offset=offset, limit=limit, sort=sort, desc=desc,
+                   single=reg.single, runs=[e.to_json() for e in page])
+
+
+@bp.get("/health")
+def health():
+    """Cache sizes (bytes), entries, hits and misses; the run index."""
+    return jsonify(success=True, **registry().health())
 
 
 @bp.get("/initialize")
@@ -226,7 +241,8 @@ def generate_attention_map():
         word = args.get("word")
         if not isinstance(word, str):
             raise ApiError("word_index (an integer) or word (a token string) is required")
-        match = next((t["index"] for t in table(run) if t["has_row"] and word in (t["raw"], t["text"])), None)
+        match = next((t["index"] for t in table(run) if t["has_row"] and word in (t["raw"], t["text"], t["unit_text"])),
+                     None)
         if match is None:
             raise NotFound(f"word {word!r} not found among the tokens with attention rows")
         pos, row = get_token(run, match)
@@ -247,7 +263,8 @@ def generate_attention_map():
 @bp.get("/attention")
 def attention():
     """The token's map as numbers for the page: tiled grid, global grid, image mass, colour range and
-    the layer x head image-mass overview."""
+    the layer x head image-mass overview. The overview, the shared colour range and the default map
+    (every layer, mean over heads) come from the run's summary; other maps read only their layers."""
     args = params()
     name, run = get_run(args)
     pos, row = get_token(run, args.get("index"))
@@ -255,25 +272,42 @@ def attention():
     heads = get_heads(run, args.get("heads"))
     drop = choice(args, "drop_sink", ("0", "1"), "0") == "1"
     norm = choice(args, "norm", ("map", "shared"), "map")
-
-    reg = registry()   # the overview and the shared colour range need every layer
-    every = [reg.layer(name, run, i) for i in range(run.num_layers)]
-    maps = np.stack([layer.image[:, row] for layer in every])                    # (L, H, K)
-    text_mass = np.stack([layer.text[:, row] for layer in every]).sum(-1)         # (L, H)
-    image_mass = maps.sum(-1)
-    total = image_mass + text_mass
-    lh_mass = np.divide(image_mass, total, out=np.zeros_like(total), where=total > 0)  # (L, H)
-    per_layer = hm.reduce_heads(maps, heads)
-    if drop:
-        per_layer = hm.drop_sink(per_layer)
-    values = per_layer[layers.start:layers.stop].mean(axis=0)
-    scope = values if norm == "map" else per_layer
+    method = choice(args, "method", METHODS, METHODS[0])
+    summary = registry().summary(name, run)
+    if len(layers) == run.num_layers and heads == "mean" and not drop:
+        values = summary.mean_map[row]
+    else:
+        values = token_map(name, run, row, layers, heads, drop)
+    lh_mass = summary.lh_mass(row)                                                 # (L, H)
+    vmin, vmax = summary.scale(row, heads, drop) if norm == "shared" else (float(values.min()), float(values.max()))
     grid, glob = run.geometry.split(values)
-    return jsonify(success=True, run=name, index=pos, text=table(run)[pos]["text"],
+    return jsonify(success=True, run=name, index=pos, text=tok.text_at(run.tokens, pos), method=method,
                    layers=[layers.start, layers.stop - 1], heads=heads, drop_sink=drop, norm=norm,
                    grid=None if grid is None else numbers(grid), **{"global": numbers(glob)},
                    image_mass=float(hm.reduce_heads(lh_mass, heads)[layers.start:layers.stop].mean()),
-                   vmin=float(scope.min()), vmax=float(scope.max()), layer_head_mass=numbers(lh_mass))
+                   vmin=vmin, vmax=vmax, layer_head_mass=numbers(lh_mass))
+
+
+@bp.get("/text_attention")
+def text_attention():
+    """Text -> text: how much the token attends to each earlier prompt and answer token (the stored
+    rows' text keys), layers and heads reduced as in /api/attention, and its share on the image."""
+    args = params()
+    name, run = get_run(args)
+    pos, row = get_token(run, args.get("index"))
+    layers = get_layers(run, args.get("layers"))
+    heads = get_heads(run, args.get("heads"))
+    reg = registry()
+    rows = [reg.layer(name, run, i) for i in layers]
+    text = hm.reduce_heads(np.stack([layer.text[:, row] for layer in rows]), heads).mean(axis=0)    # (T,)
+    image = hm.reduce_heads(np.stack([layer.image[:, row].sum(-1) for layer in rows]), heads).mean()
+    keys = run.text_key_positions[:len(text)]
+    tokens = table(run)
+    out = [{"index": int(p), "text": tokens[p]["text"], "unit_text": tokens[p]["unit_text"],
+            "kind": tokens[p]["kind"], "value": float(v)}
+           for p, v in zip(keys, text) if p <= pos and tokens[p]["kind"] in TEXT_KINDS]
+    return jsonify(success=True, run=name, index=pos, layers=[layers.start, layers.stop - 1], heads=heads,
+                   image=float(image), tokens=out)
 
 
 @bp.get("/reverse")
@@ -299,8 +333,11 @@ def reverse():
         key = g.rows * g.cols * s * s + i * s + j
     layers = get_layers(run, args.get("layers"))
     heads = get_heads(run, args.get("heads"))
-    values = hm.reduce_heads(np.stack([registry().layer(name, run, li).image[:, :, key] for li in layers]),
-                          heads).mean(axis=0)                                   # (Q,)
+    if len(layers) == run.num_layers and heads == "mean":
+        values = registry().summary(name, run).mean_map[:, key]                # (Q,), from the summary
+    else:
+        values = hm.reduce_heads(np.stack([registry().layer(name, run, li).image[:, :, key] for li in layers]),
+                                 heads).mean(axis=0)                            # (Q,)
     tokens, positions = table(run), text_rows(run).positions
     rows = [r for r, p in enumerate(positions) if tokens[p]["kind"] in TEXT_KINDS]
     top = sorted(rows, key=lambda r: -values[r])[:REVERSE_TOP]

@@ -6,7 +6,6 @@ absolute paths, no '..' or dot components, and the resolved path (symlinks follo
 """
 from __future__ import annotations
 
-import os
 import threading
 import weakref
 from collections import OrderedDict
@@ -17,10 +16,13 @@ from typing import NamedTuple
 import numpy as np
 
 from smolattn.errors import UserError
+from smolattn import summary
 from smolattn.store import Layer, Run
 
-RUN_MARKER = "decoded_tokens.npy"
+from .index import RUN_MARKER, Index
+
 MAX_OPEN_RUNS = 32
+LAYER_SHARE = 0.85   # of the cache bytes; the rest holds summaries
 
 
 class TextRows(NamedTuple):
@@ -31,25 +33,15 @@ class TextRows(NamedTuple):
 
 @lru_cache(maxsize=MAX_OPEN_RUNS)
 def text_rows(run: Run) -> TextRows:
-    """The stored rows the viewer uses: every query outside the image block. Reference-format runs store
-    a row for every position; dropping the image tokens' rows makes their cached layers several times smaller."""
-    first, last = run.geometry.image_block
-    q = run.query_positions
-    keep = np.flatnonzero((q < first) | (q > last))
-    positions = q[keep]
-    return TextRows(positions, {int(p): r for r, p in enumerate(positions)}, None if len(keep) == len(q) else keep)
+    """The stored rows the viewer uses: every query outside the image block (summary.kept_rows; the
+    summary's rows). Reference-format runs store a row for every position; dropping the image tokens'
+    rows makes their cached layers several times smaller."""
+    positions, keep = summary.kept_rows(run)
+    return TextRows(positions, {int(p): r for r, p in enumerate(positions)}, keep)
 
 
 class NotFound(LookupError):
     """An unknown run, token or layer (HTTP 404)."""
-
-
-def disk_identity(path: Path) -> tuple:
-    """What changes when a run is rewritten on disk: the inode of its directory (a replaced run is a
-    new directory) and the inode, mtime and size of its meta.json (or token file, reference format)."""
-    meta = path / "meta.json"
-    d, m = path.stat(), (meta if meta.exists() else path / RUN_MARKER).stat()
-    return d.st_ino, m.st_ino, m.st_mtime_ns, m.st_size
 
 
 class LRU:
@@ -60,17 +52,19 @@ class LRU:
         self._items: OrderedDict = OrderedDict()
         self._loading: dict = {}
         self._lock = threading.Lock()
-        self.total = 0
+        self.total = self.hits = self.misses = 0
 
     def get(self, key, load):
         while True:
             with self._lock:
                 if key in self._items:
                     self._items.move_to_end(key)
+                    self.hits += 1
                     return self._items[key]
                 pending = self._loading.get(key)
                 if pending is None:
                     pending = self._loading[key] = threading.Event()
+                    self.misses += 1
                     break
             pending.wait()  # another thread is loading it; look again (it may have failed)
         try:
@@ -89,34 +83,38 @@ class LRU:
     def __len__(self) -> int:
         return len(self._items)
 
+    def stats(self) -> dict:
+        with self._lock:
+            return {"entries": len(self._items), "size": self.total, "capacity": self.capacity,
+                    "hits": self.hits, "misses": self.misses}
+
 
 class Registry:
-    """The runs under ``root`` (``single``: root is itself the one run) and their caches."""
+    """The runs under ``root`` (``single``: root is itself the one run), their index and caches.
 
-    def __init__(self, root, single: bool, allow_pickle: bool = False, cache_bytes: float = 512e6):
+    Memory is bounded whatever is browsed: at most MAX_OPEN_RUNS runs open (tokens and meta), and
+    layers and summaries in LRUs bounded by bytes (``cache_bytes`` in all, LAYER_SHARE of it for
+    layers). Summaries missing from a run are computed once and cached under ``cache_dir``.
+    """
+
+    def __init__(self, root, single: bool, allow_pickle: bool = False, cache_bytes: float = 512e6,
+                 cache_dir=None):
         self.root = Path(root).resolve()
         self.single, self.allow_pickle = single, allow_pickle
         if not self.root.is_dir():
             raise UserError(f"not a directory: {root}")
         self.single_name = self.root.name or "run"
+        self.cache_dir = Path(cache_dir) if cache_dir else summary.default_cache_dir()
         self.runs = LRU(MAX_OPEN_RUNS)
-        self.layers = LRU(cache_bytes, size=lambda layer: layer.nbytes)
-        self._summaries: dict = {}
+        self.layers = LRU(cache_bytes * LAYER_SHARE, size=lambda layer: layer.nbytes)
+        self.summaries = LRU(cache_bytes * (1 - LAYER_SHARE), size=lambda s: s.nbytes)
+        self.index = Index(self.root, self.single_name if single else None)
         self._ids = weakref.WeakKeyDictionary()   # Run -> (name, disk identity) it was read as
 
     # -- discovery ------------------------------------------------------------------------------
     def names(self) -> list[str]:
-        """Every run name, sorted. Skips dot directories (temporary and hidden ones) and symlinks."""
-        if self.single:
-            return [self.single_name]
-        found = []
-        for dirpath, dirnames, filenames in os.walk(self.root):
-            if RUN_MARKER in filenames:
-                found.append(Path(dirpath).relative_to(self.root).as_posix())
-                dirnames.clear()  # a run's own folders hold no runs
-            else:
-                dirnames[:] = [d for d in dirnames if not d.startswith(".") and d != "__pycache__"]
-        return sorted(found)
+        """Every run name in the index, sorted."""
+        return self.index.names()
 
     def path(self, name: str) -> Path:
         """The directory of run ``name``; NotFound unless it is a run inside the root."""
@@ -136,17 +134,11 @@ class Registry:
         return path.resolve().is_relative_to(self.root)
 
     # -- cached access ------------------------------------------------------------------------
-    def _identity(self, name: str, path: Path) -> tuple:
-        try:
-            return disk_identity(path)
-        except OSError:      # replaced or removed between two looks
-            raise NotFound(f"run {name!r} is being rewritten on disk; try again") from None
-
     def run(self, name: str) -> Run:
         """The run, read again whenever it changed on disk (caches are keyed by its disk identity, so
         old and new data never mix)."""
         path = self.path(name)
-        key = (name, self._identity(name, path))
+        key = (name, summary.identity(path))    # a rewritten run is a new directory, new meta.json
         run = self.runs.get(key, lambda: Run(path, allow_pickle=self.allow_pickle))
         self._ids[run] = key
         return run
@@ -157,7 +149,7 @@ class Registry:
             raise NotFound(f"unknown layer {i}: the run has layers 0..{run.num_layers - 1}")
 
         def same():
-            if (name, self._identity(name, run.path)) != self._ids.get(run):   # rewritten since it was read
+            if (name, summary.identity(run.path)) != self._ids.get(run):   # rewritten since it was read
                 raise NotFound(f"run {name!r} changed on disk since it was read; reload it")
 
         def load():
@@ -167,16 +159,11 @@ class Registry:
             return layer if keep is None else Layer(layer.image[:, keep], layer.text[:, keep])
         return self.layers.get((self._ids.get(run, name), i), load)
 
-    def summary(self, name: str) -> dict:
-        """Picker entry for a run (kept for every run seen: a few hundred bytes each; read again when
-        the run changed on disk)."""
-        try:
-            key = (name, self._identity(name, self.path(name)))
-            if key not in self._summaries:
-                run = self.run(name)
-                g = run.geometry
-                self._summaries[key] = {"name": name, "standin": run.standin, "image_size": list(run.image_size()),
-                                        "grid": [g.rows, g.cols], "model": run.meta.get("model", {}).get("id")}
-        except (UserError, NotFound) as e:
-            return {"name": name, "error": str(e)}
-        return self._summaries[key]
+    def summary(self, name: str, run: Run) -> summary.Summary:
+        """The run's summary (its summary.npz, or computed once and cached under cache_dir)."""
+        return self.summaries.get(self._ids.get(run, name), lambda: summary.cached(
+            run, self.cache_dir, lambda i: self.layer(name, run, i)))
+
+    def health(self) -> dict:
+        return {"layers": self.layers.stats(), "summaries": self.summaries.stats(), "runs": self.runs.stats(),
+                "index": self.index.stats(), "cache_bytes": self.layers.capacity + self.summaries.capacity}

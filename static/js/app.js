@@ -4,10 +4,17 @@
 
 const $ = (id) => document.getElementById(id);
 const state = {
-  run: null, info: null, index: null, data: null, selectable: [],
-  cache: new Map(), reverse: null, request: 0,
+  run: null, info: null, index: null, selectable: [], units: new Map(),
+  views: { a: null, b: null }, cache: new Map(), reverse: null, request: 0, textRequest: 0,
+  runs: { offset: 0, limit: 200, total: 0 },
 };
 const CACHE_LIMIT = 300;
+const TITLE = "SmolVLM attention viewer";
+// the two views: A uses the main controls, B (compare mode) its own row under its image
+const VIEWS = {
+  a: { stage: "stage", image: "image", overlay: "overlay", label: "label-a" },
+  b: { stage: "stage-b", image: "image-b", overlay: "overlay-b", label: "label-b" },
+};
 
 // -- helpers -----------------------------------------------------------------------------------
 async function getJSON(url) {
@@ -18,6 +25,15 @@ async function getJSON(url) {
     throw new Error((body && body.error) || `request failed: HTTP ${resp.status}`);
   }
   return body;
+}
+
+async function getOrShow(url) {  // the body, or null after showing the error
+  try {
+    return await getJSON(url);
+  } catch (e) {
+    showError(e.message);
+    return null;
+  }
 }
 
 function showError(message) {
@@ -50,80 +66,176 @@ function option(select, value, label) { select.append(new Option(label, value));
 
 function radio(name) { return document.querySelector(`input[name="${name}"]:checked`).value; }
 
+function shown(text) { return text.replace(/\n/g, "↵"); }
+
+function safeName(text) { return text.replace(/[^\w.-]+/g, "_"); }
+
 // -- runs ----------------------------------------------------------------------------------------
-async function listRuns(query) {
-  const body = await getJSON(`/api/runs?q=${encodeURIComponent(query)}&limit=200`);
+async function listRuns() {
+  const r = state.runs;
+  const p = new URLSearchParams({ q: $("run-search").value, sort: $("run-sort").value, offset: r.offset, limit: r.limit });
+  const body = await getJSON(`/api/runs?${p}`);
   const select = $("run-select");
   select.replaceChildren();
-  for (const r of body.runs) {
-    option(select, r.name, r.error ? `${r.name} (unreadable)` : `${r.name} — ${r.grid[0]}×${r.grid[1]} tiles`);
+  for (const e of body.runs) {
+    const grid = e.grid ? (e.grid[0] ? ` — ${e.grid[0]}×${e.grid[1]} tiles` : " — global tile only") : "";
+    const answer = e.answer ? ` — ${e.answer.slice(0, 60)}` : "";
+    option(select, e.name, e.error ? `${e.name} (failed: ${e.error})` : `${e.name}${grid}${answer}`);
+    if (e.error) select.lastChild.disabled = true;
   }
-  if (state.run && body.runs.some((r) => r.name === state.run)) select.value = state.run;
-  $("run-count").textContent = `${body.runs.length} of ${body.total}`;
+  if (state.run && !body.runs.some((e) => e.name === state.run)) {
+    option(select, state.run, state.run);   // the open run stays visible whatever the page
+  }
+  if (state.run) select.value = state.run;
+  r.total = body.total;
+  const last = Math.min(body.total, r.offset + body.runs.length);
+  $("run-count").textContent = body.total ? `${r.offset + 1}–${last} of ${body.total}` : "no match";
+  $("runs-prev").disabled = r.offset === 0;
+  $("runs-next").disabled = last >= body.total;
   $("picker").hidden = body.single;
   return body.runs;
 }
 
-async function loadRun(name) {
+function pageRuns(delta) {
+  const r = state.runs;
+  r.offset = Math.max(0, Math.min(r.offset + delta * r.limit, Math.max(0, r.total - 1)));
+  listRuns().catch((e) => showError(e.message));
+}
+
+async function loadRun(name, wanted = null) {
   state.run = name;
   state.index = null;
-  state.data = null;
+  state.views = { a: null, b: null };
   state.cache.clear();
   setReverse(null);
-  const url = new URL(location.href);
-  url.searchParams.set("run", name);
-  history.replaceState(null, "", url);
   let info;
   try {
     info = await getJSON(`/api/initialize?run=${encodeURIComponent(name)}`);
   } catch (e) {
     state.info = null;
+    document.title = TITLE;
     $("prompt-tokens").replaceChildren();
     $("answer-tokens").replaceChildren();
-    $("image").removeAttribute("src");
-    $("image").hidden = true;
+    $("pieces").hidden = true;
+    for (const v of Object.values(VIEWS)) {
+      $(v.image).removeAttribute("src");
+      $(v.image).hidden = true;
+    }
     $("standin-banner").hidden = true;
     $("run-meta").textContent = "";
-    $("download").disabled = true;
+    $("download").disabled = $("download-numbers").disabled = true;
     drawAll();
     showError(e.message);
+    writeUrl();
     return;
   }
   clearError();
   state.info = info;
+  document.title = `${info.run} · ${TITLE}`;
   $("standin-banner").hidden = !info.standin;
   const g = info.geometry;
   $("run-meta").textContent = `${info.run} · ${info.model || "unknown model"} · ${g.image_size[0]}×${g.image_size[1]} px · `
     + (g.rows ? `${g.rows}×${g.cols} tiles` : "global tile only") + ` · ${info.num_layers} layers × ${info.num_heads} heads`;
   $("semantics").textContent = `Rows: ${info.query_semantics}.`;
   fillControls(info);
+  if (wanted) applyUrl(wanted);
   renderTokens(info);
-  $("image").hidden = false;
-  $("image").src = info.image_url;
-  const first = state.selectable.find((t) => t.kind === "answer") || state.selectable[0];
+  for (const v of Object.values(VIEWS)) {
+    $(v.image).hidden = false;
+    $(v.image).src = info.image_url;
+  }
+  const asked = wanted && wanted.get("token") !== null ? Number(wanted.get("token")) : NaN;
+  const first = state.selectable.find((t) => t.index === asked)
+    || state.selectable.find((t) => t.kind === "answer") || state.selectable[0];
   if (first) select(first.index);
+  else writeUrl();
 }
 
 function fillControls(info) {
-  for (const id of ["layer", "layer-from", "layer-to"]) {
+  for (const id of ["layer", "layer-from", "layer-to", "b-layer-from", "b-layer-to"]) {
     const s = $(id);
     s.replaceChildren();
     for (let i = 0; i < info.num_layers; i++) option(s, i, String(i));
   }
   $("layer").value = info.num_layers - 1;
   $("layer-to").value = info.num_layers - 1;
-  const heads = $("heads");
-  while (heads.options.length > 2) heads.remove(2);
-  for (let h = 0; h < info.num_heads; h++) option(heads, h, `Head ${h}`);
+  $("b-layer-from").value = $("b-layer-to").value = info.num_layers - 1;
+  for (const id of ["heads", "b-heads"]) {
+    const heads = $(id);
+    while (heads.options.length > 2) heads.remove(2);
+    for (let h = 0; h < info.num_heads; h++) option(heads, h, id === "heads" ? `Head ${h}` : `head ${h}`);
+  }
+}
+
+// -- URL state: run, token, layers, heads, method (+ the compared view) ----------------------------
+function setLayers(spec, prefix) {
+  const m = /^(\d+)(?:-(\d+))?$/.exec(spec || "");
+  if (!m || !state.info || Number(m[2] ?? m[1]) >= state.info.num_layers) return;
+  const [a, b] = [m[1], m[2] ?? m[1]];
+  if (prefix === "b-") {
+    $("b-layer-from").value = a;
+    $("b-layer-to").value = b;
+  } else if (m[2] === undefined) {
+    $("layer-mode").value = "single";
+    $("layer").value = a;
+  } else {
+    $("layer-mode").value = "range";
+    $("layer-from").value = a;
+    $("layer-to").value = b;
+  }
+}
+
+function setSelect(id, value) {
+  if (value !== null && [...$(id).options].some((o) => o.value === value)) $(id).value = value;
+}
+
+function applyUrl(p) {
+  setLayers(p.get("layers"), "");
+  setSelect("heads", p.get("heads"));
+  setSelect("method", p.get("method"));
+  if (p.get("norm") === "shared") document.querySelector('input[name="norm"][value="shared"]').checked = true;
+  $("drop-sink").checked = p.get("drop_sink") === "1";
+  $("compare").checked = p.get("compare") === "1";
+  setLayers(p.get("layers_b"), "b-");
+  setSelect("b-heads", p.get("heads_b"));
+  setSelect("b-method", p.get("method_b"));
+}
+
+function writeUrl() {
+  const url = new URL(location.href);
+  url.search = "";
+  const p = url.searchParams;
+  if (state.run) p.set("run", state.run);
+  if (state.info && state.index !== null) {
+    p.set("token", state.index);
+    const a = selectionParams("a");
+    p.set("layers", a.layers);
+    p.set("heads", a.heads);
+    p.set("method", a.method);
+    if (radio("norm") !== "map") p.set("norm", radio("norm"));
+    if ($("drop-sink").checked) p.set("drop_sink", "1");
+    if ($("compare").checked) {
+      const b = selectionParams("b");
+      p.set("compare", "1");
+      p.set("layers_b", b.layers);
+      p.set("heads_b", b.heads);
+      p.set("method_b", b.method);
+    }
+  }
+  history.replaceState(null, "", url);
 }
 
 // -- tokens --------------------------------------------------------------------------------------
+// A unit is one token, or consecutive tokens that together spell whole characters (byte-level BPE
+// splits Korean, Japanese, emoji...): one chip shows the characters; its tokens are in the split view.
 function renderTokens(info) {
   const [first, last] = info.geometry.image_block;
   const areas = { prompt: $("prompt-tokens"), answer: $("answer-tokens") };
   areas.prompt.replaceChildren();
   areas.answer.replaceChildren();
+  $("pieces").hidden = true;
   state.selectable = [];
+  state.units = new Map();
   for (const t of info.token_table) {
     const area = t.index < info.prompt_length ? areas.prompt : areas.answer;
     if (t.index === first) {
@@ -132,33 +244,67 @@ function renderTokens(info) {
       area.append(el("span", "chip image-chip", `[image: ${layout}, ${g.num_keys} tokens]`));
     }
     if (t.index >= first && t.index <= last) continue;
+    if (t.has_row) state.selectable.push(t);
+    const [u0, u1] = t.unit;
+    if (u1 > u0) {                                     // several tokens: one chip, made at its first
+      state.units.set(t.index, t.unit);
+      if (t.index !== u0) continue;
+      const pieces = info.token_table.slice(u0, u1 + 1);
+      const chip = el("span", `token unit ${t.kind}`, t.unit_text);
+      chip.dataset.unit = `${u0}-${u1}`;
+      chip.title = `#${u0}–${u1} ${t.kind}: ${u1 - u0 + 1} tokens spell ${JSON.stringify(t.unit_text)}: `
+        + pieces.map((x) => JSON.stringify(x.raw)).join(" ");
+      if (pieces.some((x) => x.has_row)) chip.classList.add("selectable");
+      area.append(chip);
+      continue;
+    }
     const blank = t.text.trim() === "" && t.text.includes("\n");
     const span = el("span", `token ${t.kind}${blank ? " newline" : ""}`, blank ? "↵" : t.text);
     span.dataset.index = t.index;
     span.title = `#${t.index} ${t.kind}: ${JSON.stringify(t.raw)}`;
-    if (t.has_row) {
-      span.classList.add("selectable");
-      span.tabIndex = -1;
-      state.selectable.push(t);
-    } else {
-      span.classList.add("inert");
-    }
+    span.classList.add(t.has_row ? "selectable" : "inert");
     area.append(span);
     if (blank) area.append(el("br"));
   }
 }
 
+function showPieces(unit, index) {
+  const [u0, u1] = unit;
+  const list = $("pieces-list");
+  list.replaceChildren();
+  for (const t of state.info.token_table.slice(u0, u1 + 1)) {
+    const span = el("span", `token piece ${t.kind} ${t.has_row ? "selectable" : "inert"}`, t.text);
+    span.dataset.index = t.index;
+    span.title = `#${t.index}: ${JSON.stringify(t.raw)}`;
+    if (t.index === index) span.classList.add("selected");
+    list.append(span);
+  }
+  $("pieces-label").textContent = `"${shown(state.info.token_table[u0].unit_text)}" is ${u1 - u0 + 1} tokens:`;
+  $("pieces").hidden = false;
+}
+
 function select(index) {
   state.index = index;
   for (const node of document.querySelectorAll(".token.selected")) node.classList.remove("selected");
-  const span = document.querySelector(`.token[data-index="${index}"]`);
+  const unit = state.units.get(index);
+  let span;
+  if (unit) {
+    span = document.querySelector(`.token.unit[data-unit="${unit[0]}-${unit[1]}"]`);
+    showPieces(unit, index);
+  } else {
+    $("pieces").hidden = true;
+    span = document.querySelector(`.token[data-index="${index}"]`);
+  }
   if (span) {
     span.classList.add("selected");
     span.scrollIntoView({ block: "nearest" });
   }
   const t = state.info.token_table[index];
-  $("sel-token").textContent = `#${index} ${JSON.stringify(t.text)}`;
-  $("download").disabled = false;
+  const label = unit ? `"${shown(t.unit_text)}" · token ${index - unit[0] + 1} of ${unit[1] - unit[0] + 1}: ${t.text}`
+    : JSON.stringify(t.text);
+  $("sel-token").textContent = `#${index} ${label}`;
+  document.title = `${shown(t.unit_text).trim() || t.raw} · ${state.run} · ${TITLE}`;
+  $("download").disabled = $("download-numbers").disabled = false;
   update();
 }
 
@@ -171,40 +317,53 @@ function step(delta) {
 }
 
 // -- data ----------------------------------------------------------------------------------------
-function selectionParams() {
+function selectionParams(view) {
+  if (view === "b") {
+    let from = Number($("b-layer-from").value), to = Number($("b-layer-to").value);
+    if (from > to) { $("b-layer-to").value = from; to = from; }
+    return { layers: from === to ? `${from}` : `${from}-${to}`, heads: $("b-heads").value, method: $("b-method").value };
+  }
   const range = $("layer-mode").value === "range";
   let from = Number($("layer-from").value), to = Number($("layer-to").value);
   if (range && from > to) { $("layer-to").value = from; to = from; }
-  return {
-    layers: range ? `${from}-${to}` : $("layer").value,
-    heads: $("heads").value,
-  };
+  return { layers: range ? `${from}-${to}` : $("layer").value, heads: $("heads").value, method: $("method").value };
+}
+
+async function fetchView(view) {
+  const p = new URLSearchParams({ run: state.run, index: state.index, ...selectionParams(view),
+    drop_sink: $("drop-sink").checked ? "1" : "0", norm: radio("norm") });
+  const key = p.toString();
+  let data = state.cache.get(key);
+  if (!data) {
+    data = await getJSON(`/api/attention?${key}`);
+    if (state.cache.size >= CACHE_LIMIT) state.cache.delete(state.cache.keys().next().value);
+    state.cache.set(key, data);
+  }
+  return data;
 }
 
 async function update() {
   $("layer-single").hidden = $("layer-mode").value !== "single";
   $("layer-range").hidden = $("layer-mode").value !== "range";
+  const compare = $("compare").checked;
+  $("view-b").hidden = !compare;
+  $("label-a").hidden = !compare;
+  $("figure").classList.toggle("compare", compare);
+  writeUrl();
   if (!state.info || state.index === null) return;
-  const p = new URLSearchParams({ run: state.run, index: state.index, ...selectionParams(),
-    drop_sink: $("drop-sink").checked ? "1" : "0", norm: radio("norm") });
-  const key = p.toString();
   const ticket = ++state.request;
   try {
-    let data = state.cache.get(key);
-    if (!data) {
-      data = await getJSON(`/api/attention?${key}`);
-      if (state.cache.size >= CACHE_LIMIT) state.cache.delete(state.cache.keys().next().value);
-      state.cache.set(key, data);
-    }
+    const [a, b] = await Promise.all([fetchView("a"), compare ? fetchView("b") : null]);
     if (ticket !== state.request) return;  // a newer request superseded this one
     clearError();
-    state.data = data;
+    state.views = { a, b };
   } catch (e) {
     if (ticket === state.request) showError(e.message);
     return;
   }
   drawAll();
   if (state.reverse) loadReverse(state.reverse);
+  if ($("text-view").open) loadText();
 }
 
 // -- drawing -------------------------------------------------------------------------------------
@@ -236,18 +395,28 @@ function paint(ctx, heat, width, height) {
   ctx.globalAlpha = 1;
 }
 
-function drawAll() {
-  $("opacity-value").textContent = Number($("opacity").value).toFixed(2);
-  const d = state.data;
-  drawOverlay(d);
-  drawGlobal(d);
-  drawColorbar(d);
-  drawOverview(d);
-  $("sel-mass").textContent = d ? `${(d.image_mass * 100).toFixed(1)}% of the attention` : "–";
+function describe(d) {
+  const layers = d.layers[0] === d.layers[1] ? `layer ${d.layers[0]}` : `layers ${d.layers[0]}–${d.layers[1]}`;
+  const heads = typeof d.heads === "number" ? `head ${d.heads}` : `${d.heads} over heads`;
+  return `${layers} · ${heads} · ${d.method || "attention"}`;
 }
 
-function drawOverlay(d) {
-  const img = $("image"), canvas = $("overlay");
+function drawAll() {
+  $("opacity-value").textContent = Number($("opacity").value).toFixed(2);
+  const { a, b } = state.views;
+  drawOverlay("a", a);
+  drawOverlay("b", $("compare").checked ? b : null);
+  drawGlobal(a);
+  drawColorbar(a);
+  drawOverview(a);
+  $("label-a").textContent = a ? `A: ${describe(a)}` : "";
+  $("label-b").textContent = b ? `B: ${describe(b)} · ${(b.image_mass * 100).toFixed(1)}% on the image` : "B";
+  $("sel-mass").textContent = a ? `${(a.image_mass * 100).toFixed(1)}% of the attention` : "–";
+}
+
+function drawOverlay(view, d) {
+  const v = VIEWS[view];
+  const img = $(v.image), canvas = $(v.overlay);
   const dpr = window.devicePixelRatio || 1;
   canvas.width = Math.max(1, Math.round(img.clientWidth * dpr));
   canvas.height = Math.max(1, Math.round(img.clientHeight * dpr));
@@ -257,6 +426,7 @@ function drawOverlay(d) {
   if (!d || !img.complete || !img.naturalWidth) return;
   paint(ctx, heatCanvas(d.grid || d.global, d.vmin, d.vmax), canvas.width, canvas.height);
   canvas.dataset.index = d.index;  // lets tests (and you) see which token is drawn
+  canvas.dataset.layers = d.layers.join("-");
 }
 
 function drawGlobal(d) {
@@ -278,7 +448,8 @@ function drawColorbar(d) {
   if (!d) return;
   for (let k = 0; k <= 4; k++) ticks.append(el("span", "", fmt(d.vmin + (d.vmax - d.vmin) * k / 4)));
   $("colorbar-label").textContent = (d.drop_sink ? "Share of the image attention" : "Attention weight")
-    + (d.norm === "shared" ? " · scale shared across all layers" : " · scale of this map");
+    + (d.norm === "shared" ? " · scale shared across all layers" : " · scale of this map")
+    + ($("compare").checked ? " · view A (B uses its own scale)" : "");
 }
 
 function drawOverview(d) {
@@ -316,6 +487,30 @@ function drawOverview(d) {
     + "Click a cell to show that layer and head.";
 }
 
+// -- text -> text view ---------------------------------------------------------------------------
+async function loadText() {
+  const list = $("text-list");
+  if (!state.info || state.index === null) { list.replaceChildren(); return; }
+  const a = selectionParams("a");
+  const p = new URLSearchParams({ run: state.run, index: state.index, layers: a.layers, heads: a.heads });
+  const ticket = ++state.textRequest;
+  const body = await getOrShow(`/api/text_attention?${p}`);
+  if (!body || ticket !== state.textRequest) return;
+  const total = body.tokens.reduce((s, t) => s + t.value, 0);
+  $("text-caption").textContent = `#${body.index}: ${(total * 100).toFixed(1)}% on earlier text, `
+    + `${(body.image * 100).toFixed(1)}% on the image. Top tokens:`;
+  list.replaceChildren();
+  for (const t of [...body.tokens].sort((x, y) => y.value - x.value).slice(0, 15)) {
+    const item = el("li");
+    item.dataset.index = t.index;
+    const text = t.text === t.unit_text ? t.text : `${t.unit_text} (${t.text})`;
+    item.append(el("span", `token ${t.kind} selectable`, shown(text)), el("span", "value", fmt(t.value)));
+    item.title = `#${t.index}`;
+    item.addEventListener("click", () => select(t.index));
+    list.append(item);
+  }
+}
+
 // -- reverse view --------------------------------------------------------------------------------
 function setReverse(target) {
   state.reverse = target;
@@ -341,31 +536,38 @@ async function loadReverse(target) {
     Object.assign($("cell-marker").style, { left: `${(100 * j) / gw}%`, top: `${(100 * i) / gh}%`,
       width: `${100 / gw}%`, height: `${100 / gh}%` });
   }
-  const p = new URLSearchParams({ run: state.run, cell: `${i},${j}`, view: target.view, ...selectionParams() });
-  let body;
-  try {
-    body = await getJSON(`/api/reverse?${p}`);
-  } catch (e) {
-    showError(e.message);
-    return;
-  }
-  if (state.reverse !== target) return;
+  const { layers, heads } = selectionParams("a");
+  const p = new URLSearchParams({ run: state.run, cell: `${i},${j}`, view: target.view, layers, heads });
+  const body = await getOrShow(`/api/reverse?${p}`);
+  if (!body || state.reverse !== target) return;
   $("reverse-caption").textContent = `Tokens attending most to ${target.view} cell (${i}, ${j}):`;
   const list = $("reverse-list");
   list.replaceChildren();
   for (const t of body.tokens) {
     const item = el("li");
     item.dataset.index = t.index;
-    const tok = el("span", `token ${t.kind} selectable`, t.text.replace(/\n/g, "↵"));
+    const tok = el("span", `token ${t.kind} selectable`, shown(t.text));
     item.append(tok, el("span", "value", fmt(t.value)));
     item.addEventListener("click", () => select(t.index));
     list.append(item);
   }
 }
 
-// -- download ------------------------------------------------------------------------------------
+// -- export --------------------------------------------------------------------------------------
+function exportName(d, ext) {
+  return `${safeName(state.run)}_token${d.index}_layers${d.layers.join("-")}_heads-${d.heads}_${d.method || "attention"}.${ext}`;
+}
+
+function save(blob, name) {
+  const a = el("a");
+  a.href = URL.createObjectURL(blob);
+  a.download = name;
+  a.click();
+  setTimeout(() => URL.revokeObjectURL(a.href), 1000);
+}
+
 function download() {
-  const img = $("image"), d = state.data;
+  const img = $("image"), d = state.views.a;
   if (!d || !img.naturalWidth) return;
   const canvas = el("canvas");
   canvas.width = img.naturalWidth;
@@ -373,34 +575,52 @@ function download() {
   const ctx = canvas.getContext("2d");
   ctx.drawImage(img, 0, 0);
   paint(ctx, heatCanvas(d.grid || d.global, d.vmin, d.vmax), canvas.width, canvas.height);
-  canvas.toBlob((blob) => {
-    const a = el("a");
-    a.href = URL.createObjectURL(blob);
-    a.download = `${state.run.replace(/[^\w.-]+/g, "_")}_token${d.index}_layers${d.layers.join("-")}_heads-${d.heads}.png`;
-    a.click();
-    setTimeout(() => URL.revokeObjectURL(a.href), 1000);
-  }, "image/png");
+  canvas.toBlob((blob) => save(blob, exportName(d, "png")), "image/png");
+}
+
+function downloadNumbers() {
+  const d = state.views.a;
+  if (!d) return;
+  const t = state.info.token_table[d.index];
+  const out = { run: state.run, index: d.index, token: t.unit_text, piece: t.text, raw: t.raw,
+    method: d.method || "attention", layers: d.layers, heads: d.heads, drop_sink: d.drop_sink, norm: d.norm,
+    image_mass: d.image_mass, vmin: d.vmin, vmax: d.vmax, grid: d.grid, global: d.global,
+    query_semantics: state.info.query_semantics,
+    note: "grid: the tiled view, rows x cols of image cells (null when the image was not split); global: the global tile" };
+  save(new Blob([JSON.stringify(out)], { type: "application/json" }), exportName(d, "json"));
 }
 
 // -- wiring --------------------------------------------------------------------------------------
 function wire() {
-  for (const id of ["layer-mode", "layer", "layer-from", "layer-to", "heads", "drop-sink"]) {
+  for (const id of ["layer-mode", "layer", "layer-from", "layer-to", "heads", "method", "drop-sink", "compare",
+    "b-layer-from", "b-layer-to", "b-heads", "b-method"]) {
     $(id).addEventListener("change", update);
   }
   for (const input of document.querySelectorAll('input[name="norm"]')) input.addEventListener("change", update);
   for (const input of document.querySelectorAll('input[name="upsample"]')) input.addEventListener("change", drawAll);
   $("opacity").addEventListener("input", drawAll);
   $("download").addEventListener("click", download);
+  $("download-numbers").addEventListener("click", downloadNumbers);
   $("alert-close").addEventListener("click", clearError);
-  $("image").addEventListener("load", drawAll);
-  new ResizeObserver(() => drawOverlay(state.data)).observe($("image"));
+  $("text-view").addEventListener("toggle", () => { if ($("text-view").open) loadText(); });
+  for (const v of Object.values(VIEWS)) {
+    $(v.image).addEventListener("load", drawAll);
+    new ResizeObserver(() => drawOverlay(v === VIEWS.a ? "a" : "b", v === VIEWS.a ? state.views.a : state.views.b))
+      .observe($(v.image));
+  }
 
   const tokenClick = (event) => {
     const span = event.target.closest(".token.selectable");
-    if (span) select(Number(span.dataset.index));
+    if (!span) return;
+    if (span.dataset.unit) {   // a unit chip: its last token (the one that has read every character)
+      const [u0, u1] = span.dataset.unit.split("-").map(Number);
+      const withRow = state.selectable.filter((t) => t.index >= u0 && t.index <= u1);
+      if (withRow.length) select(withRow[withRow.length - 1].index);
+    } else {
+      select(Number(span.dataset.index));
+    }
   };
-  $("prompt-tokens").addEventListener("click", tokenClick);
-  $("answer-tokens").addEventListener("click", tokenClick);
+  for (const id of ["prompt-tokens", "answer-tokens", "pieces-list"]) $(id).addEventListener("click", tokenClick);
 
   $("stage").addEventListener("click", (event) => {
     if (!state.info) return;
@@ -423,23 +643,30 @@ function wire() {
   });
 
   let timer = null;
+  const relist = () => {
+    state.runs.offset = 0;
+    listRuns().catch((e) => showError(e.message));
+  };
   $("run-search").addEventListener("input", () => {
     clearTimeout(timer);
-    timer = setTimeout(() => listRuns($("run-search").value).catch((e) => showError(e.message)), 150);
+    timer = setTimeout(relist, 150);
   });
+  $("run-sort").addEventListener("change", relist);
+  $("runs-prev").addEventListener("click", () => pageRuns(-1));
+  $("runs-next").addEventListener("click", () => pageRuns(1));
   $("run-select").addEventListener("change", () => loadRun($("run-select").value));
 }
 
 async function main() {
   wire();
+  const wanted = new URLSearchParams(location.search);
   try {
-    const runs = await listRuns("");
-    const wanted = new URLSearchParams(location.search).get("run");
-    const name = wanted || (runs[0] && runs[0].name);
+    const runs = await listRuns();
+    const name = wanted.get("run") || (runs.find((e) => !e.error) || {}).name;
     if (!name) throw new Error("no runs to show");
-    if (wanted && !runs.some((r) => r.name === wanted)) option($("run-select"), wanted, wanted);
+    if (!runs.some((e) => e.name === name)) option($("run-select"), name, name);
     $("run-select").value = name;
-    await loadRun(name);
+    await loadRun(name, wanted);
   } catch (e) {
     showError(e.message);
   }

@@ -1,0 +1,179 @@
+"""The run index of a runs root: one entry per run, for the picker's search, sort and paging.
+
+Built from the batch manifests where there are any (``manifest*.jsonl``, read with
+``smolattn.batch.read_manifests``: the latest row per image, so error rows are listed too and a batch
+of 40,000 images is indexed without touching its run directories), and from one scan of the other
+directories (a run is a directory holding ``decoded_tokens.npy``; its meta.json gives the answer and
+grid). A directory holding a manifest is a batch root: the scan does not descend into it. The index
+is cached in memory and rebuilt when a manifest or a scanned directory changes (checked at most every
+``check_every`` seconds).
+"""
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+from smolattn.batch import read_manifests
+
+RUN_MARKER = "decoded_tokens.npy"
+SORTS = ("name", "answer", "grid", "error")
+
+
+class Entry(NamedTuple):
+    name: str
+    answer: str | None = None
+    grid: tuple | None = None      # (rows, cols) of tiles
+    error: str | None = None       # the manifest's error for an image that failed
+    image: str | None = None       # the source image, relative to the batch's image folder
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "answer": self.answer, "grid": list(self.grid) if self.grid else None,
+                "error": self.error, "image": self.image}
+
+
+def _is_manifest(name: str) -> bool:
+    return name.startswith("manifest") and name.endswith(".jsonl")
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}/{name}" if prefix else name
+
+
+def _grid(value):
+    try:
+        rows, cols = (int(x) for x in value)
+        return rows, cols
+    except (TypeError, ValueError):
+        return None
+
+
+def run_entry(path: Path, name: str) -> Entry:
+    """An entry from a run directory's meta.json (reference-format runs have none: name only)."""
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+        g = meta.get("geometry") or {}
+        return Entry(name, meta.get("answer"), _grid((g.get("rows"), g.get("cols"))), None,
+                     (meta.get("image") or {}).get("source"))
+    except (OSError, ValueError, AttributeError):
+        return Entry(name)
+
+
+class Index:
+    def __init__(self, root: Path, single_name: str | None = None, check_every: float = 2.0):
+        self.root, self.single_name, self.check_every = Path(root), single_name, check_every
+        self._lock = threading.Lock()
+        self._entries: list[Entry] = []
+        self._hay: list[str] = []
+        self._orders: dict = {}
+        self._signature = None
+        self._checked = 0.0
+        self.builds = 0
+        self.build_seconds = 0.0
+
+    # -- building -------------------------------------------------------------------------------
+    def _walk(self):
+        """(entries, signature): manifests of batch roots, runs found by the scan, and the stat of
+        every manifest and scanned directory (what a rebuild is keyed on)."""
+        if self.single_name is not None:
+            return [run_entry(self.root, self.single_name)], ()
+        entries, signature, stack = [], [], [(self.root, "")]
+        while stack:
+            path, prefix = stack.pop()
+            try:
+                with os.scandir(path) as it:
+                    children = list(it)
+                signature.append((str(path), path.stat().st_mtime_ns))
+            except OSError:
+                continue
+            names = {c.name for c in children}
+            manifests = sorted(c for c in names if _is_manifest(c))
+            if prefix and RUN_MARKER in names:
+                entries.append(run_entry(path, prefix))
+                continue
+            if manifests:
+                for m in manifests:
+                    st = (path / m).stat()
+                    signature.append((str(path / m), st.st_size, st.st_mtime_ns))
+                for row in read_manifests(path).values():
+                    if isinstance(row.get("run"), str) and row["run"]:
+                        entries.append(Entry(_join(prefix, row["run"]), row.get("answer"), _grid(row.get("grid")),
+                                             row.get("error") if row.get("status") != "ok" else None,
+                                             row.get("image")))
+                continue
+            for c in children:
+                if not c.name.startswith(".") and c.name != "__pycache__" and c.is_dir(follow_symlinks=False):
+                    stack.append((Path(c.path), _join(prefix, c.name)))
+        entries.sort(key=lambda e: e.name)
+        unique = [e for k, e in enumerate(entries) if k == 0 or e.name != entries[k - 1].name]
+        return unique, tuple(sorted(signature))
+
+    def _signature_now(self):
+        """The current signature, by stat only (a new manifest or run changes its directory's mtime)."""
+        sig = []
+        for item in self._signature or ():
+            try:
+                st = os.stat(item[0])
+            except OSError:
+                sig.append((item[0], None) if len(item) == 2 else (item[0], None, None))
+                continue
+            sig.append((item[0], st.st_mtime_ns) if len(item) == 2 else (item[0], st.st_size, st.st_mtime_ns))
+        return tuple(sorted(sig))
+
+    def refresh(self, force: bool = False) -> None:
+        with self._lock:
+            now = time.monotonic()
+            if not force and self._signature is not None and now - self._checked < self.check_every:
+                return
+            self._checked = now
+            if not force and self._signature is not None and self._signature_now() == self._signature:
+                return
+            t = time.perf_counter()
+            entries, signature = self._walk()
+            self._entries, self._signature, self._orders = entries, signature, {}
+            self._hay = [f"{e.name}\n{e.answer or ''}\n{e.image or ''}".lower() for e in entries]
+            self.builds += 1
+            self.build_seconds = time.perf_counter() - t
+
+    # -- queries --------------------------------------------------------------------------------
+    def _order(self, sort: str) -> list[int]:
+        if sort not in self._orders:
+            e = self._entries
+            key = {
+                "name": None,
+                "answer": lambda i: (e[i].answer is None, (e[i].answer or "").lower(), e[i].name),
+                "grid": lambda i: (e[i].grid is None, (e[i].grid[0] * e[i].grid[1], e[i].grid) if e[i].grid else (),
+                                   e[i].name),
+                "error": lambda i: (e[i].error is None, e[i].error or "", e[i].name),
+            }[sort]
+            self._orders[sort] = list(range(len(e))) if key is None else sorted(range(len(e)), key=key)
+        return self._orders[sort]
+
+    def query(self, q: str = "", sort: str = "name", desc: bool = False, offset: int = 0, limit: int = 200):
+        """(total matches, entries[offset:offset + limit]) for a case-insensitive substring of the name,
+        answer or image, in ``sort`` order."""
+        self.refresh()
+        with self._lock:
+            order, hay, entries = self._order(sort), self._hay, self._entries
+        if desc:
+            order = order[::-1]
+        q = q.strip().lower()
+        hits = order if not q else [i for i in order if q in hay[i]]
+        return len(hits), [entries[i] for i in hits[offset:offset + limit]]
+
+    def names(self) -> list[str]:
+        self.refresh()
+        return [e.name for e in self._entries]
+
+    def __len__(self) -> int:
+        self.refresh()
+        return len(self._entries)
+
+    def stats(self) -> dict:
+        self.refresh()
+        return {"entries": len(self._entries), "builds": self.builds,
+                "last_build_s": round(self.build_seconds, 4),
+                "manifests": sum(1 for s in self._signature or () if len(s) == 3)}
