@@ -408,3 +408,21 @@ def _text_rows(run):
     from viewer.runs import text_rows
     keep = text_rows(run).keep
     return slice(None) if keep is None else keep
+
+
+def test_other_outputs_replace_only_their_own_kind(tmp_path):
+    """atomic_dir(owned=...): a head analysis replaces an earlier analysis, never another folder."""
+    from smolattn import head_report
+    earlier = tmp_path / "analysis"
+    earlier.mkdir()
+    (earlier / "analysis.json").write_text(json.dumps({"format": head_report.FORMAT}))
+    with store.atomic_dir(earlier, owned=head_report.is_analysis) as tmp:
+        (tmp / "analysis.json").write_text(json.dumps({"format": head_report.FORMAT, "new": True}))
+    assert json.loads((earlier / "analysis.json").read_text())["new"]
+    mine = user_folder(tmp_path / "mine")
+    before = snapshot(mine)
+    with pytest.raises(UserError, match="not a run written by smolattn"):
+        with store.atomic_dir(mine, owned=head_report.is_analysis):
+            pass
+    assert snapshot(mine) == before
+    no_temporaries(tmp_path)
