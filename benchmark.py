@@ -12,6 +12,7 @@ import functools
 import sys
 from pathlib import Path
 
+from smolattn import engine
 from smolattn import extract as ex
 from smolattn import model as mdl
 from smolattn import pope
@@ -28,12 +29,12 @@ def parse_args(argv=None):
     ap.add_argument("--image-root", default="../COCO/val2014", help="folder of the COCO val2014 images")
     ap.add_argument("--output-dir", default="benchmark_output")
     ap.add_argument("--limit", type=int, default=0, help="only the first N questions, in file order (0: all)")
-    ap.add_argument("--model-id", default=mdl.DEFAULT_MODEL, help="hub id or local model directory")
-    ap.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
-    ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    ap.add_argument("--dtype", choices=mdl.DTYPES, default=None, help="default: float32 on CPU, bfloat16 on GPU")
-    ap.add_argument("--longest-edge", type=int, default=2048, help="processor resize of the longest edge "
-                    "(2048: up to 4x4 tiles + global, as SmolVLM; 512: global tile only, ~10x faster)")
+    mdl.add_model_arguments(ap)
+    ap.add_argument("--longest-edge", type=int, default=None, help="processor resize of the longest edge "
+                    "(default: the checkpoint's own, 2048 for SmolVLM-256M: up to 4x4 tiles + global; "
+                    "512: global tile only, ~10x faster)")
+    ap.add_argument("--batch-size", type=int, default=None,
+                    help="images whose questions are answered in one generate call (default: 8 on a GPU, 1 on CPU)")
     ap.add_argument("--prompt-suffix", default=pope.DEFAULT_SUFFIX,
                     help="appended to each question; default lmms-eval's %(default)r, so a 256M model answers "
                          "with one word (VLMEvalKit adds none: pass '' to match it)")
@@ -54,8 +55,9 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     if args.engine == "local" and args.num_workers != 1:
         ap.error("--num-workers > 1 needs --engine ray (the local engine runs one worker)")
-    if args.limit < 0 or args.max_new_tokens < 1 or args.longest_edge < 1 or args.num_workers < 1:
-        ap.error("--limit must be >= 0; --max-new-tokens, --longest-edge and --num-workers >= 1")
+    if args.limit < 0 or args.max_new_tokens < 1 or (args.longest_edge or 1) < 1 or args.num_workers < 1 \
+            or (args.batch_size or 1) < 1:
+        ap.error("--limit must be >= 0; --max-new-tokens, --longest-edge, --batch-size and --num-workers >= 1")
     if args.annotations and not args.attention:
         ap.error("--annotations needs --attention")
     if not args.answers and not args.benchmark_file:
@@ -96,9 +98,10 @@ def main(argv=None):
     boxes = pr.load_boxes(args.annotations) if args.annotations else None
     device = args.device or ("cuda" if args.engine == "ray" and args.gpus_per_worker else mdl.default_device())
     cfg = pr.Config(mdl.resolve_model_id(args.model_id), args.revision, device,
-                    args.dtype or ("float32" if device == "cpu" else "bfloat16"), args.prompt_suffix,
+                    args.dtype or mdl.default_dtype(device), args.prompt_suffix,
                     args.longest_edge, args.max_new_tokens, args.naive,
-                    str(out / "attention") if args.attention else None)
+                    str(out / "attention") if args.attention else None,
+                    args.batch_size or engine.default_batch_size(device))
     ex.check_longest_edge(args.longest_edge, ex.checkpoint_tile_size(args.model_id, args.revision))
     answers = pr.AnswersFile(out / "answers.jsonl", cfg, args.overwrite)
     done = answers.done()
@@ -116,7 +119,7 @@ def main(argv=None):
             bar.update(len(rows))
 
         try:
-            run_engine(pr.make_items(todo, args.image_root, boxes), functools.partial(pr.make_worker, cfg),
+            run_engine(pr.make_items(todo, args.image_root, boxes, cfg.batch_size), functools.partial(pr.make_worker, cfg),
                        engine=args.engine, num_workers=args.num_workers, gpus_per_worker=args.gpus_per_worker,
                        cpus_per_worker=args.cpus_per_worker,
                        ray_address=args.ray_address, prefetch=pr.prefetch, on_result=on_result)

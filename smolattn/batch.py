@@ -26,6 +26,7 @@ from pathlib import Path, PurePosixPath
 from tqdm import tqdm
 
 from . import extract as ex
+from .engine import config_hash
 from . import model as mdl
 from . import jsonl, store
 from .errors import DeviceError, UserError, is_device_error
@@ -287,8 +288,7 @@ def in_shard(rel: str, shards: int, index: int) -> bool:
 # ---------------------------------------------------------------------------------------------
 # Manifest and configuration
 # ---------------------------------------------------------------------------------------------
-def fingerprint_hash(config: dict) -> str:
-    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
+fingerprint_hash = config_hash
 
 
 def manifest_path(root: Path, shards: int, index: int) -> Path:
@@ -353,39 +353,65 @@ def decode(item: dict):
     return image, round(time.perf_counter() - t, 4)
 
 
+def manifest_row(item: dict, fingerprint: str, summary: dict | None = None, error: Exception | None = None,
+                 seconds: float | None = None) -> dict:
+    """The manifest row of one image: its extraction summary, or the error that stopped it."""
+    row = {"image": item["image"], "run": item["run"], "status": "ok", "error": None, "timings": {},
+           "answer": None, "new_tokens": None, "grid": None, "fingerprint": fingerprint}
+    if error is not None:
+        row.update(status="error", error=str(error) if isinstance(error, UserError) else f"{type(error).__name__}: {error}")
+    else:
+        row.update(answer=summary["answer"], new_tokens=summary["new_tokens"], grid=summary["grid"],
+                   timings=dict(summary["timings"]))
+    t = row["timings"]
+    t["total_s"] = round(seconds if seconds is not None else
+                         t.get("preprocess_s", 0) + t.get("generate_s", 0) / t.get("batch", 1) + t.get("write_s", 0), 4)
+    row["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="microseconds")
+    return row
+
+
+def error_row(item: dict, fingerprint: str, error: Exception, seconds: float | None = None) -> dict:
+    """The error row of one image. A CUDA error instead stops the worker (DeviceError, one line): the
+    device is broken, and every later image would fail the same way."""
+    if is_device_error(error):
+        first = str(error).splitlines()[0] if str(error) else ""
+        raise DeviceError(f"{item['image']}: {type(error).__name__}: {first}; the worker stopped "
+                          "(rerun to resume; for out of memory, lower --longest-edge or --batch-size)") from error
+    return manifest_row(item, fingerprint, error=error, seconds=seconds)
+
+
 def process(loaded, settings: ex.Settings, root: str, fingerprint: str, item: dict, prefetched) -> dict:
-    """One image -> one manifest row (errors become rows; the batch goes on)."""
+    """One image -> one manifest row (the Ray actors' worker; errors become rows, the batch goes on)."""
     t0 = time.perf_counter()
-    row = new_row(item, fingerprint)
     try:
         if isinstance(prefetched, Exception):
             raise prefetched
         image, decode_s = prefetched
         s = ex.extract(loaded, item["path"], Path(root) / item["run"], settings, image=image)
-        row.update(answer=s["answer"], new_tokens=s["new_tokens"], grid=s["grid"],
-                   timings={"decode_s": decode_s, **s["timings"]})
+        s["timings"]["decode_s"] = decode_s
+        return manifest_row(item, fingerprint, s, seconds=time.perf_counter() - t0)
     except Exception as e:  # noqa: BLE001 - one bad image must not stop a days-long run
-        if is_device_error(e):   # but a broken device would fail every later image: stop this worker
-            raise DeviceError(f"{item['image']}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; "
-                              "the worker stopped (rerun to resume; for out of memory, lower --longest-edge)") from e
-        row.update(status="error", error=str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}")
-    row["timings"]["total_s"] = round(time.perf_counter() - t0, 4)
-    return finish_row(row)
+        return error_row(item, fingerprint, e, seconds=time.perf_counter() - t0)
 
 
-def new_row(item: dict, fingerprint: str) -> dict:
-    return {"image": item["image"], "run": item["run"], "status": "ok", "error": None, "timings": {},
-            "answer": None, "new_tokens": None, "grid": None, "fingerprint": fingerprint}
+def run_local(loaded, settings: ex.Settings, root: Path, fingerprint: str, items: list, on_result, *,
+              batch_size=None, workers=None) -> None:
+    """Every item through the engine's pipeline (batched generate, decode in worker processes, writes
+    in writer threads); on_result(manifest row) per image as it completes, with a progress bar."""
+    with tqdm(total=len(items), desc="images", unit="item", dynamic_ncols=True) as bar:
+        def done(item, summary):
+            row = summary if "status" in summary else manifest_row(item, fingerprint, summary)
+            bar.update()
+            on_result(row)
 
-
-def finish_row(row: dict) -> dict:
-    row["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="microseconds")
-    return row
+        ex.extract_many(loaded, [(it["path"], root / it["run"], it) for it in items], settings, done,
+                        batch_size=batch_size, workers=workers,
+                        on_error=lambda item, e: error_row(item, fingerprint, e))
 
 
 def failed_row(fingerprint: str, item: dict, message: str) -> dict:
     """The manifest row of an image whose worker kept dying on it (Ray retries exhausted)."""
-    return finish_row({**new_row(item, fingerprint), "status": "error", "error": message})
+    return manifest_row(item, fingerprint, error=UserError(message))
 
 
 def make_ray_worker(model_args: dict, settings: ex.Settings, root: str, config: dict):
@@ -475,8 +501,6 @@ def _run_locked(args, loaded, settings, items, root: Path, manifest: jsonl.Write
         loaded = loaded or mdl.load(args.model_id, args.device, args.dtype, args.revision)
         ex.check_longest_edge(settings.longest_edge, ex.processor_settings(loaded, None)["tile_size"])
         config = ex.fingerprint_config(loaded, settings)
-        worker = partial(process, loaded, settings, str(root), fingerprint_hash(config))
-        make_worker = lambda: worker  # noqa: E731 - the local engine needs no pickling
     check_config(root, config, args.overwrite)
     fp = fingerprint_hash(config)
 
@@ -509,10 +533,13 @@ def _run_locked(args, loaded, settings, items, root: Path, manifest: jsonl.Write
             tqdm.write(f"error: {row['image']}: {row['error']}", file=sys.stderr)
 
     t0 = time.perf_counter()
-    run_engine(todo, make_worker, engine=args.engine, num_workers=args.num_workers,
-               cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
-               ray_address=args.ray_address, prefetch=decode, on_result=on_result, progress="images",
-               on_failure=partial(failed_row, fp))
+    if args.engine == "ray":
+        run_engine(todo, make_worker, engine=args.engine, num_workers=args.num_workers,
+                   cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
+                   ray_address=args.ray_address, prefetch=decode, on_result=on_result, progress="images",
+                   on_failure=partial(failed_row, fp))
+    elif todo:
+        run_local(loaded, settings, root, fp, todo, on_result, batch_size=args.batch_size, workers=args.workers)
     elapsed = time.perf_counter() - t0
     n = counts["ok"] + counts["error"]
     print(f"done {counts['ok']}, skipped {skipped} (finished earlier), failed {counts['error']}"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import geometry as geo
+from . import engine
 from . import methods as mth
 from . import model as mdl
 from . import store
@@ -26,7 +26,7 @@ DEFAULT_PROMPT = "Can you describe this image?"
 class Settings:
     prompt: str = DEFAULT_PROMPT
     max_new_tokens: int = 128
-    longest_edge: int | None = 2048
+    longest_edge: int | None = None     # None: the checkpoint's own processor setting
     store: str = "compact"
     methods: tuple = (mth.RAW,)     # raw attention, plus any of smolattn.methods.METHODS
 
@@ -42,23 +42,33 @@ class Settings:
         mth.parse(",".join(self.methods))
         return self
 
+    @property
+    def keep(self) -> str:
+        return "all" if self.store == "full" else "text"
+
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     """The extraction flags shared by every script that runs the model on images."""
     ap.add_argument("--prompt", default=DEFAULT_PROMPT)
-    ap.add_argument("--model-id", default=mdl.DEFAULT_MODEL, help="hub id or local model directory")
-    ap.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
-    ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    ap.add_argument("--dtype", choices=mdl.DTYPES, default=None, help="default: float32 on CPU, bfloat16 on GPU")
+    mdl.add_model_arguments(ap)
     ap.add_argument("--max-new-tokens", type=int, default=128, help="greedy decoding, stops at end of utterance")
-    ap.add_argument("--longest-edge", type=int, default=2048, help="processor resize of the longest edge")
+    ap.add_argument("--longest-edge", type=int, default=None,
+                    help="processor resize of the longest edge (default: the checkpoint's own processor setting)")
     ap.add_argument("--store", choices=store.STORES, default="compact",
                     help="compact: text/answer rows, fp16; compact8: same, 8-bit; full: reference (1,H,S,S) npz")
     ap.add_argument("--methods", default=mth.RAW, help=f"comma list of {', '.join(mth.names())} (default raw; "
                     "the others are stored next to it, see docs/run-format.md)")
+    ap.add_argument("--batch-size", type=int, default=None,
+                    help="images per generate call (default: 8 on a GPU, 1 on CPU); answers and rows do not change")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="decode + processor worker processes (default: none on CPU, up to 8 on a GPU)")
 
 
 def settings_from_args(args) -> Settings:
+    if getattr(args, "batch_size", None) is not None and args.batch_size < 1:
+        raise UserError("--batch-size must be at least 1")
+    if getattr(args, "workers", None) is not None and args.workers < 0:
+        raise UserError("--workers must be 0 or more")
     return Settings(args.prompt, args.max_new_tokens, args.longest_edge, args.store,
                     tuple(mth.parse(args.methods))).check()
 
@@ -136,56 +146,93 @@ def fingerprint_config(loaded: mdl.Loaded, settings: Settings) -> dict:
 def extract(loaded: mdl.Loaded, image_path, out_dir, settings: Settings, image=None) -> dict:
     """Run the model on one image and write the run to ``out_dir`` atomically. Returns a summary.
 
-    ``image``: an already opened ``(rgb, info)`` pair (the batch engine decodes ahead).
+    ``image``: an already opened ``(rgb, info)`` pair.
     """
     settings.check()
     check_longest_edge(settings.longest_edge, processor_settings(loaded, None)["tile_size"])
     store.check_target(out_dir)     # before the model works: never a folder of the user's
     t0 = time.perf_counter()
     rgb, info = image or open_image(image_path)
-    text, inputs = mdl.encode(loaded, rgb, settings.prompt, settings.longest_edge)
-    prompt_ids = inputs["input_ids"][0].tolist()
-    tok = loaded.processor.tokenizer
-    g = geo.from_tokens(tok.convert_ids_to_tokens(prompt_ids))
-    P = len(prompt_ids)
-    first, last = g.image_block
-    rows = np.arange(P) if settings.store == "full" else \
-        np.array([i for i in range(P) if not first <= i <= last])
-    t1 = time.perf_counter()
-    recorder = mdl.Recorder(rows)
+    prep = engine.prepare(loaded.processor, rgb, settings.prompt, settings.longest_edge, settings.keep, info)
+    prep.seconds = time.perf_counter() - t0
+    return write(loaded, settings, prep, step(loaded, settings, [prep])[0], out_dir)
+
+
+def extract_many(loaded: mdl.Loaded, jobs, settings: Settings, on_result, *, batch_size: int | None = None,
+                 workers: int | None = None, writers: int = 2, on_error=None) -> None:
+    """Extract many images through the pipeline: ``jobs`` are (image path, run directory, tag) triples;
+    on_result(tag, summary) per finished run, on_error(tag, exception) -> summary for a failed one."""
+    settings.check()
+    batch_size = batch_size or engine.default_batch_size(loaded.device)
+    workers = engine.default_workers(loaded.device) if workers is None else workers
+    prep = engine.Preparer(loaded, settings.prompt, settings.longest_edge, settings.keep, workers)
+    try:
+        engine.pipeline(
+            list(jobs), lambda job: prep.submit(job[0]),
+            lambda batch: step(loaded, settings, batch),
+            lambda job, p, out: (job, write(loaded, settings, p, out, job[1])),
+            lambda res: on_result(res[0][2], res[1]),
+            batch_size=batch_size, writers=writers,
+            on_error=(lambda job, e: (job, on_error(job[2], e))) if on_error else None)
+    finally:
+        prep.close()
+
+
+def query_rows(prep: engine.Prepared, new: list[int]) -> np.ndarray:
+    """The stored query positions: the kept prompt rows, then every generated token."""
+    return np.concatenate([prep.rows, np.arange(len(prep.ids), len(prep.ids) + len(new))])
+
+
+def step(loaded: mdl.Loaded, settings: Settings, batch: list[engine.Prepared]) -> list[engine.Output]:
+    """The model step of a batch: one generate (engine.run), then each image's derived methods, if
+    any, on its own slice of the batch's image features (no second vision pass)."""
     with mth.keep_image_features(loaded) as kept:
-        new = mdl.generate(loaded, inputs, settings.max_new_tokens, recorder)
-    t2 = time.perf_counter()
-    ids = prompt_ids + new
+        outs = engine.run(loaded, batch, settings.max_new_tokens)
+    if any(m != mth.RAW for m in settings.methods):
+        first = 0
+        for prep, out in zip(batch, outs):
+            t0, tiles = time.perf_counter(), prep.pixel_values.shape[0]
+            out.methods = mth.compute(loaded, prep.ids + out.new, len(prep.ids), prep.geometry,
+                                      query_rows(prep, out.new), settings.methods, kept.features[first:first + tiles])
+            out.methods_s, first = time.perf_counter() - t0, first + tiles
+    return outs
+
+
+def write(loaded: mdl.Loaded, settings: Settings, prep: engine.Prepared, out: engine.Output, out_dir) -> dict:
+    """The run directory of one prepared image and its model output (atomically). Returns a summary."""
+    t0 = time.perf_counter()
+    tok = loaded.processor.tokenizer
+    g, new, P = prep.geometry, out.new, len(prep.ids)
+    ids = prep.ids + new
     tokens = tok.convert_ids_to_tokens(ids)
-    S = len(ids)
-    layers = recorder.stacked(key_len=S)
-    query_positions = np.concatenate([rows, np.arange(P, S)])
-    extra = mth.compute(loaded, ids, P, g, query_positions, settings.methods, kept.features)
-    t3 = time.perf_counter()
+    layers = list(out.layers)
+    query_positions = query_rows(prep, new)
     eos = set(mdl.generation_kwargs(loaded, 1)["eos_token_id"])
-    tile = processor_settings(loaded, settings.longest_edge)["tile_size"]
+    proc = processor_settings(loaded, settings.longest_edge)
+    info = {k: v for k, v in prep.info.items() if k != "decode_s"}
     meta = {
         "model": {"id": loaded.model_id, "revision": loaded.revision, "standin": bool(loaded.standin),
                   "standin_info": loaded.standin, "dtype": loaded.dtype, "device": loaded.device,
                   "num_layers": len(layers), "num_heads": int(layers[0].shape[0])},
-        "prompt": settings.prompt, "chat_text": text,
+        "prompt": settings.prompt, "chat_text": prep.text,
         "answer": tok.decode(new, skip_special_tokens=True).strip(),
         "token_ids": ids, "prompt_length": P,
         "generation": {"greedy": True, "max_new_tokens": settings.max_new_tokens, "new_tokens": len(new),
-                       "stopped_at_eos": bool(new) and new[-1] in eos},
+                       "stopped_at_eos": bool(new) and new[-1] in eos, "batch_size": out.batch},
         "image": info,
-        "processor": processor_settings(loaded, settings.longest_edge),
+        "processor": proc,
         "tiles": {"rows": g.rows, "cols": g.cols, "global_last": True,
-                  "resized_size": [max(g.cols, 1) * tile, max(g.rows, 1) * tile],
+                  "resized_size": [max(g.cols, 1) * proc["tile_size"], max(g.rows, 1) * proc["tile_size"]],
                   "tokens_per_tile_side": g.side},
         "versions": versions(),
     }
     image_name = store.image_name(info)
-    timings = {"preprocess_s": round(t1 - t0, 4), "generate_s": round(t2 - t1, 4), "methods_s": round(t3 - t2, 4)}
+    timings = {"preprocess_s": round(prep.seconds, 4), "generate_s": round(out.generate_s, 4), "batch": out.batch,
+               "methods_s": round(out.methods_s, 4)}
     meta["timings"] = timings
     store.write_run(out_dir, tokens=tokens, layers=layers, query_positions=query_positions,
-                    store=settings.store, geometry=g, meta=meta, image=rgb, image_name=image_name, methods=extra)
-    timings["write_s"] = round(time.perf_counter() - t3, 4)
+                    store=settings.store, geometry=g, meta=meta, image=prep.image, image_name=image_name,
+                    methods=out.methods)
+    timings["write_s"] = round(time.perf_counter() - t0, 4)
     return {"run": str(out_dir), "answer": meta["answer"], "new_tokens": len(new), "grid": [g.rows, g.cols],
             "timings": timings}

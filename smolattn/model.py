@@ -2,8 +2,11 @@
 
 Capture is a custom attention function registered with transformers' ``AttentionInterface`` under
 the name ``"capture"``: it returns SDPA's output (same speed, same answer) and, while a
-:class:`Recorder` is active, also computes softmax(q k^T) for just the query rows we keep and stores
-them in fp16. No layer's full seq x seq matrix is ever materialised.
+:class:`Recorder` is active, also computes softmax(q k^T) for just the query rows we keep and writes
+them, in fp16, into one buffer preallocated on the model's device. Nothing is copied to the host and
+nothing waits for the device while generating: the rows of each image come back in one
+device-to-host copy (:func:`to_host`) after generation. No layer's full seq x seq matrix is ever
+materialised. Batches are left-padded; every batch row keeps its own query rows.
 """
 from __future__ import annotations
 
@@ -30,28 +33,45 @@ _local = threading.local()
 
 
 class Recorder:
-    """Collects attention rows per layer while active (one forward or generate at a time per thread).
+    """Collects attention rows per layer, on the model's device, while active (one call at a time per thread).
 
-    rows: positions (indices into the current call's queries) whose rows are kept when a call has
-    several queries (the prefill); a decode step's single row is always kept. Rows are over all keys.
-    :meth:`allocate` sizes one buffer up front: nothing grows or fragments the heap during generation.
+    rows: the query positions kept from the first call that has several queries (the prefill),
+    indices into that call's (left-padded) queries; one array for a batch of one, or one array per
+    batch row. Every later single-query call (a decode step) adds one row per batch row.
+    :meth:`allocate` sizes one buffer up front on the device: (layers, batch, heads, prefill rows +
+    decode rows, keys) float16; the row index goes to the device once. Recording is pure device work.
     """
 
     def __init__(self, rows):
-        self.rows = np.asarray(rows, dtype=np.int64)
-        self.buffer = None          # (layers, heads, max rows, max keys) float16
-        self.filled: dict[int, int] = {}
+        rows = [rows] if np.ndim(rows[0] if len(rows) else 0) == 0 else rows
+        self.rows = [np.asarray(r, dtype=np.int64) for r in rows]
+        self.buffer = None
+        self.filled: list[int] = []
 
-    def allocate(self, layers: int, heads: int, max_rows: int, max_keys: int) -> None:
-        self.buffer = np.zeros((layers, heads, max_rows, max_keys), np.float16)
+    @property
+    def prefill_rows(self) -> int:
+        return max(len(r) for r in self.rows)
 
-    def add(self, layer: int, probs: np.ndarray) -> None:
-        """probs: (heads, rows, keys) of one call."""
+    def allocate(self, layers: int, heads: int, decode_rows: int, max_keys: int, device="cpu") -> None:
+        import torch
+
+        width = self.prefill_rows
+        index = np.stack([np.pad(r, (0, width - len(r)), mode="edge") if len(r) else np.zeros(width, np.int64)
+                          for r in self.rows])
+        self.index = torch.as_tensor(index).to(device)                     # (B, R): once per generation
+        self.batch_index = torch.arange(len(self.rows), device=device)[:, None]
+        self.key_index = torch.arange(max_keys, device=device)
+        self.buffer = torch.zeros((layers, len(self.rows), heads, width + decode_rows, max_keys),
+                                  dtype=torch.float16, device=device)
+        self.filled = [0] * layers
+
+    def add(self, layer: int, probs) -> None:
+        """probs: (batch, heads, rows, keys) of one call, on the device."""
         if self.buffer is None:
             raise RuntimeError("Recorder.allocate() must be called before recording (generate() does it)")
-        start = self.filled.get(layer, 0)
-        self.buffer[layer, :, start:start + probs.shape[1], :probs.shape[2]] = probs
-        self.filled[layer] = start + probs.shape[1]
+        start, n = self.filled[layer], probs.shape[2]
+        self.buffer[layer, :, :, start:start + n, :probs.shape[3]] = probs
+        self.filled[layer] = start + n
 
     def __enter__(self):
         _local.recorder = self
@@ -60,13 +80,39 @@ class Recorder:
     def __exit__(self, *exc):
         _local.recorder = None
 
+    def sample(self, b: int, new_rows: int, keys: slice):
+        """Batch row ``b``'s rows on the device: its prefill rows, then its first ``new_rows`` decode
+        rows, over ``keys``; (layers, heads, rows, keys). One gather on the device, no copy to the host."""
+        import torch
+
+        if not any(self.filled):
+            raise RuntimeError("attention capture recorded nothing (is the model using the 'capture' attention?)")
+        width, dev = self.prefill_rows, self.buffer.device
+        idx = torch.cat([torch.arange(len(self.rows[b]), device=dev), torch.arange(width, width + new_rows, device=dev)])
+        return self.buffer[:, b].index_select(2, idx)[..., keys]
+
     def stacked(self, key_len: int) -> list[np.ndarray]:
-        """Per recorded layer, (H, Q, key_len) float16 views (zeros after each row's own position)."""
-        return [self.buffer[i, :, :self.filled[i], :key_len] for i in sorted(self.filled)]
+        """Batch of one: per layer, (H, Q, key_len) float16 rows on the host (one copy)."""
+        n = self.filled[0] - self.prefill_rows
+        return list(to_host(self.sample(0, n, slice(0, key_len))))
+
+
+def to_host(tensor) -> np.ndarray:
+    """The one device-to-host copy of captured rows (pinned memory, asynchronous, then one wait)."""
+    import torch
+
+    if tensor.device.type == "cpu":
+        return tensor.contiguous().numpy()
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor, non_blocking=True)
+    torch.cuda.current_stream(tensor.device).synchronize()
+    return host.numpy()
 
 
 def capture_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+    """SDPA's output; with an active recorder also the kept softmax rows (device work only: no host
+    copy, no ``.item()``, no index built on the host)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
                                     dropout=dropout, **kwargs)
@@ -75,19 +121,29 @@ def capture_attention(module, query, key, value, attention_mask, scaling=None, d
         return out, None
     import torch
 
-    q_len, k_len = query.shape[2], key.shape[2]
-    rows = torch.arange(q_len) if q_len == 1 else torch.as_tensor(rec.rows)
-    k = repeat_kv(key, module.num_key_value_groups)
-    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    scores = torch.matmul(query[:, :, rows.to(query.device)].float(), k.float().transpose(2, 3)) * scale
+    B, H, q_len, D = query.shape
+    k_len, kv_heads = key.shape[2], key.shape[1]
+    if q_len == 1:
+        q, rows = query, None
+    else:   # the kept rows of each batch row: (B, R) positions
+        rows = rec.index
+        q = query.transpose(1, 2)[rec.batch_index, rows].transpose(1, 2)            # (B, H, R, D)
+    n = q.shape[2]
+    scale = scaling if scaling is not None else D ** -0.5
+    # grouped query heads against their shared key head, without repeating the keys
+    scores = torch.matmul(q.reshape(B, kv_heads, H // kv_heads * n, D), key.transpose(2, 3))
+    scores = scores.reshape(B, H, n, k_len).float() * scale
     if attention_mask is not None and attention_mask.dim() == 4:
-        m = attention_mask[:, :, rows.to(attention_mask.device)] if attention_mask.shape[2] == q_len else attention_mask
+        m = attention_mask.expand(B, -1, -1, -1)
+        if m.shape[2] == q_len and rows is not None:
+            m = m[:, 0][rec.batch_index, rows].unsqueeze(1)
+        m = m[..., :k_len]
         scores = scores.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else scores + m.float()
-    else:  # SDPA relied on is_causal: apply causality by hand (query i sits at k_len - q_len + i)
-        qpos = (k_len - q_len + rows).to(scores.device)
-        scores = scores.masked_fill(torch.arange(k_len, device=scores.device)[None, :] > qpos[:, None], float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    rec.add(module.layer_idx, probs[0].to(torch.float16).cpu().numpy())
+    elif rows is not None:   # SDPA relied on is_causal: query i sits at k_len - q_len + i
+        qpos = k_len - q_len + rows
+        scores = scores.masked_fill(rec.key_index[:k_len][None, None, None, :] > qpos[:, None, :, None],
+                                    float("-inf"))
+    rec.add(module.layer_idx, torch.softmax(scores, dim=-1))
     return out, None
 
 
@@ -109,6 +165,7 @@ class Loaded:
     dtype: str
     standin: dict | None = None     # contents of standin.json for offline stand-ins
     load_seconds: float = 0.0
+    source: str | None = None       # the local directory loaded from (worker processes load the processor from it)
 
     def token_ids(self, names) -> list[int]:
         return self.processor.tokenizer.convert_tokens_to_ids(list(names))
@@ -136,6 +193,19 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def default_dtype(device: str) -> str:
+    """float32 on CPU, bfloat16 on an accelerator (the one place this default lives)."""
+    return "float32" if str(device).startswith("cpu") else "bfloat16"
+
+
+def add_model_arguments(ap) -> None:
+    """The model flags of every script that loads the model."""
+    ap.add_argument("--model-id", default=DEFAULT_MODEL, help="hub id or local model directory")
+    ap.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
+    ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    ap.add_argument("--dtype", choices=DTYPES, default=None, help="default: float32 on CPU, bfloat16 on GPU")
+
+
 def load(model_id: str = DEFAULT_MODEL, device: str | None = None, dtype: str | None = None,
          revision: str | None = None) -> Loaded:
     """Load model + processor from a local directory or the hub, with the capture attention."""
@@ -154,7 +224,7 @@ def load(model_id: str = DEFAULT_MODEL, device: str | None = None, dtype: str | 
     device = device or default_device()
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {device} requested but no CUDA device is available")
-    dtype = dtype or ("float32" if device == "cpu" else "bfloat16")
+    dtype = dtype or default_dtype(device)
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     local = Path(model_id).expanduser()
@@ -195,7 +265,7 @@ def load(model_id: str = DEFAULT_MODEL, device: str | None = None, dtype: str | 
         print(f"note: {model_id} is an offline STAND-IN model with random weights; results are not SmolVLM's",
               file=sys.stderr)
     rev = revision or (Path(source).name if "snapshots" in str(source) else None)
-    return Loaded(model, processor, model_id, rev, device, dtype, standin, time.perf_counter() - t0)
+    return Loaded(model, processor, model_id, rev, device, dtype, standin, time.perf_counter() - t0, str(source))
 
 
 def chat_text(processor, prompt: str) -> str:
@@ -203,11 +273,17 @@ def chat_text(processor, prompt: str) -> str:
     return processor.apply_chat_template(messages, add_generation_prompt=True)
 
 
+def process(processor, image, prompt: str, longest_edge: int | None = None):
+    """(chat text, processor inputs on the host) for one image + prompt. ``longest_edge`` None: the
+    checkpoint's own processor setting."""
+    text = chat_text(processor, prompt)
+    kw = {"size": {"longest_edge": longest_edge}} if longest_edge else {}
+    return text, processor(text=text, images=[image], return_tensors="pt", **kw)
+
+
 def encode(loaded: Loaded, image, prompt: str, longest_edge: int | None = None):
     """Processor inputs (on the model's device) for one image + prompt."""
-    text = chat_text(loaded.processor, prompt)
-    kw = {"size": {"longest_edge": longest_edge}} if longest_edge else {}
-    inputs = loaded.processor(text=text, images=[image], return_tensors="pt", **kw)
+    text, inputs = process(loaded.processor, image, prompt, longest_edge)
     return text, inputs.to(loaded.device)
 
 
@@ -221,27 +297,38 @@ def generation_kwargs(loaded: Loaded, max_new_tokens: int) -> dict:
                 pad_token_id=tok.pad_token_id, suppress_tokens=bad)
 
 
-def generate(loaded: Loaded, inputs, max_new_tokens: int, recorder: Recorder | None = None):
-    """Greedy generation. With a recorder, also feed the last generated token once more, so that
-    every generated token has its own attention row. Returns the new token ids (list of int)."""
+def until_eos(ids: list[int], eos) -> list[int]:
+    """A batch row runs on (padded) after its end of utterance: keep up to and including the first eos."""
+    return next((ids[:i + 1] for i, t in enumerate(ids) if t in eos), ids)
+
+
+def generate_batch(loaded: Loaded, inputs, max_new_tokens: int, recorder: Recorder | None = None,
+                   **extra) -> list[list[int]]:
+    """Greedy generation for a (left-padded) batch; the new token ids of every batch row, each cut
+    after its own end of utterance. With a recorder, the last generated tokens are fed once more, so
+    that every generated token has its own attention row; the recorder's buffer is allocated here,
+    on the model's device. ``extra``: more ``generate`` arguments (a prefix ``cache``)."""
     import torch
 
+    kwargs = generation_kwargs(loaded, max_new_tokens)
+    eos = set(kwargs["eos_token_id"])
+    ids = inputs["input_ids"]
     with torch.inference_mode():
         if recorder is None:
-            out = loaded.model.generate(**inputs, **generation_kwargs(loaded, max_new_tokens))
-            return out[0, inputs["input_ids"].shape[1]:].tolist()
+            out = loaded.model.generate(**inputs, **kwargs, **extra)
+            return [until_eos(row, eos) for row in out[:, ids.shape[1]:].tolist()]
         cfg = loaded.model.config.text_config
-        prompt_len = inputs["input_ids"].shape[1]
-        recorder.allocate(cfg.num_hidden_layers, cfg.num_attention_heads,
-                          len(recorder.rows) + max_new_tokens, prompt_len + max_new_tokens)
+        recorder.allocate(cfg.num_hidden_layers, cfg.num_attention_heads, max_new_tokens,
+                          ids.shape[1] + max_new_tokens, loaded.device)
         with recorder:
-            out = loaded.model.generate(**inputs, **generation_kwargs(loaded, max_new_tokens),
-                                        return_dict_in_generate=True)
+            out = loaded.model.generate(**inputs, **kwargs, **extra, return_dict_in_generate=True)
             seq = out.sequences
-            new = seq[0, inputs["input_ids"].shape[1]:].tolist()
-            if new:
-                loaded.model(input_ids=seq[:, -1:], cache=out.past_key_values,
-                             attention_mask=torch.ones_like(seq), use_cache=True)
-    if not recorder.filled:
-        raise RuntimeError("attention capture recorded nothing (is the model using the 'capture' attention?)")
-    return new
+            mask = torch.cat([inputs["attention_mask"], torch.ones_like(seq[:, ids.shape[1]:])], dim=1)
+            loaded.model(input_ids=seq[:, -1:], cache=out.past_key_values, attention_mask=mask,
+                         position_ids=mask.sum(-1, keepdim=True) - 1, use_cache=True, logits_to_keep=1)
+    return [until_eos(row, eos) for row in seq[:, ids.shape[1]:].tolist()]
+
+
+def generate(loaded: Loaded, inputs, max_new_tokens: int, recorder: Recorder | None = None, **extra) -> list[int]:
+    """Greedy generation of one prompt (batch of one); the new token ids."""
+    return generate_batch(loaded, inputs, max_new_tokens, recorder, **extra)[0]

@@ -1,19 +1,18 @@
-"""POPE, model side: answer every question about one image, reusing the image's prompt prefix.
+"""POPE, model side: answer every question about a few images at once, reusing each image's prompt prefix.
 
 All POPE questions about an image share the prompt up to the end of the image block
 (``<|im_start|>User:`` + the tile tokens + the closing ``<fake_token_around_image>``): only the text
-after it differs. So per image we run the processor and the vision encoder ONCE, prefill that prefix
-into a KV cache, and answer the questions on top of it: those whose suffixes have the same token
-count as one batch (greedy ``generate`` with the naive path's settings, fed only the uncached suffix),
-then cut the cache back to the prefix. The naive path (``naive=True``) is the plain per-question ``generate(**encode(...))``; tests check that both
-give the same answers. With attention, the object word's rows (and the answer's) are captured and
-stored as a run directory, and, with COCO boxes, scored with the pointing game.
+after it differs. So per image the processor, the vision encoder and the prefix run ONCE
+(``engine.prefill``), and the questions of several images are answered together in one greedy batch
+on top of their stacked prefix caches (``engine.answer_cached``). The naive path (``naive=True``) is
+the plain per-question ``generate(**encode(...))``; tests check that both give the same answers.
+With attention, the object word's rows (and the answer's) are captured and stored as a run
+directory, and, with COCO boxes, scored with the pointing game.
 
-Also here: the answers.jsonl file (append, resume), work items per image, and the report.
+Also here: work items per image, the answers file and the report.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -21,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from . import engine, heatmap, jsonl, pope, store
 from . import geometry as geo
-from . import heatmap, jsonl, pope, store
 from . import model as mdl
 from .errors import UserError
 from .images import open_image
@@ -35,10 +34,11 @@ class Config:
     device: str | None = None
     dtype: str | None = None
     suffix: str = pope.DEFAULT_SUFFIX
-    longest_edge: int | None = 2048
+    longest_edge: int | None = None      # None: the checkpoint's own processor setting
     max_new_tokens: int = 8
     naive: bool = False
     attention_dir: str | None = None     # store object-word attention runs under this folder
+    batch_size: int | None = None        # images whose questions share one generate call (None: per device)
 
     def fingerprint(self) -> dict:
         """What changes the answers; answers.jsonl refuses to mix fingerprints."""
@@ -46,54 +46,7 @@ class Config:
                 "longest_edge": self.longest_edge, "max_new_tokens": self.max_new_tokens}
 
     def key(self) -> str:
-        return hashlib.sha256(json.dumps(self.fingerprint(), sort_keys=True).encode()).hexdigest()[:12]
-
-
-# ============================================================================ shared prefix
-
-@dataclass
-class Prefix:
-    """The prompt tokens up to and including the image block's closing marker, and their KV cache."""
-    ids: list[int]
-    text: str            # those tokens as text: what the processor's expanded prompt starts with
-    head: str            # the chat text before the image placeholder
-    cache: object
-    geometry: geo.Geometry
-
-
-def _split_chat(loaded, prompt: str) -> tuple[str, str, str]:
-    """(chat text, text before the image placeholder, text after it)."""
-    chat = mdl.chat_text(loaded.processor, prompt)
-    head, sep, tail = chat.partition(getattr(loaded.processor, "image_token", "<image>"))
-    if not sep:
-        raise RuntimeError("the chat template put no image placeholder in the prompt")
-    return chat, head, tail
-
-
-def prefill(loaded, image, prompt: str, longest_edge) -> tuple[Prefix, list[int]]:
-    """Encode ``image`` with ``prompt`` (any of its questions), run the vision encoder and prefill the
-    prefix once. Returns the prefix and the full prompt ids of ``prompt``."""
-    import torch
-
-    _, inputs = mdl.encode(loaded, image, prompt, longest_edge)
-    ids = inputs["input_ids"][0].tolist()
-    g = geo.from_tokens(loaded.processor.tokenizer.convert_ids_to_tokens(ids))
-    end = g.image_block[1] + 1
-    with torch.inference_mode():
-        out = loaded.model(input_ids=inputs["input_ids"][:, :end], attention_mask=inputs["attention_mask"][:, :end],
-                           pixel_values=inputs["pixel_values"], pixel_attention_mask=inputs.get("pixel_attention_mask"),
-                           use_cache=True)
-    text = loaded.processor.tokenizer.decode(ids[:end], skip_special_tokens=False, clean_up_tokenization_spaces=False)
-    return Prefix(ids[:end], text, _split_chat(loaded, prompt)[1], out.cache, g), ids
-
-
-def suffix_ids(loaded, prefix: Prefix, prompt: str) -> list[int] | None:
-    """The tokens after the prefix for ``prompt``, or None when prefix + suffix would not be the full
-    tokenisation of this prompt (then the caller takes the naive path)."""
-    _, head, tail = _split_chat(loaded, prompt)
-    full = loaded.processor.tokenizer(prefix.text + tail)["input_ids"]
-    n = len(prefix.ids)
-    return full[n:] if head == prefix.head and full[:n] == prefix.ids and len(full) > n else None
+        return engine.config_hash(self.fingerprint())
 
 
 def _object_offsets(tokenizer, tail: str, suffix: list[int], obj: str) -> list[int]:
@@ -108,71 +61,47 @@ def _object_offsets(tokenizer, tail: str, suffix: list[int], obj: str) -> list[i
 
 # ============================================================================ answering
 
-def _rewind(prefix: Prefix) -> None:
-    """Back to the bare prefix after generate appended a suffix + answer to its cache (and batched it)."""
-    import torch
+def answer_images(loaded, images: list[dict], suffix: str, max_new_tokens: int, longest_edge=None, *,
+                  naive: bool = False, batch: int | bool = True, attention_dir=None) -> list[dict]:
+    """Answer every question (``pope.Question``) about a few images; ``images``: dicts with ``image``
+    (PIL), ``questions``, optional ``boxes`` (category name -> COCO [x, y, w, h] boxes) and ``info``.
+    One row per question, image by image in order: raw answer, the parsed answer per convention,
+    ``path`` ("cached" or "naive") and, with ``attention_dir``, the object word's attention run and
+    localisation.
 
-    cache = prefix.cache
-    keys = cache.layers[0].keys     # (batch, heads, seq, dim); DynamicCache.batch_size says -1 here
-    if keys.shape[0] > 1:
-        cache.batch_select_indices(torch.tensor([0], device=keys.device))
-    extra = cache.get_seq_length() - len(prefix.ids)
-    if extra > 0:
-        cache.crop(-extra)   # transformers 5.x: a negative count of tokens to remove
+    Cached: one prefill per image, then the questions of ALL the images in one batch (``batch``: at
+    most that many questions per generate call; False: one at a time). With attention, one question
+    at a time (one capture per run directory)."""
+    rows, jobs = {}, []
+    for n, im in enumerate(images):
+        prompts = [q.text + suffix for q in im["questions"]]
+        suffixes = [None] * len(prompts)
+        prefix = None
+        if not naive:
+            prefix, first_ids = engine.prefill(loaded, im["image"], prompts[0], longest_edge)
+            if engine.suffix_ids(loaded, prefix, prompts[0]) == first_ids[len(prefix.ids):]:   # else: all naive
+                suffixes = [engine.suffix_ids(loaded, prefix, p) for p in prompts]
+        for i, (q, s) in enumerate(zip(im["questions"], suffixes)):
+            if s is None or attention_dir is not None:
+                rows[n, i] = _answer_one(loaded, im["image"], q, prompts[i], longest_edge, max_new_tokens,
+                                         prefix if s else None, s, attention_dir, im.get("boxes"), im.get("info"))
+            else:
+                jobs.append(((n, i), prefix, s, q, prompts[i]))
+    size = max(1, len(jobs)) if batch is True else max(1, int(batch))
+    for k in range(0, len(jobs), size):
+        chunk = jobs[k:k + size]
+        for (key, _, _, q, prompt), new in zip(chunk, engine.answer_cached(loaded, [(p, s) for _, p, s, _, _ in chunk],
+                                                                             max_new_tokens)):
+            rows[key] = _row(loaded, q, prompt, new, "cached")
+    return [rows[n, i] for n, im in enumerate(images) for i in range(len(im["questions"]))]
 
 
-def _until_eos(ids: list[int], eos: set) -> list[int]:
-    """A batched row runs on (padded) after its eos: keep up to and including the first eos."""
-    return next((ids[:i + 1] for i, t in enumerate(ids) if t in eos), ids)
-
-
-def generate_batch(loaded, prefix: Prefix, suffixes: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-    """Greedy answers to suffixes of EQUAL length, in one batch on top of the prefix cache: no padding,
-    so every row computes exactly what it would alone. Returns the new token ids per suffix."""
-    import torch
-
-    ids = torch.tensor([prefix.ids + s for s in suffixes], device=loaded.device)
-    kwargs = mdl.generation_kwargs(loaded, max_new_tokens)
-    if len(suffixes) > 1:
-        prefix.cache.batch_repeat_interleave(len(suffixes))
-    try:
-        with torch.inference_mode():
-            out = loaded.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), cache=prefix.cache, **kwargs)
-    finally:
-        _rewind(prefix)
-    return [_until_eos(row[ids.shape[1]:].tolist(), set(kwargs["eos_token_id"])) for row in out]
-
-
-def answer_image(loaded, image, questions, suffix: str, max_new_tokens: int, longest_edge=2048, *,
-                 naive: bool = False, batch: bool = True, attention_dir=None, boxes: dict | None = None,
+def answer_image(loaded, image, questions, suffix: str, max_new_tokens: int, longest_edge=None, *,
+                 naive: bool = False, batch: int | bool = True, attention_dir=None, boxes: dict | None = None,
                  info: dict | None = None) -> list[dict]:
-    """Answer every question (``pope.Question``) about one PIL image; one row per question, in order:
-    raw answer, the parsed answer per convention, ``path`` ("cached" or "naive") and, with
-    ``attention_dir``, the object word's attention run and localisation (``boxes``: category name ->
-    COCO [x, y, w, h] boxes of this image).
-
-    Cached: one prefill for the image, then the questions whose suffixes have the same length are
-    answered as one batch (``batch=False``: one at a time). With attention, one at a time (the capture
-    keeps batch row 0 only)."""
-    prompts = [q.text + suffix for q in questions]
-    suffixes = [None] * len(questions)
-    prefix = None
-    if not naive:
-        prefix, first_ids = prefill(loaded, image, prompts[0], longest_edge)
-        if suffix_ids(loaded, prefix, prompts[0]) == first_ids[len(prefix.ids):]:   # else: all naive
-            suffixes = [suffix_ids(loaded, prefix, p) for p in prompts]
-    rows = [None] * len(questions)
-    groups: dict = {}
-    for i, s in enumerate(suffixes):
-        if s is None or attention_dir is not None or not batch:
-            rows[i] = _answer_one(loaded, image, questions[i], prompts[i], longest_edge, max_new_tokens,
-                                  prefix if s else None, s, attention_dir, boxes, info)
-        else:
-            groups.setdefault(len(s), []).append(i)
-    for idx in groups.values():
-        for i, new in zip(idx, generate_batch(loaded, prefix, [suffixes[i] for i in idx], max_new_tokens)):
-            rows[i] = _row(loaded, questions[i], prompts[i], new, "cached")
-    return rows
+    """:func:`answer_images` for one image."""
+    return answer_images(loaded, [{"image": image, "questions": questions, "boxes": boxes, "info": info}], suffix,
+                         max_new_tokens, longest_edge, naive=naive, batch=batch, attention_dir=attention_dir)
 
 
 def _row(loaded, q, prompt, new, path) -> dict:
@@ -190,10 +119,12 @@ def _answer_one(loaded, image, q, prompt, longest_edge, max_new_tokens, prefix, 
     import torch
 
     tok = loaded.processor.tokenizer
+    extra = {}
     if suffix_tokens is not None:
         full = prefix.ids + suffix_tokens
         ids = torch.tensor([full], device=loaded.device)
-        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "cache": prefix.cache}
+        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        extra["cache"] = engine.stack_caches([prefix])     # a copy: the prefix stays as it is
         g, start = prefix.geometry, len(prefix.ids)
     else:
         _, inputs = mdl.encode(loaded, image, prompt, longest_edge)
@@ -202,15 +133,11 @@ def _answer_one(loaded, image, q, prompt, longest_edge, max_new_tokens, prefix, 
         start = g.image_block[1] + 1
     recorder = offsets = None
     if attention_dir is not None:
-        offsets = _object_offsets(tok, _split_chat(loaded, prompt)[2], full[start:], pope.object_of(q.text))
+        offsets = _object_offsets(tok, engine.split_chat(loaded, prompt)[2], full[start:], pope.object_of(q.text))
         if offsets:   # recorder rows index the current call: the suffix when cached, the whole prompt when naive
             rows = sorted(set(offsets) | {len(full) - 1 - start})   # + the last prompt token (answers first)
             recorder = mdl.Recorder(np.array(rows) + (0 if suffix_tokens is not None else start))
-    try:
-        new = mdl.generate(loaded, inputs, max_new_tokens, recorder)
-    finally:
-        if suffix_tokens is not None:
-            _rewind(prefix)
+    new = mdl.generate(loaded, inputs, max_new_tokens, recorder, **extra)
     row = _row(loaded, q, prompt, new, "naive" if suffix_tokens is None else "cached")
     if attention_dir is not None:
         row["attention"] = _store_attention(loaded, q, Path(attention_dir), full, new, start, offsets, recorder,
@@ -318,22 +245,27 @@ def get_model(cfg: Config):
     return _MODELS[key]
 
 
-def make_items(questions, image_root, boxes: dict | None = None) -> list[dict]:
-    """One work item per image, its questions in file order, images in order of first appearance."""
+def make_items(questions, image_root, boxes: dict | None = None, batch_size: int = 1) -> list[list[dict]]:
+    """Work items: groups of ``batch_size`` images (their questions are answered in one batch); per
+    image its questions in file order, images in order of first appearance."""
     items: dict = {}
     for q in questions:
         item = items.setdefault(q.image, {"image": q.image, "path": str(Path(image_root) / q.image),
                                           "questions": [], "boxes": (boxes or {}).get(q.image)})
         item["questions"].append(q)
-    return list(items.values())
+    images = list(items.values())
+    return [images[i:i + batch_size] for i in range(0, len(images), max(1, batch_size))]
 
 
-def prefetch(item):
-    """Decode the image (runs ahead in a thread); a bad image comes back as the error."""
-    try:
-        return open_image(item["path"])
-    except UserError as e:
-        return e
+def prefetch(group):
+    """Decode the group's images (runs ahead in a thread); a bad image comes back as its error."""
+    out = []
+    for item in group:
+        try:
+            out.append(open_image(item["path"]))
+        except UserError as e:
+            out.append(e)
+    return out
 
 
 def error_rows(item, message: str) -> list[dict]:
@@ -342,17 +274,21 @@ def error_rows(item, message: str) -> list[dict]:
 
 
 def make_worker(cfg: Config):
-    """Called once per process: loads the model, returns ``worker(item, prefetched) -> rows``."""
+    """Called once per process: loads the model, returns ``worker(group, prefetched) -> rows``."""
     loaded = get_model(cfg)
 
-    def worker(item, prefetched=None):
-        got = prefetched if prefetched is not None else prefetch(item)
+    def worker(group, prefetched=None):
+        got = prefetched if prefetched is not None else prefetch(group)
         if isinstance(got, Exception):
-            rows = error_rows(item, str(got))
-        else:
-            image, info = got
-            rows = answer_image(loaded, image, item["questions"], cfg.suffix, cfg.max_new_tokens, cfg.longest_edge,
-                                naive=cfg.naive, attention_dir=cfg.attention_dir, boxes=item.get("boxes"), info=info)
+            got = [got] * len(group)
+        ok = [{"image": g[0], "info": g[1], "questions": item["questions"], "boxes": item.get("boxes")}
+              for item, g in zip(group, got) if not isinstance(g, Exception)]
+        answered = iter(answer_images(loaded, ok, cfg.suffix, cfg.max_new_tokens, cfg.longest_edge,
+                                      naive=cfg.naive, attention_dir=cfg.attention_dir))
+        rows = []
+        for item, g in zip(group, got):
+            rows += error_rows(item, str(g)) if isinstance(g, Exception) else \
+                [next(answered) for _ in item["questions"]]
         for r in rows:
             r.update(config=cfg.key(), model=cfg.model_id, standin=bool(loaded.standin))
         return rows

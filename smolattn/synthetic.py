@@ -42,12 +42,14 @@ def test_image(size=(640, 480)):
 def make_run(out, rows: int = 3, cols: int = 4, *, layers: int = 2, heads: int = 2, side: int = 8,
              image_size=(640, 480), store_mode: str = "compact", one_hot: dict | None = None,
              seed: int = 0, all_rows: bool = False, answer=ANSWER, prompt=PROMPT, reference: bool = False,
-             plant=None, meta_extra: dict | None = None):
+             plant=None, meta_extra: dict | None = None, methods=()):
     """Write a synthetic run. ``one_hot`` maps a query position to an image key index: every layer
     and head of that row then puts all its mass on that key. Other rows get random softmax rows.
     ``plant(layer, a, q, g)``: then edits layer ``layer``'s rows ``a`` (H, len(q), S) in place
     (q: the stored query positions, g: the geometry). ``meta_extra``: merged into meta.json (one level
     deep). ``reference=True`` writes the reference project's layout instead (tokens + attentions_5 only).
+    ``methods``: names from smolattn.methods.METHODS to store too, with maps made from the rows'
+    head-mean image attention (:func:`method_maps`), so a ``one_hot`` row's maps peak on its key.
     """
     tokens, plen = make_tokens(rows, cols, side, prompt=prompt, answer=answer)
     g = geo.from_tokens(tokens)
@@ -85,4 +87,27 @@ def make_run(out, rows: int = 3, cols: int = 4, *, layers: int = 2, heads: int =
     for k, v in (meta_extra or {}).items():
         meta[k] = {**meta[k], **v} if isinstance(meta.get(k), dict) and isinstance(v, dict) else v
     return store.write_run(out, tokens=tokens, layers=arrays, query_positions=q, store=store_mode,
-                           geometry=g, meta=meta, image=test_image(image_size))
+                           geometry=g, meta=meta, image=test_image(image_size),
+                           methods=method_maps(arrays, q, g, plen, methods))
+
+
+def method_maps(layers, q, g: geo.Geometry, prompt_length: int, names) -> dict:
+    """Synthetic stand-ins for smolattn.methods.compute's output (same rows and layout; NOT the
+    methods' math): every map is its row's head-mean attention over the image keys in that layer
+    (times the number of keys for 'relative', a ratio around 1). Relevancy maps of token t come
+    from row t-1, as the real method's."""
+    from . import methods as mth
+    image = np.stack([a[..., g.key_positions].astype(np.float32).mean(0) for a in layers])   # (L, Q, K)
+    S, out = int(q.max()) + 1, {}
+    for name in names:
+        m = mth.METHODS[name]
+        if name == "relevancy":
+            positions = np.arange(prompt_length, S)
+            rows = positions - 1
+        else:
+            positions = rows = q[q > g.image_block[1]] if name == "relative" else q
+        maps = image[:, [int(np.flatnonzero(q == r)[0]) for r in rows]] * (g.num_keys if name == "relative" else 1)
+        out[name] = {"positions": positions, "query_positions": rows, "maps": maps,
+                     "meta": {"axis": m.axis, "dtype": m.dtype, "params": {**m.params, "synthetic": True},
+                              "rows": m.rows}}
+    return out

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 import extract_smolvlm_batch as cli
-from smolattn import batch, standin
+from smolattn import batch, standin, store
 from smolattn.errors import DeviceError, UserError, run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,13 +72,13 @@ def assert_same_runs(a: Path, b: Path, names=None):
         ma, mb = (json.loads((r / name / "meta.json").read_text()) for r in (a, b))
         assert (ma["answer"], ma["token_ids"]) == (mb["answer"], mb["token_ids"]), name
         np.testing.assert_array_equal(np.load(a / name / "decoded_tokens.npy"), np.load(b / name / "decoded_tokens.npy"))
-        files = sorted(p.relative_to(a / name) for p in (a / name).rglob("*.npz"))
-        assert files and files == sorted(p.relative_to(b / name) for p in (b / name).rglob("*.npz"))
-        for f in files:
-            with np.load(a / name / f) as za, np.load(b / name / f) as zb:
-                assert set(za.files) == set(zb.files)
-                for k in za.files:
-                    assert np.array_equal(za[k], zb[k]), (name, f, k)
+        ra, rb = store.Run(a / name), store.Run(b / name)
+        assert ra.num_layers == rb.num_layers > 0
+        for i in range(ra.num_layers):
+            za, zb = ra.layer_arrays(i), rb.layer_arrays(i)
+            assert set(za) == set(zb)
+            for k in za:
+                assert np.array_equal(za[k], zb[k]), (name, i, k)
 
 
 def no_partial_dirs(root: Path):

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import benchmark
-from smolattn import heatmap, pope, standin, store
+from smolattn import engine, heatmap, pope, standin, store
 from smolattn import model as mdl
 from smolattn import pope_runner as pr
 from smolattn.images import open_image
@@ -51,12 +51,12 @@ def answers(rows):
 def test_prefix_plus_suffix_is_the_full_prompt_and_gives_the_same_logits(tiny):
     qs = questions_by_image()["COCO_val2014_000000001171.jpg"]
     image, _ = open_image(IMAGES / qs[0].image)
-    prefix, first_ids = pr.prefill(tiny, image, qs[0].text + pope.DEFAULT_SUFFIX, 2048)
+    prefix, first_ids = engine.prefill(tiny, image, qs[0].text + pope.DEFAULT_SUFFIX, 2048)
     assert prefix.geometry.rows * prefix.geometry.cols == 12          # 640x426 -> 3x4 tiles + global
     assert tiny.processor.tokenizer.convert_ids_to_tokens(prefix.ids[-1:]) == ["<fake_token_around_image>"]
     for q in qs[:2] + qs[-1:]:
         prompt = q.text + pope.DEFAULT_SUFFIX
-        suffix = pr.suffix_ids(tiny, prefix, prompt)
+        suffix = engine.suffix_ids(tiny, prefix, prompt)
         _, inputs = mdl.encode(tiny, image, prompt, 2048)
         assert prefix.ids + suffix == inputs["input_ids"][0].tolist()
         with torch.inference_mode():
@@ -69,17 +69,38 @@ def test_prefix_plus_suffix_is_the_full_prompt_and_gives_the_same_logits(tiny):
         assert int(naive.argmax()) == int(cached.argmax())
 
 
-def test_equal_length_batches_leave_the_prefix_cache_intact(tiny):
-    qs = questions_by_image()["COCO_val2014_000000003845.jpg"]
-    img, _ = open_image(IMAGES / qs[0].image)
-    prefix, _ = pr.prefill(tiny, img, qs[0].text + pope.DEFAULT_SUFFIX, 512)
-    before = [layer.keys.clone() for layer in prefix.cache.layers]
-    suffixes = [pr.suffix_ids(tiny, prefix, q.text + pope.DEFAULT_SUFFIX) for q in qs]
-    suffixes = [s for s in suffixes if len(s) == len(suffixes[0])][:3]     # spoon, broccoli, fork
-    assert len(suffixes) == 3
-    batched = pr.generate_batch(tiny, prefix, suffixes, 8)
-    assert [pr.generate_batch(tiny, prefix, [s], 8)[0] for s in suffixes] == batched
-    assert all(torch.equal(a, layer.keys) for a, layer in zip(before, prefix.cache.layers))
+def test_cross_image_batches_answer_as_naive_and_leave_prefix_caches_intact(tiny):
+    """Questions of two images with different prefix lengths (3x2 and 3x3 tiles at 1536 px) and
+    different suffix lengths in ONE batch on their stacked caches: the naive answers, caches untouched."""
+    by_image = questions_by_image()
+    names = ["COCO_val2014_000000001171.jpg", "COCO_val2014_000000569839.jpg"]
+    jobs, naive, prefixes = [], [], []
+    for name in names:
+        img, _ = open_image(IMAGES / name)
+        qs = [q for q in by_image[name] if q.split == "random"][:3]
+        prefix, _ = engine.prefill(tiny, img, qs[0].text + pope.DEFAULT_SUFFIX, 1536)
+        prefixes.append((prefix, [layer.keys.clone() for layer in prefix.cache.layers]))
+        for q in qs:
+            jobs.append((prefix, engine.suffix_ids(tiny, prefix, q.text + pope.DEFAULT_SUFFIX)))
+            _, inputs = mdl.encode(tiny, img, q.text + pope.DEFAULT_SUFFIX, 1536)
+            naive.append(mdl.generate(tiny, inputs, 8))
+    assert len({len(p.ids) for p, _ in jobs}) == 2 and len({len(s) for _, s in jobs}) > 1
+    assert engine.answer_cached(tiny, jobs, 8) == naive
+    for prefix, keys in prefixes:
+        assert all(torch.equal(a, layer.keys) for a, layer in zip(keys, prefix.cache.layers))
+
+
+def test_pope_groups_of_images_answer_as_naive(tiny):
+    by_image = questions_by_image()
+    images = []
+    for name in ["COCO_val2014_000000003845.jpg", "COCO_val2014_000000006033.jpg"]:
+        img, info = open_image(IMAGES / name)
+        images.append({"image": img, "info": info, "questions": [q for q in by_image[name] if q.split == "popular"]})
+    cached = pr.answer_images(tiny, images, pope.DEFAULT_SUFFIX, 8, 512)
+    chunks = pr.answer_images(tiny, images, pope.DEFAULT_SUFFIX, 8, 512, batch=4)
+    naive = pr.answer_images(tiny, images, pope.DEFAULT_SUFFIX, 8, 512, naive=True)
+    assert {r["path"] for r in cached} == {"cached"} and answers(cached) == answers(chunks) == answers(naive)
+    assert [r["question_id"] for r in cached] == [q.question_id for im in images for q in im["questions"]]
 
 
 @pytest.mark.parametrize("image,longest_edge,splits", [

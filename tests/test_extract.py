@@ -49,7 +49,7 @@ def test_cli_writes_a_complete_run(tmp_path, tiny_dir):
     assert (run.geometry.rows, run.geometry.cols) == (4, 3) and run.standin
     assert run.image_path().name == "image.jpg" and run.image_size() == (480, 640)
     assert sorted(p.name for p in (tmp_path / "run" / "attention").iterdir()) == \
-        [f"layer_{i:02d}.npz" for i in range(run.num_layers)]
+        sorted(f"layer_{i:02d}.{a}.b2" for i in range(run.num_layers) for a in ("image", "text"))
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
 
 

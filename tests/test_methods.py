@@ -216,3 +216,62 @@ def test_extract_cli_refuses_an_unknown_method_before_loading(tmp_path):
                        cwd=ROOT, capture_output=True, text=True)
     assert r.returncode != 0 and "unknown method 'flow'" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "out").exists()
+
+
+# -- the viewer's API on synthetic runs with stored maps ---------------------------------------------
+def planted_run(make_run):
+    """3 x 4 tiles; the first answer token's rows put everything on tiled cell (5, 27)."""
+    from smolattn.synthetic import make_tokens
+    plen = make_tokens(3, 4)[1]
+    key = (5 // 8 * 4 + 27 // 8) * 64 + 5 % 8 * 8 + 27 % 8
+    return make_run("m", one_hot={plen: key}, layers=3, methods=("rollout", "relevancy", "relative")), plen
+
+
+def test_viewer_offers_methods_and_the_command_for_missing_ones(make_run, make_app):
+    with_maps, _ = planted_run(make_run)
+    info = make_app(RUN=with_maps).test_client().get("/api/initialize").get_json()
+    assert [(m["name"], m["available"]) for m in info["methods"]] == [
+        ("raw", True), ("rollout", True), ("relevancy", True), ("relative", True)]
+    info = make_app(RUN=make_run("plain")).test_client().get("/api/initialize").get_json()
+    missing = {m["name"]: m for m in info["methods"] if not m["available"]}
+    assert set(missing) == {"rollout", "relevancy", "relative"}
+    assert missing["relevancy"]["command"].endswith("--methods raw,relevancy")
+    assert info["methods_command"].startswith("python extract_smolvlm_attn.py --image synthetic --output-dir ")
+    assert info["methods_command"].endswith("--methods raw,rollout,relevancy,relative")
+
+
+def test_viewer_attention_reads_the_stored_maps(make_run, make_app):
+    path, plen = planted_run(make_run)
+    run, client = store.Run(path), make_app(RUN=path).test_client()
+    for method, extra, layers, expect in [
+            ("rollout", "&start_layer=1", [1, 2], lambda m, i: m.maps[1, i]),
+            ("relative", "&layers=1-2", [1, 2], lambda m, i: m.maps[1:3, i].mean(0)),
+            ("relevancy", "&start_layer=0", [0, 2], lambda m, i: m.maps[0, i])]:
+        pos = plen + 1 if method == "relevancy" else plen        # relevancy of token t is read at t - 1
+        body = client.get(f"/api/attention?index={pos}&method={method}{extra}").get_json()
+        m = run.method(method)
+        tiles, glob = run.geometry.split(expect(m, m.index(pos)))
+        assert body["method"] == method and body["layers"] == layers and body["heads"] is None
+        np.testing.assert_allclose(body["grid"], tiles, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(body["global"], glob, rtol=1e-5, atol=1e-7)
+        assert np.unravel_index(np.argmax(body["grid"]), (24, 32)) == (5, 27)
+        shared = client.get(f"/api/attention?index={pos}&method={method}{extra}&norm=shared").get_json()
+        assert shared["vmax"] == pytest.approx(float(m.maps[:, m.index(pos)].max()), rel=1e-5)
+    assert client.get(f"/api/attention?index={plen}&method=rollout&start_layer=2").get_json()["image_mass"] \
+        == pytest.approx(float(run.method("rollout").maps[2, run.method("rollout").index(plen)].sum()), rel=1e-5)
+    png = client.get(f"/api/overlay.png?index={plen}&method=rollout&start_layer=1")
+    assert png.status_code == 200 and png.mimetype == "image/png" and "rollout" in png.headers["Content-Disposition"]
+
+
+def test_viewer_method_errors(make_run, make_app):
+    path, plen = planted_run(make_run)
+    client = make_app(RUN=path).test_client()
+    for url, status, text in [
+            (f"/api/attention?index={plen - 2}&method=relevancy", 404, "no relevancy map"),
+            (f"/api/attention?index={plen}&method=rollout&start_layer=3", 404, "start layer 3 out of range"),
+            (f"/api/attention?index={plen}&method=rollout&start_layer=x", 400, "start_layer must be an integer"),
+            (f"/api/attention?index={plen}&method=flow", 400, "method must be one of")]:
+        r = client.get(url)
+        assert r.status_code == status and text in r.get_json()["error"], (url, r.get_json())
+    r = make_app(RUN=make_run("plain")).test_client().get(f"/api/attention?index={plen}&method=rollout")
+    assert r.status_code == 404 and "--methods raw,rollout" in r.get_json()["error"]

@@ -165,8 +165,7 @@ OLD, NEW = 0, 1
 
 
 def layer0(run: Path) -> np.ndarray:
-    with np.load(run / "attention" / "layer_00.npz") as z:
-        return z["image"]
+    return store.Run(run).layer(0).image
 
 
 WRITER = "import sys; from smolattn import synthetic; synthetic.make_run(sys.argv[1], 1, 2, seed=int(sys.argv[2]))"
@@ -227,7 +226,7 @@ def test_incomplete_run_is_recomputed_on_resume(tmp_path, tiny_dir):
     Image.new("RGB", (64, 48), (5, 5, 5)).save(d / "a.jpg")
     root = tmp_path / "out"
     assert run_batch(batch_args(d, root, tiny_dir)) == 0
-    layer = root / "a" / "attention" / "layer_00.npz"
+    layer = sorted((root / "a" / "attention").iterdir())[0]
     layer.write_bytes(layer.read_bytes()[:10])                      # e.g. a power cut without fsync
     assert "has 10 bytes" in store.incomplete(root / "a")
     assert run_batch(batch_args(d, root, tiny_dir)) == 0
@@ -366,20 +365,21 @@ def test_cuda_error_stops_the_local_worker_in_one_line(tmp_path, tiny_dir, monke
     d.mkdir()
     for name in ("a.png", "b.png", "c.png"):
         Image.new("RGB", (64, 48)).save(d / name)
-    real = ex.extract
+    real, calls = ex.step, []
 
-    def extract(loaded, path, out, settings, image=None):
-        if Path(path).name == "b.png":
+    def step(loaded, settings, batch):       # the model step of the second image hits a CUDA error
+        calls.append(len(batch))
+        if len(calls) == 2:
             raise RuntimeError("CUDA error: device-side assert triggered\nCompile with TORCH_USE_CUDA_DSA")
-        return real(loaded, path, out, settings, image=image)
+        return real(loaded, settings, batch)
 
-    monkeypatch.setattr(ex, "extract", extract)
+    monkeypatch.setattr(ex, "step", step)
     root = tmp_path / "out"
-    assert run_batch(batch_args(d, root, tiny_dir)) == 3
+    assert run_batch(batch_args(d, root, tiny_dir, "--batch-size", "1", "--workers", "0")) == 3
     err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
     assert len(err) == 1 and "b.png: RuntimeError: CUDA error: device-side assert" in err[0] and "stopped" in err[0]
     assert [r["image"] for r in jsonl.read(root / "manifest.jsonl")] == ["a.png"]   # b and c: left for the rerun
-    monkeypatch.setattr(ex, "extract", real)
+    monkeypatch.setattr(ex, "step", real)
     assert run_batch(batch_args(d, root, tiny_dir)) == 0
 
 

@@ -1,4 +1,7 @@
 """The one reader opens our runs and the reference project's runs; tokens are classified exactly."""
+import json
+import shutil
+
 import numpy as np
 import pytest
 
@@ -80,3 +83,25 @@ def test_future_format_version_is_refused(tmp_path):
     (run / "meta.json").write_text(meta.replace(f'"format_version": {store.FORMAT_VERSION}', '"format_version": 99'))
     with pytest.raises(UserError, match="version 1 or 2"):
         store.Run(run)
+
+
+@pytest.mark.parametrize("mode", ["compact", "compact8"])
+def test_format_v1_runs_read_as_before(tmp_path, mode):
+    """A v1 run (one np.savez_compressed file per layer) reads the same maps as the v2 run it was made from."""
+    v2 = synthetic.make_run(tmp_path / "v2", 3, 4, store_mode=mode)
+    v1 = tmp_path / "v1"
+    shutil.copytree(v2, v1)
+    meta = json.loads((v1 / "meta.json").read_text())
+    for i in range(meta["attention"]["num_layers"]):
+        arrays = store.Run(v2).layer_arrays(i)
+        np.savez_compressed(v1 / store.LAYER_FILE_V1.format(i), **arrays)
+    for f in (v1 / "attention").glob("*.b2"):
+        f.unlink()
+    meta["format_version"] = 1
+    del meta["attention"]["arrays"], meta["attention"]["codec"]
+    (v1 / "meta.json").write_text(json.dumps(meta))
+    a, b = store.Run(v1), store.Run(v2)
+    assert list((v1 / "attention").iterdir()) and not list((v1 / "attention").glob("*.b2"))
+    for i in range(a.num_layers):
+        np.testing.assert_array_equal(a.layer(i).image, b.layer(i).image)
+        np.testing.assert_array_equal(a.layer(i).text, b.layer(i).text)

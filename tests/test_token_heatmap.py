@@ -319,7 +319,7 @@ def test_cli_missing_files(tmp_path):
     check(cli("--run", tmp_path / "nope", "--output", tmp_path / "h.png"), "not found")
     check(cli("--output", tmp_path / "h.png", cwd=tmp_path), "token file not found")
     run = synthetic.make_run(tmp_path / "run", 1, 2)
-    (run / "attention" / "layer_01.npz").unlink()
+    (run / "attention" / "layer_01.image.b2").unlink()
     check(cli("--run", run, "--output", tmp_path / "h.png", "--overlay", tmp_path / "o.png"), "cannot read layer 1")
     check(cli("--run", run, "--layers", "0", "--output", tmp_path / "h.png", "--decoded-tokens", "x.npy"), "--run")
     ref = synthetic.make_run(tmp_path / "ref", 1, 2, reference=True)

@@ -61,6 +61,9 @@ def server(tmp_path_factory):
         tile_pos, global_pos = positions(rows, cols)
         one_hot = {tile_pos: tile_key(rows, cols, i, j), global_pos: rows * cols * 64 + gi * 8 + gj}
         synthetic.make_run(root / name, rows, cols, image_size=size, one_hot=one_hot, layers=3, heads=2)
+        if name == "landscape":   # the same run with every derived method stored (synthetic maps)
+            synthetic.make_run(root / "methods", rows, cols, image_size=size, one_hot=one_hot, layers=3, heads=2,
+                               methods=("rollout", "relevancy", "relative"))
     synthetic.make_run(root / "reference", 3, 4, reference=True)
     synthetic.make_run(root / "escape", 3, 4, answer=EVIL)
     bpe = byte_level_bpe()
@@ -271,7 +274,7 @@ def test_url_keeps_the_view_title_names_the_run(page, server):
     page.select_option("#heads", "1")
     page.wait_for_selector('#overlay[data-layers="1-1"]')
     url = page.url
-    for part in ("run=landscape", f"token={tile_pos}", "layers=1", "heads=1", "method=attention"):
+    for part in ("run=landscape", f"token={tile_pos}", "layers=1", "heads=1", "method=raw"):
         assert part in url, url
     page.goto(url)                                            # a shared link opens the same view
     page.wait_for_selector(f'#overlay[data-index="{tile_pos}"][data-layers="1-1"]')
@@ -307,3 +310,50 @@ def test_compare_mode_text_view_and_numbers(page, server, tmp_path):
     numbers = json.loads(path.read_text())
     assert numbers["index"] == tile_pos and len(numbers["grid"]) == rows * 8 and len(numbers["grid"][0]) == cols * 8
     assert max(max(r) for r in numbers["grid"]) == numbers["grid"][i][j]
+
+
+def test_method_selector_start_layer_caption_and_download(page, server, tmp_path):
+    rows, cols, size, (i, j), _ = SHAPES["landscape"]
+    g = geo.from_tokens(synthetic.make_tokens(rows, cols)[0])
+    tile_pos, _ = positions(rows, cols)
+    open_run(page, server, "methods")
+    click_token(page, tile_pos)
+    assert page.locator("#method-note").is_hidden() and page.locator("#start-layer-row").is_hidden()
+    page.select_option("#method", "rollout")
+    page.wait_for_selector(f'#overlay[data-index="{tile_pos}"][data-method="rollout"]')
+    assert page.locator("#start-layer-row").is_visible() and page.locator("#heads").is_disabled()
+    assert_inside(page.evaluate(HOT_CENTRE, ["#overlay", False]), g.cell_box(i, j, size), size)
+    page.select_option("#start-layer", "2")
+    page.wait_for_selector('#overlay[data-method="rollout"][data-layers="2-2"]')
+    caption = page.locator("#colorbar-label").inner_text()
+    assert "Attention rollout" in caption and "from layer 2" in caption
+    assert "method=rollout" in page.url and "start_layer=2" in page.url
+    with page.expect_download() as info:
+        page.click("#download")
+    assert info.value.suggested_filename == f"methods_rollout_token{tile_pos}_start2.png"
+    info.value.save_as(tmp_path / "rollout.png")
+
+    page.select_option("#method", "relevancy")          # token t's relevancy is read at t - 1: the planted row
+    click_token(page, tile_pos + 1)
+    page.wait_for_selector(f'#overlay[data-index="{tile_pos + 1}"][data-method="relevancy"]')
+    assert_inside(page.evaluate(HOT_CENTRE, ["#overlay", False]), g.cell_box(i, j, size), size)
+    assert "Gradient relevancy" in page.locator("#colorbar-label").inner_text()
+    page.select_option("#method", "relative")
+    page.wait_for_selector(f'#overlay[data-method="relative"]')
+    assert page.locator("#start-layer-row").is_hidden() and not page.locator("#layer-from").is_disabled()
+    page.select_option("#method", "rollout")
+    click_token(page, tile_pos)
+    page.wait_for_selector(f'#overlay[data-index="{tile_pos}"][data-method="rollout"]')
+    page.screenshot(path=str(SHOTS / "methods.png"), full_page=True)
+
+
+def test_methods_missing_from_a_run_are_greyed_out_with_the_command(page, server):
+    open_run(page, server, "landscape")
+    for name in ("rollout", "relevancy", "relative"):
+        option = page.locator(f'#method option[value="{name}"]')
+        assert option.is_disabled() and "not in this run" in option.inner_text()
+        assert "--methods raw," in option.get_attribute("title")
+    note = page.locator("#method-note")
+    assert note.is_visible() and "--methods raw,rollout,relevancy,relative" in note.inner_text()
+    assert not page.locator('#method option[value="raw"]').is_disabled()
+    page.screenshot(path=str(SHOTS / "methods-missing.png"), full_page=True)

@@ -215,3 +215,26 @@ def test_index_scan_finds_nested_batches_and_plain_runs(batch_root, make_run, tm
     entries = {e.name: e for e in Index(top).query(limit=100)[1]}
     assert set(entries) == {"coco/bad", "coco/cat_1", "coco/dog_2", "coco/zebra", "single/photo"}
     assert entries["single/photo"].grid == (3, 4) and "skier" in entries["single/photo"].answer
+
+
+def test_index_restart_reads_the_cached_index(batch_root, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    assert len(Index(batch_root, cache_dir=cache)) == 4
+    import viewer.index
+
+    def boom(path):
+        raise AssertionError("a restart with unchanged manifests must not read them")
+    monkeypatch.setattr(viewer.index, "read_manifests", boom)
+    assert Index(batch_root, cache_dir=cache).names() == ["bad", "cat_1", "dog_2", "zebra"]
+    write_manifest(batch_root / "manifest.jsonl", [{"image": "x.jpg", "run": "x", "status": "ok", "finished_at": "3"}])
+    with pytest.raises(AssertionError, match="must not read"):   # changed: read again
+        Index(batch_root, cache_dir=cache).names()
+
+
+def test_index_lists_run_directories_when_a_manifest_is_unreadable(batch_root, monkeypatch):
+    import viewer.index
+
+    def damaged(path):
+        raise viewer.index.UserError(f"{path}/manifest.jsonl:2: invalid JSON")
+    monkeypatch.setattr(viewer.index, "read_manifests", damaged)
+    assert Index(batch_root).names() == ["cat_1", "dog_2", "not_in_manifest", "zebra"]

@@ -13,6 +13,7 @@ from flask import Blueprint, current_app, jsonify, request, send_file
 from PIL import Image
 
 from smolattn import heatmap as hm
+from smolattn import methods as mth
 from smolattn import tokens as tok
 from smolattn.errors import UserError
 from smolattn.store import Run, token_table
@@ -22,7 +23,10 @@ from .runs import MAX_OPEN_RUNS, NotFound, text_rows
 
 bp = Blueprint("api", __name__, url_prefix="/api")
 TEXT_KINDS = ("prompt", "answer", "special")
-METHODS = ("attention",)   # explanation methods: the raw attention for now
+RAW = mth.RAW              # the stored attention rows (Run.methods names); the others: smolattn.methods' maps
+METHODS = (RAW,) + tuple(mth.METHODS)
+METHOD_LABELS = {RAW: "Attention", "rollout": "Attention rollout", "relevancy": "Gradient relevancy",
+                 "relative": "Relative attention"}
 PNG_MAX_SIDE = 1024
 REVERSE_TOP = 20
 
@@ -152,6 +156,46 @@ def token_map(name: str, run: Run, row: int, layers, heads, drop: bool) -> np.nd
     return (hm.drop_sink(per_layer) if drop else per_layer).mean(axis=0)
 
 
+def method_info(run: Run, name: str) -> dict:
+    """What the page needs to offer a method: available or not (and then the command that adds it)."""
+    if name == RAW:
+        return {"name": name, "label": METHOD_LABELS[name], "available": True, "axis": "layer",
+                "rows": run.meta.get("attention", {}).get("query_semantics", "row t = token t as the query")}
+    m, stored = mth.METHODS[name], run.meta.get("methods") or {}
+    info = {"name": name, "label": METHOD_LABELS.get(name, name), "available": name in stored, "axis": m.axis,
+            "rows": m.rows}
+    if name in stored:
+        info["positions"] = stored[name].get("positions", [])
+    else:
+        info["command"] = mth.command(run.meta, run.path, [*stored, name])
+    return info
+
+
+def view_values(name: str, run: Run, pos: int, row: int, args) -> dict:
+    """The map (K,) the page asked for, with what describes it. ``every``: the maps the shared colour
+    scale spans (None: the raw run's summary has it)."""
+    layers = get_layers(run, args.get("layers"))
+    drop = choice(args, "drop_sink", ("0", "1"), "0") == "1"
+    method = choice(args, "method", METHODS, RAW)
+    if method == RAW:
+        heads = get_heads(run, args.get("heads"))
+        return {"method": method, "layers": layers, "heads": heads, "drop": drop, "every": None,
+                "values": token_map(name, run, row, layers, heads, drop)}
+    start = as_int(args.get("start_layer", 0), "start_layer")
+    try:
+        maps = run.method(method)
+        values = hm.method_map(run, method, pos, layers, start)
+    except UserError as e:
+        raise NotFound(str(e)) from None
+    every = maps.maps[:, maps.index(pos)].astype(np.float64)           # every (start) layer of the token
+    if maps.meta.get("axis") == "start_layer":
+        layers = range(start, run.num_layers)
+    if drop:
+        values, every = hm.drop_sink(values), hm.drop_sink(every)
+    return {"method": method, "layers": layers, "heads": None, "drop": drop, "every": every, "values": values,
+            "start_layer": start if maps.meta.get("axis") == "start_layer" else None}
+
+
 def numbers(x: np.ndarray, digits: int = 6) -> list:
     """Nested lists rounded to ``digits`` significant digits of the largest value (the stores keep
     about 3: float16): half the JSON, and half the time to encode it."""
@@ -216,7 +260,8 @@ def initialize():
         prompt_length=run.prompt_length,
         geometry={"rows": g.rows, "cols": g.cols, "side": g.side, "grid": list(g.grid_shape),
                   "num_keys": g.num_keys, "image_block": list(g.image_block), "image_size": list(run.image_size())},
-        token_table=tokens,
+        token_table=tokens, methods=[method_info(run, m) for m in METHODS],
+        methods_command=mth.command(run.meta, run.path, list(mth.METHODS)),
         query_semantics=run.meta["attention"].get(
             "query_semantics", "row for token t = position t as the query (the reference viewer's convention)"))
 
@@ -268,24 +313,32 @@ def attention():
     args = params()
     name, run = get_run(args)
     pos, row = get_token(run, args.get("index"))
-    layers = get_layers(run, args.get("layers"))
-    heads = get_heads(run, args.get("heads"))
-    drop = choice(args, "drop_sink", ("0", "1"), "0") == "1"
     norm = choice(args, "norm", ("map", "shared"), "map")
-    method = choice(args, "method", METHODS, METHODS[0])
     summary = registry().summary(name, run)
-    if len(layers) == run.num_layers and heads == "mean" and not drop:
-        values = summary.mean_map[row]
-    else:
-        values = token_map(name, run, row, layers, heads, drop)
     lh_mass = summary.lh_mass(row)                                                 # (L, H)
-    vmin, vmax = summary.scale(row, heads, drop) if norm == "shared" else (float(values.min()), float(values.max()))
+    if args.get("method", RAW) == RAW and get_layers(run, args.get("layers")) == range(run.num_layers) \
+            and get_heads(run, args.get("heads")) == "mean" and args.get("drop_sink", "0") == "0":
+        v = {"method": RAW, "layers": range(run.num_layers), "heads": "mean", "drop": False,
+             "values": summary.mean_map[row], "every": None}                       # the summary's default map
+    else:
+        v = view_values(name, run, pos, row, args)
+    values, layers, heads = v["values"], v["layers"], v["heads"]
+    if norm == "map":
+        vmin, vmax = float(values.min()), float(values.max())
+    elif v["every"] is None:
+        vmin, vmax = summary.scale(row, heads, v["drop"])
+    else:
+        vmin, vmax = float(v["every"].min()), float(v["every"].max())
+    if v["method"] == RAW:
+        image_mass = float(hm.reduce_heads(lh_mass, heads)[layers.start:layers.stop].mean())
+    else:   # rollout/relevancy: the map's sum is the image's share; relative is a ratio (no share)
+        image_mass = float(values.sum()) if v.get("start_layer") is not None and not v["drop"] else None
     grid, glob = run.geometry.split(values)
-    return jsonify(success=True, run=name, index=pos, text=tok.text_at(run.tokens, pos), method=method,
-                   layers=[layers.start, layers.stop - 1], heads=heads, drop_sink=drop, norm=norm,
+    return jsonify(success=True, run=name, index=pos, text=tok.text_at(run.tokens, pos), method=v["method"],
+                   layers=[layers.start, layers.stop - 1], heads=heads, drop_sink=v["drop"], norm=norm,
+                   start_layer=v.get("start_layer"),
                    grid=None if grid is None else numbers(grid), **{"global": numbers(glob)},
-                   image_mass=float(hm.reduce_heads(lh_mass, heads)[layers.start:layers.stop].mean()),
-                   vmin=vmin, vmax=vmax, layer_head_mass=numbers(lh_mass))
+                   image_mass=image_mass, vmin=vmin, vmax=vmax, layer_head_mass=numbers(lh_mass))
 
 
 @bp.get("/text_attention")
@@ -352,10 +405,9 @@ def overlay_png():
     args = params()
     name, run = get_run(args)
     pos, row = get_token(run, args.get("index"))
-    drop = choice(args, "drop_sink", ("0", "1"), "0") == "1"
     smooth = choice(args, "smooth", ("0", "1"), "0") == "1"
-    values = token_map(name, run, row, get_layers(run, args.get("layers")), get_heads(run, args.get("heads")), drop)
-    grid, glob = run.geometry.split(values)
+    v = view_values(name, run, pos, row, args)
+    grid, glob = run.geometry.split(v["values"])
     path = run.image_path()
     if path is None or not registry().inside(path):
         raise NotFound(f"run {name!r} has no image")
@@ -364,4 +416,4 @@ def overlay_png():
     buf = io.BytesIO()
     out.save(buf, "PNG")
     buf.seek(0)
-    return send_file(buf, mimetype="image/png", download_name=f"attention_{pos}.png")
+    return send_file(buf, mimetype="image/png", download_name=f"{v['method']}_{pos}.png")

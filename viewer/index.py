@@ -5,12 +5,15 @@ Built from the batch manifests where there are any (``manifest*.jsonl``, read wi
 of 40,000 images is indexed without touching its run directories), and from one scan of the other
 directories (a run is a directory holding ``decoded_tokens.npy``; its meta.json gives the answer and
 grid). A directory holding a manifest is a batch root: the scan does not descend into it. The index
-is cached in memory and rebuilt when a manifest or a scanned directory changes (checked at most every
-``check_every`` seconds).
+is kept in memory and rebuilt when a manifest or a scanned directory changes (checked at most every
+``check_every`` seconds, by stat only), and saved under ``cache_dir/index`` so that a restart with
+unchanged manifests and directories reads one small file instead of every manifest row.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import threading
 import time
@@ -18,6 +21,9 @@ from pathlib import Path
 from typing import NamedTuple
 
 from smolattn.batch import read_manifests
+from smolattn.errors import UserError
+
+log = logging.getLogger(__name__)
 
 RUN_MARKER = "decoded_tokens.npy"
 SORTS = ("name", "answer", "grid", "error")
@@ -63,8 +69,9 @@ def run_entry(path: Path, name: str) -> Entry:
 
 
 class Index:
-    def __init__(self, root: Path, single_name: str | None = None, check_every: float = 2.0):
+    def __init__(self, root: Path, single_name: str | None = None, check_every: float = 2.0, cache_dir=None):
         self.root, self.single_name, self.check_every = Path(root), single_name, check_every
+        self.cache_dir = cache_dir
         self._lock = threading.Lock()
         self._entries: list[Entry] = []
         self._hay: list[str] = []
@@ -75,41 +82,81 @@ class Index:
         self.build_seconds = 0.0
 
     # -- building -------------------------------------------------------------------------------
-    def _walk(self):
-        """(entries, signature): manifests of batch roots, runs found by the scan, and the stat of
-        every manifest and scanned directory (what a rebuild is keyed on)."""
-        if self.single_name is not None:
-            return [run_entry(self.root, self.single_name)], ()
-        entries, signature, stack = [], [], [(self.root, "")]
+    def _scan(self):
+        """(batch roots [(path, prefix)], run directories [(path, name)], signature) by listing
+        directories only: the stat of every manifest and of every directory listed (a run added or
+        replaced changes its parent's mtime)."""
+        batches, runs, signature, stack = [], [], [], [(self.root, "")]
         while stack:
             path, prefix = stack.pop()
             try:
                 with os.scandir(path) as it:
                     children = list(it)
+                names = {c.name for c in children}
+                if prefix and RUN_MARKER in names:
+                    runs.append((path, prefix))
+                    continue
                 signature.append((str(path), path.stat().st_mtime_ns))
-            except OSError:
-                continue
-            names = {c.name for c in children}
-            manifests = sorted(c for c in names if _is_manifest(c))
-            if prefix and RUN_MARKER in names:
-                entries.append(run_entry(path, prefix))
-                continue
-            if manifests:
+                manifests = sorted(n for n in names if _is_manifest(n))
                 for m in manifests:
                     st = (path / m).stat()
                     signature.append((str(path / m), st.st_size, st.st_mtime_ns))
-                for row in read_manifests(path).values():
-                    if isinstance(row.get("run"), str) and row["run"]:
-                        entries.append(Entry(_join(prefix, row["run"]), row.get("answer"), _grid(row.get("grid")),
-                                             row.get("error") if row.get("status") != "ok" else None,
-                                             row.get("image")))
+            except OSError:
+                continue
+            if manifests:
+                batches.append((path, prefix))
                 continue
             for c in children:
                 if not c.name.startswith(".") and c.name != "__pycache__" and c.is_dir(follow_symlinks=False):
                     stack.append((Path(c.path), _join(prefix, c.name)))
+        return batches, runs, tuple(sorted(signature))
+
+    def _read(self, batches, runs) -> list[Entry]:
+        """Entries from the manifests' latest rows and the runs' meta.json, sorted by name, unique."""
+        entries = [run_entry(path, name) for path, name in runs]
+        for path, prefix in batches:
+            try:
+                rows = read_manifests(path).values()
+            except (UserError, OSError) as e:   # a damaged manifest: list the batch's run directories instead
+                log.warning("%s: %s; listing its run directories instead", path, e)
+                entries += [run_entry(d, _join(prefix, d.name)) for d in sorted(path.iterdir())
+                            if not d.name.startswith(".") and (d / RUN_MARKER).is_file()]
+                continue
+            for row in rows:
+                if isinstance(row.get("run"), str) and row["run"]:
+                    entries.append(Entry(_join(prefix, row["run"]), row.get("answer"), _grid(row.get("grid")),
+                                         row.get("error") if row.get("status") != "ok" else None, row.get("image")))
         entries.sort(key=lambda e: e.name)
-        unique = [e for k, e in enumerate(entries) if k == 0 or e.name != entries[k - 1].name]
-        return unique, tuple(sorted(signature))
+        return [e for k, e in enumerate(entries) if k == 0 or e.name != entries[k - 1].name]
+
+    def _cache_file(self) -> Path | None:
+        if self.cache_dir is None:
+            return None
+        return Path(self.cache_dir) / "index" / f"{hashlib.sha256(str(self.root).encode()).hexdigest()[:32]}.json"
+
+    def _walk(self):
+        """(entries, signature), from the disk cache when the signature is unchanged (a restart)."""
+        if self.single_name is not None:
+            return [run_entry(self.root, self.single_name)], ()
+        batches, runs, signature = self._scan()
+        path, key = self._cache_file(), json.loads(json.dumps(signature))
+        try:
+            cached = json.loads(path.read_text()) if path and path.is_file() else None
+            if cached and cached.get("version") == 1 and cached.get("signature") == key:
+                return [Entry(n, a, tuple(g) if g else None, e, i) for n, a, g, e, i in cached["entries"]], signature
+        except (OSError, ValueError, TypeError, AttributeError):
+            pass
+        entries = self._read(batches, runs)
+        if path is not None:
+            try:   # a cache that cannot be written is only a lost speed-up
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+                tmp.write_text(json.dumps({"version": 1, "root": str(self.root), "signature": key,
+                                           "entries": [list(e) for e in entries]}))
+                os.replace(tmp, path)
+            except OSError:
+                pass
+        return entries, signature
 
     def _signature_now(self):
         """The current signature, by stat only (a new manifest or run changes its directory's mtime)."""

@@ -108,7 +108,7 @@ class Registry:
         self.runs = LRU(MAX_OPEN_RUNS)
         self.layers = LRU(cache_bytes * LAYER_SHARE, size=lambda layer: layer.nbytes)
         self.summaries = LRU(cache_bytes * (1 - LAYER_SHARE), size=lambda s: s.nbytes)
-        self.index = Index(self.root, self.single_name if single else None)
+        self.index = Index(self.root, self.single_name if single else None, cache_dir=self.cache_dir)
         self._ids = weakref.WeakKeyDictionary()   # Run -> (name, disk identity) it was read as
 
     # -- discovery ------------------------------------------------------------------------------

@@ -165,6 +165,50 @@ function fillControls(info) {
     while (heads.options.length > 2) heads.remove(2);
     for (let h = 0; h < info.num_heads; h++) option(heads, h, id === "heads" ? `Head ${h}` : `head ${h}`);
   }
+  const start = $("start-layer");
+  start.replaceChildren();
+  for (let i = 0; i < info.num_layers; i++) option(start, i, String(i));
+  $("start-layer-end").textContent = `to ${info.num_layers - 1}`;
+  fillMethods(info);
+}
+
+// -- methods: raw attention, or maps the extractor stored (rollout, relevancy, relative) ---------------
+function methodInfo(name) {
+  return ((state.info && state.info.methods) || []).find((m) => m.name === name) || { name, axis: "layer", label: name };
+}
+
+function fillMethods(info) {
+  const missing = info.methods.filter((m) => !m.available);
+  for (const id of ["method", "b-method"]) {
+    const s = $(id);
+    s.replaceChildren();
+    for (const m of info.methods) {
+      option(s, m.name, m.available ? m.label : `${m.label} (not in this run)`);
+      s.lastChild.disabled = !m.available;            // greyed out; the note says how to add it
+      s.lastChild.title = m.available ? `${m.label}: ${m.rows}` : `Not stored in this run. Add it with: ${m.command}`;
+    }
+  }
+  const note = $("method-note");
+  note.replaceChildren();
+  note.hidden = !missing.length;
+  if (missing.length) {
+    note.append(`Not in this run: ${missing.map((m) => m.label.toLowerCase()).join(", ")}. Add with:`,
+      el("code", "", info.methods_command));
+  }
+}
+
+function methodControls() {
+  // rollout/relevancy: a start layer instead of a layer range; derived maps have no heads
+  const m = methodInfo($("method").value);
+  const start = m.axis === "start_layer", raw = m.name === "raw";
+  $("start-layer-row").hidden = !start;
+  for (const id of ["layer-mode", "layer", "layer-from", "layer-to"]) $(id).disabled = start;
+  $("heads").disabled = !raw;
+  $("heads").closest(".field").classList.toggle("disabled", !raw);
+  $("layer-mode").closest(".field").classList.toggle("disabled", start);
+  const b = methodInfo($("b-method").value);
+  $("b-heads").disabled = b.name !== "raw";
+  $("b-layer-to").disabled = b.axis === "start_layer";
 }
 
 // -- URL state: run, token, layers, heads, method (+ the compared view) ----------------------------
@@ -186,13 +230,14 @@ function setLayers(spec, prefix) {
 }
 
 function setSelect(id, value) {
-  if (value !== null && [...$(id).options].some((o) => o.value === value)) $(id).value = value;
+  if (value !== null && [...$(id).options].some((o) => o.value === value && !o.disabled)) $(id).value = value;
 }
 
 function applyUrl(p) {
   setLayers(p.get("layers"), "");
   setSelect("heads", p.get("heads"));
   setSelect("method", p.get("method"));
+  setSelect("start-layer", p.get("start_layer"));
   if (p.get("norm") === "shared") document.querySelector('input[name="norm"][value="shared"]').checked = true;
   $("drop-sink").checked = p.get("drop_sink") === "1";
   $("compare").checked = p.get("compare") === "1";
@@ -212,6 +257,7 @@ function writeUrl() {
     p.set("layers", a.layers);
     p.set("heads", a.heads);
     p.set("method", a.method);
+    if (a.start_layer !== undefined) p.set("start_layer", a.start_layer);
     if (radio("norm") !== "map") p.set("norm", radio("norm"));
     if ($("drop-sink").checked) p.set("drop_sink", "1");
     if ($("compare").checked) {
@@ -220,6 +266,7 @@ function writeUrl() {
       p.set("layers_b", b.layers);
       p.set("heads_b", b.heads);
       p.set("method_b", b.method);
+      if (b.start_layer !== undefined) p.set("start_layer_b", b.start_layer);
     }
   }
   history.replaceState(null, "", url);
@@ -321,12 +368,16 @@ function selectionParams(view) {
   if (view === "b") {
     let from = Number($("b-layer-from").value), to = Number($("b-layer-to").value);
     if (from > to) { $("b-layer-to").value = from; to = from; }
-    return { layers: from === to ? `${from}` : `${from}-${to}`, heads: $("b-heads").value, method: $("b-method").value };
+    const out = { layers: from === to ? `${from}` : `${from}-${to}`, heads: $("b-heads").value, method: $("b-method").value };
+    if (methodInfo(out.method).axis === "start_layer") out.start_layer = String(from);   // B: its first layer
+    return out;
   }
   const range = $("layer-mode").value === "range";
   let from = Number($("layer-from").value), to = Number($("layer-to").value);
   if (range && from > to) { $("layer-to").value = from; to = from; }
-  return { layers: range ? `${from}-${to}` : $("layer").value, heads: $("heads").value, method: $("method").value };
+  const out = { layers: range ? `${from}-${to}` : $("layer").value, heads: $("heads").value, method: $("method").value };
+  if (methodInfo(out.method).axis === "start_layer") out.start_layer = $("start-layer").value;
+  return out;
 }
 
 async function fetchView(view) {
@@ -345,6 +396,7 @@ async function fetchView(view) {
 async function update() {
   $("layer-single").hidden = $("layer-mode").value !== "single";
   $("layer-range").hidden = $("layer-mode").value !== "range";
+  methodControls();
   const compare = $("compare").checked;
   $("view-b").hidden = !compare;
   $("label-a").hidden = !compare;
@@ -395,10 +447,17 @@ function paint(ctx, heat, width, height) {
   ctx.globalAlpha = 1;
 }
 
-function describe(d) {
+function span(d) {  // which layers (and heads) a map covers
   const layers = d.layers[0] === d.layers[1] ? `layer ${d.layers[0]}` : `layers ${d.layers[0]}–${d.layers[1]}`;
-  const heads = typeof d.heads === "number" ? `head ${d.heads}` : `${d.heads} over heads`;
-  return `${layers} · ${heads} · ${d.method || "attention"}`;
+  if (d.start_layer !== null && d.start_layer !== undefined) return `from layer ${d.layers[0]} (to ${d.layers[1]})`;
+  if (d.heads === null || d.heads === undefined) return layers;
+  return `${layers} · ${typeof d.heads === "number" ? `head ${d.heads}` : `${d.heads} over heads`}`;
+}
+
+function describe(d) { return `${span(d)} · ${d.method || "raw"}`; }
+
+function share(d) {  // the map's share of the attention, or a dash for ratios
+  return d && d.image_mass !== null && d.image_mass !== undefined ? `${(d.image_mass * 100).toFixed(1)}%` : "–";
 }
 
 function drawAll() {
@@ -410,8 +469,8 @@ function drawAll() {
   drawColorbar(a);
   drawOverview(a);
   $("label-a").textContent = a ? `A: ${describe(a)}` : "";
-  $("label-b").textContent = b ? `B: ${describe(b)} · ${(b.image_mass * 100).toFixed(1)}% on the image` : "B";
-  $("sel-mass").textContent = a ? `${(a.image_mass * 100).toFixed(1)}% of the attention` : "–";
+  $("label-b").textContent = b ? `B: ${describe(b)}` + (b.image_mass === null ? "" : ` · ${share(b)} on the image`) : "B";
+  $("sel-mass").textContent = a && a.image_mass !== null ? `${share(a)} of the ${a.method === "raw" ? "attention" : `${methodInfo(a.method).label.toLowerCase()} row`}` : "–";
 }
 
 function drawOverlay(view, d) {
@@ -427,6 +486,7 @@ function drawOverlay(view, d) {
   paint(ctx, heatCanvas(d.grid || d.global, d.vmin, d.vmax), canvas.width, canvas.height);
   canvas.dataset.index = d.index;  // lets tests (and you) see which token is drawn
   canvas.dataset.layers = d.layers.join("-");
+  canvas.dataset.method = d.method || "raw";
 }
 
 function drawGlobal(d) {
@@ -447,8 +507,14 @@ function drawColorbar(d) {
   $("colorbar-label").textContent = "";
   if (!d) return;
   for (let k = 0; k <= 4; k++) ticks.append(el("span", "", fmt(d.vmin + (d.vmax - d.vmin) * k / 4)));
-  $("colorbar-label").textContent = (d.drop_sink ? "Share of the image attention" : "Attention weight")
-    + (d.norm === "shared" ? " · scale shared across all layers" : " · scale of this map")
+  const unit = { raw: d.drop_sink ? "Share of the image attention" : "Attention weight",
+    rollout: d.drop_sink ? "Attention rollout, share of the image" : "Attention rollout (row of the layer product)",
+    relevancy: d.drop_sink ? "Gradient relevancy, share of the image" : "Gradient relevancy (Chefer et al.)",
+    relative: d.drop_sink ? "Relative attention, share of the image" : "Relative attention (÷ generic prompt)" }[d.method]
+    || methodInfo(d.method).label;
+  $("colorbar-label").textContent = `${unit} · ${span(d)}`
+    + (d.norm === "shared" ? ` · scale shared across all ${d.start_layer === null || d.start_layer === undefined ? "" : "start "}layers`
+      : " · scale of this map")
     + ($("compare").checked ? " · view A (B uses its own scale)" : "");
 }
 
@@ -555,7 +621,9 @@ async function loadReverse(target) {
 
 // -- export --------------------------------------------------------------------------------------
 function exportName(d, ext) {
-  return `${safeName(state.run)}_token${d.index}_layers${d.layers.join("-")}_heads-${d.heads}_${d.method || "attention"}.${ext}`;
+  const heads = d.heads === null || d.heads === undefined ? "" : `_heads-${d.heads}`;
+  const layers = d.start_layer === null || d.start_layer === undefined ? `_layers${d.layers.join("-")}` : `_start${d.start_layer}`;
+  return `${safeName(state.run)}_${d.method || "raw"}_token${d.index}${layers}${heads}.${ext}`;
 }
 
 function save(blob, name) {
@@ -583,7 +651,8 @@ function downloadNumbers() {
   if (!d) return;
   const t = state.info.token_table[d.index];
   const out = { run: state.run, index: d.index, token: t.unit_text, piece: t.text, raw: t.raw,
-    method: d.method || "attention", layers: d.layers, heads: d.heads, drop_sink: d.drop_sink, norm: d.norm,
+    method: d.method || "raw", method_rows: methodInfo(d.method || "raw").rows,
+    start_layer: d.start_layer, layers: d.layers, heads: d.heads, drop_sink: d.drop_sink, norm: d.norm,
     image_mass: d.image_mass, vmin: d.vmin, vmax: d.vmax, grid: d.grid, global: d.global,
     query_semantics: state.info.query_semantics,
     note: "grid: the tiled view, rows x cols of image cells (null when the image was not split); global: the global tile" };
@@ -592,7 +661,7 @@ function downloadNumbers() {
 
 // -- wiring --------------------------------------------------------------------------------------
 function wire() {
-  for (const id of ["layer-mode", "layer", "layer-from", "layer-to", "heads", "method", "drop-sink", "compare",
+  for (const id of ["layer-mode", "layer", "layer-from", "layer-to", "heads", "method", "start-layer", "drop-sink", "compare",
     "b-layer-from", "b-layer-to", "b-heads", "b-method"]) {
     $(id).addEventListener("change", update);
   }
