@@ -33,6 +33,7 @@ import numpy as np
 
 from . import pope, store
 from .errors import UserError
+from .geometry import cells_in_boxes
 
 QUERIES = ("last", "object", "answer")
 SCORES = {   # name -> (label, higher is better)
@@ -202,18 +203,20 @@ def analyse_run(path, params: Params, boxes: dict | None = None) -> dict:
     if image_boxes:
         size = run.image_size()
         every = [b for bs in image_boxes.values() for b in bs]
-        any_mask = _mask(g, main.shape[-2:], size, every)
+        any_mask = cells_in_boxes(main.shape[-2:], size, every)
         out["hit_any"], out["on_objects"] = box_scores(main, any_mask)
         obj = (info.get("object") or "").lower()
         mean = main.mean(axis=(0, 1))
         mm = {"on_objects": float(box_scores(mean, any_mask)[1]), "hit_any": float(box_scores(mean, any_mask)[0])}
         if info and obj in image_boxes:            # present: its own boxes
-            inside = _mask(g, main.shape[-2:], size, image_boxes[obj])
+            inside = cells_in_boxes(main.shape[-2:], size, image_boxes[obj])
             out["hit"], out["mass"] = box_scores(main, inside)
             out["box_fraction"] = float(inside.mean())
             mm.update(zip(("hit", "mass"), map(float, box_scores(mean, inside))))
+        elif info and info.get("label") == "yes":  # present but without a COCO box (POPE has such): not scored
+            pass
         elif info:                                 # absent: the mean over the image's categories
-            masks_c = [_mask(g, main.shape[-2:], size, bs) for bs in image_boxes.values()]
+            masks_c = [cells_in_boxes(main.shape[-2:], size, bs) for bs in image_boxes.values()]
             out["mass"] = np.mean([box_scores(main, m)[1] for m in masks_c], axis=0)
             out["box_fraction"] = float(np.mean([m.mean() for m in masks_c]))
             mm["mass"] = float(np.mean([box_scores(mean, m)[1] for m in masks_c]))
@@ -222,11 +225,6 @@ def analyse_run(path, params: Params, boxes: dict | None = None) -> dict:
             mm.update(hit=mm["hit_any"], mass=mm["on_objects"])
         out["boxed"], out["mean_map"] = True, mm
     return out
-
-
-def _mask(g, shape, size, boxes):
-    from .geometry import cells_in_boxes
-    return cells_in_boxes(shape, size, boxes)
 
 
 # ================================================================================ many runs
@@ -391,14 +389,21 @@ class Dataset:
             for outcome in ("TP", "FP", "TN", "FN"):
                 idx = [i for i, r in rows if (split == "all" or r["split"] == split) and _outcome(r) == outcome]
                 mm = [self.runs[i]["mean_map"] for i in idx]
-                mean = lambda k: float(np.mean([m[k] for m in mm if k in m])) if any(k in m for m in mm) else None  # noqa: E731
-                top_mass = float(np.mean([self.scores["mass"][i][tuple(zip(*top))] for i in idx])) if idx and top else None
+                mean = lambda k: mean_of([m.get(k) for m in mm])  # noqa: E731
+                top_mass = [float(np.mean(self.scores["mass"][i][tuple(zip(*top))])) for i in idx] if top else []
+                top_mass = mean_of([m for m in top_mass if not np.isnan(m)])
                 groups[outcome] = {"n": len(idx), "mass": mean("mass"), "hit": mean("hit"),
                                    "on_objects": mean("on_objects"), "hit_any": mean("hit_any"),
                                    "top_heads_mass": top_mass,
-                                   "box_fraction": float(np.mean([self.runs[i]["box_fraction"] for i in idx])) if idx else None}
+                                   "box_fraction": mean_of([self.runs[i]["box_fraction"] for i in idx])}
             out[split] = groups
         return {"top_heads": top, "splits": out}
+
+
+def mean_of(values) -> float | None:
+    """Mean of the values that are not None (None when there are none)."""
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None
 
 
 def _outcome(r) -> str:

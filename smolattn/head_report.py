@@ -55,7 +55,8 @@ def sha256(path) -> str:
     return h.hexdigest()
 
 
-def _num(x):
+def number(x):
+    """A score for JSON: None for NaN, "inf" for an infinite SE, else rounded to 6 decimals."""
     x = float(x)
     return None if np.isnan(x) else ("inf" if np.isinf(x) else round(x, 6))
 
@@ -164,10 +165,12 @@ def head_map(run: store.Run, rows, layer: int, head: int) -> np.ndarray:
     return tiles if tiles is not None else glob
 
 
-def top_heads_png(path, ds: an.Dataset, heads, title: str, per_head: int = 3) -> None:
-    """For each head, its best examples (lowest SE) as overlays on the photos."""
+def top_heads_png(path, ds: an.Dataset, heads, title: str, per_head: int = 3, boxes=None) -> bool:
+    """For each head, its best examples (lowest SE) as overlays on the photos, with the question's
+    object boxes (cyan) when ``boxes`` has them. False when no head has an example."""
     import matplotlib
     matplotlib.use("Agg")
+    import matplotlib.patches
     import matplotlib.pyplot as plt
     from PIL import Image
 
@@ -188,6 +191,10 @@ def top_heads_png(path, ds: an.Dataset, heads, title: str, per_head: int = 3) ->
             base.thumbnail((480, 480))
             grid = head_map(run, an.query_rows(run, ds.params.query), l, h)
             ax.imshow(heatmap.overlay(base, grid))
+            sx, sy = base.width / run.image_size()[0], base.height / run.image_size()[1]
+            for bx, by, bw, bh in (an.run_boxes(run, boxes) or {}).get((ex[c]["object"] or "").lower(), []):
+                ax.add_patch(matplotlib.patches.Rectangle((bx * sx, by * sy), bw * sx, bh * sy, fill=False,
+                                                          edgecolor="cyan", linewidth=1.2))
             label = f" {ex[c]['object']} ({ex[c]['label']})" if ex[c]["object"] else ""
             ax.set_title(f"L{l} H{h}  SE {ex[c]['value']:.2f}{label}\n{ex[c]['run']}", fontsize=7)
     fig.suptitle(title, fontsize=9)
@@ -209,8 +216,8 @@ def write(out, ds: an.Dataset, found: int, annotations=None, boxes=None, top: in
     tag = " (STAND-IN, random weights)" if ds.standin else ""
     result = {"format": FORMAT, "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "inputs": info,
               "params": ds.params.to_json(), "scores": {k: v[0] for k, v in an.SCORES.items()},
-              "table": {k: [[_num(x) for x in row] for row in v] for k, v in (table or {}).items()},
-              "top": {k: [[l, h, _num(v)] for l, h, v in ds.ranked(k, table)[:TOP_ROWS]] for k in an.SCORES} if table else {},
+              "table": {k: [[number(x) for x in row] for row in v] for k, v in (table or {}).items()},
+              "top": {k: [[l, h, number(v)] for l, h, v in ds.ranked(k, table)[:TOP_ROWS]] for k in an.SCORES} if table else {},
               "lens": lens}
     md = "\n".join(header(info, ds.params))
     with store.atomic_dir(out) as tmp:
@@ -225,19 +232,19 @@ def write(out, ds: an.Dataset, found: int, annotations=None, boxes=None, top: in
                 grid_png(tmp / f"grid_{k}.png", table[k], f"{label}{tag}\n{len(ds)} runs, query {ds.params.query}", high)
                 md += f"- `grid_{k}.png`: {label}\n"
             best = [(l, h) for l, h, f in ds.ranked("frequency", table)[:top] if f > 0]
-            if top_heads_png(tmp / "top_heads.png", ds, best, f"top localisation heads, lowest-SE examples{tag}"):
+            if top_heads_png(tmp / "top_heads.png", ds, best, f"top localisation heads, lowest-SE examples{tag}", boxes=boxes):
                 md += "- `top_heads.png`: the top heads' maps on their lowest-SE examples\n"
             buf = io.StringIO()
             w = csv.writer(buf)
             w.writerow(("rank", "layer", "head") + CSV_COLUMNS)
             for k, (l, h, _) in enumerate(ds.ranked("frequency", table), 1):
-                w.writerow((k, l, h) + tuple(_num(table[c][l, h]) for c in CSV_COLUMNS))
+                w.writerow((k, l, h) + tuple(number(table[c][l, h]) for c in CSV_COLUMNS))
             (tmp / "heads.csv").write_text(buf.getvalue())
             np.savez_compressed(tmp / "scores.npz", names=np.array(ds.names, dtype=str),
                                 **{k: v for k, v in ds.scores.items()})
         else:
             md += "\nNo run could be analysed.\n"
-        (tmp / "runs.json").write_text(json.dumps([dict(r, run=n) for n, r in zip(ds.names, ds.runs)], default=_num))
+        (tmp / "runs.json").write_text(json.dumps([dict(r, run=n) for n, r in zip(ds.names, ds.runs)], default=number))
         (tmp / "report.md").write_text(md)
         (tmp / "analysis.json").write_text(json.dumps(result, indent=1))
     return result | {"markdown": md}

@@ -180,6 +180,13 @@ def test_cli_refuses_a_folder_it_did_not_make_and_bad_input(pope_root, tmp_path)
     assert (keep / "notes.txt").read_text() == "precious"
 
 
+def test_a_present_object_without_a_box_is_not_scored(pope_root):
+    root, _ = pope_root                                     # random/1 asks about a dog; give only a cat box
+    r = an.analyse_run(root / "random" / "1", an.Params(), {"a.jpg": {"cat": [CAT]}})
+    assert np.isnan(r["mass"]).all() and np.isnan(r["hit"]).all() and r["box_fraction"] is None
+    assert np.isfinite(r["on_objects"]).all() and r["boxed"]
+
+
 def test_unreadable_runs_are_skipped_with_a_reason(pope_root, tmp_path):
     root, _ = pope_root
     bad = tmp_path / "bad"
@@ -189,6 +196,9 @@ def test_unreadable_runs_are_skipped_with_a_reason(pope_root, tmp_path):
     assert len(ds) == 0 and "broken" in ds.skipped
     ds = an.analyse_root(root, an.Params(query="answer"), None, workers=1, progress=False, names=["random/1"])
     assert len(ds) == 1 and np.isnan(ds.scores["mass"]).all()          # no boxes given: no box scores
+    ds = an.analyse_root(root, an.Params(query="object"), None, workers=1, progress=False, names=["random/1"])
+    tokens = np.load(root / "random" / "1" / "decoded_tokens.npy")
+    assert tokens[ds.runs[0]["position"]] == "Ġdog"                   # the object word's row was read
 
 
 # ------------------------------------------------------------------------------ the viewer's dataset page
@@ -210,6 +220,7 @@ def test_dataset_api(served):
     assert d["table"]["auroc"][BOX_HEAD[0]][BOX_HEAD[1]] == 1.0 and d["table"]["se"][0][0] == "inf"
     h = client.get(f"/api/dataset/head?layer={BOX_HEAD[0]}&head={BOX_HEAD[1]}&score=mass&n=2").get_json()
     assert [e["label"] for e in h["best"]] == ["yes", "yes"] and h["values"]["hit"] == 1.0
+    assert h["best"][0]["boxes"] == [[0.5, 0.5, 0.25, 0.25]]                 # DOG on 640 x 480
     ex = h["best"][0]
     tokens = np.load(Path(served.extensions["runs"].root) / ex["run"] / "decoded_tokens.npy")
     assert tokens[ex["position"]] == ":" and tokens[ex["position"] + 1] in ("Yes", "No")  # the last prompt token
@@ -262,6 +273,7 @@ def test_dataset_page_in_a_browser(served):
             page.click(cell)
             page.wait_for_selector("#best .ds-example img")
             page.wait_for_function("() => [...document.querySelectorAll('#best img')].every(i => i.complete && i.naturalWidth > 0)")
+            assert page.locator("#best .ds-box").count() >= 1                   # the object's box drawn
             page.screenshot(path=str(shots / "dataset.png"), full_page=True)
             href = page.get_attribute("#best .ds-example", "href")
             assert f"layers={BOX_HEAD[0]}&heads={BOX_HEAD[1]}" in href

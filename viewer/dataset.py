@@ -10,6 +10,7 @@ from flask import Blueprint, current_app, jsonify, render_template, request
 
 from smolattn import analysis as an
 from smolattn import head_report
+from smolattn import pope_runner as pr
 from smolattn.errors import UserError
 
 from .api import ApiError, _api_error, as_int
@@ -43,8 +44,29 @@ def loaded():
                 ds, result = head_report.load(path)
             except UserError as e:
                 raise ApiError(str(e), 404) from None
-            ext["analysis"] = (ds, result, ds.head_table())
+            ext["analysis"] = (ds, result, ds.head_table(), _boxes(result))
     return ext["analysis"]
+
+
+def _boxes(result) -> dict | None:
+    """The analysis' COCO boxes, if its annotation file is still there (drawn on the examples)."""
+    ann = result["inputs"].get("annotations")
+    try:
+        return pr.load_boxes(ann["path"]) if ann else None
+    except UserError:
+        return None
+
+
+def example_boxes(name: str, obj, boxes) -> list:
+    """The object's boxes on a run's image as fractions [x, y, w, h] of its width and height."""
+    if not boxes or not obj:
+        return []
+    try:
+        run = current_app.extensions["runs"].run(name)
+    except UserError:
+        return []
+    w, h = run.image_size()
+    return [[x / w, y / h, bw / w, bh / h] for x, y, bw, bh in (an.run_boxes(run, boxes) or {}).get(obj.lower(), [])]
 
 
 @bp.get("/dataset")
@@ -54,7 +76,7 @@ def page():
 
 @bp.get("/api/dataset")
 def summary():
-    ds, result, _ = loaded()
+    ds, result, _, _ = loaded()
     served = current_app.extensions["runs"].root
     return jsonify(success=True, inputs=result["inputs"], params=result["params"], shape=list(ds.shape),
                    scores={k: {"label": label, "higher_is_better": high} for k, (label, high) in an.SCORES.items()},
@@ -64,7 +86,7 @@ def summary():
 
 @bp.get("/api/dataset/head")
 def head():
-    ds, _, table = loaded()
+    ds, _, table, boxes = loaded()
     args = request.args
     layer, h = as_int(args.get("layer"), "layer"), as_int(args.get("head"), "head")
     if not (0 <= layer < ds.shape[0] and 0 <= h < ds.shape[1]):
@@ -74,5 +96,7 @@ def head():
         raise ApiError(f"score must be one of {', '.join(an.SCORES)}, got {score!r}")
     n = min(max(as_int(args.get("n", 4), "n"), 1), 24)
     ex = ds.examples(layer, h, score, n)
-    values = {k: head_report._num(v[layer, h]) for k, v in table.items()}
+    for e in ex["best"] + ex["worst"]:
+        e["boxes"] = example_boxes(e["run"], e["object"], boxes)
+    values = {k: head_report.number(v[layer, h]) for k, v in table.items()}
     return jsonify(success=True, layer=layer, head=h, values=values, **ex)

@@ -86,7 +86,14 @@ function exampleCard(ex, layer, head) {
   img.loading = "lazy";
   img.alt = `L${layer} H${head} on ${ex.run}`;
   img.src = `/api/overlay.png?run=${run}&index=${token}&layers=${layer}&heads=${head}`;
-  a.append(img);
+  const frame = el("div", "ds-frame");
+  frame.append(img);
+  for (const [x, y, w, h] of ex.boxes || []) {   // the object's COCO boxes, as fractions of the image
+    const b = el("div", "ds-box");
+    Object.assign(b.style, { left: `${100 * x}%`, top: `${100 * y}%`, width: `${100 * w}%`, height: `${100 * h}%` });
+    frame.append(b);
+  }
+  a.append(frame);
   const what = ex.object ? ` · "${ex.object}" label ${ex.label}, said ${ex.pred}` : "";
   a.append(el("div", "cap", `${ex.run} · ${fmt(ex.value)}${what}`));
   return a;
