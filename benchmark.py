@@ -122,7 +122,8 @@ def main(argv=None):
             run_engine(pr.make_items(todo, args.image_root, boxes, cfg.batch_size), functools.partial(pr.make_worker, cfg),
                        engine=args.engine, num_workers=args.num_workers, gpus_per_worker=args.gpus_per_worker,
                        cpus_per_worker=args.cpus_per_worker,
-                       ray_address=args.ray_address, prefetch=pr.prefetch, on_result=on_result)
+                       ray_address=args.ray_address, prefetch=pr.prefetch, on_result=on_result,
+                       on_failure=functools.partial(pr.failed_rows, cfg))
         finally:
             bar.close()
     answers.close()

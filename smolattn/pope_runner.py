@@ -273,6 +273,12 @@ def error_rows(item, message: str) -> list[dict]:
              "label": q.label, "raw_answer": None, "status": "error", "error": message} for q in item["questions"]]
 
 
+def failed_rows(cfg: Config, group, message: str) -> list[dict]:
+    """Error rows for a group whose worker process kept dying on it (Ray retries exhausted); retried
+    on resume like any error row."""
+    return [dict(r, config=cfg.key(), model=cfg.model_id) for item in group for r in error_rows(item, message)]
+
+
 def make_worker(cfg: Config):
     """Called once per process: loads the model, returns ``worker(group, prefetched) -> rows``."""
     loaded = get_model(cfg)

@@ -15,7 +15,7 @@ from PIL import Image
 
 import app as app_script
 import extract_smolvlm_batch as batch_cli
-from smolattn import batch, jsonl, standin, store, synthetic
+from smolattn import batch, jsonl, pope, standin, store, synthetic
 from smolattn import extract as ex
 from smolattn.errors import DeviceError, UserError, run_cli
 from viewer.runs import NotFound, Registry
@@ -331,6 +331,13 @@ def test_pope_answers_use_the_one_reader(tmp_path):
         pr.AnswersFile(path, pr.Config())
     answers.close()
     assert [r["question_id"] for r in pr.read_answers(path)] == [1, 2]
+    item = {"questions": [pope.Question("random", 3, "a.jpg", "Is there a cat?", "yes")]}
+    with jsonl.Writer(path) as w:                        # a group of images Ray gave up on
+        for r in pr.failed_rows(pr.Config(), [item], "the worker process died on this item 3 times"):
+            w.append(r)
+    resumed = pr.AnswersFile(path, pr.Config())          # same configuration: resumes, the error is retried
+    assert resumed.done() == {("random", 1), ("random", 2)}
+    resumed.close()
     path.write_text(json.dumps(row) + '\n{"split": "random"}\n')
     with pytest.raises(UserError, match=f"{path}:2: not an answers row"):
         pr.read_answers(path)
