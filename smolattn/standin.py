@@ -219,7 +219,7 @@ def build(shape: str, out: str | os.PathLike, seed: int = 0, tokenizer: str | No
     processor = Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer,
                                   image_seq_len=(g["tile"] // g["patch"]) ** 2 // g["scale"] ** 2,
                                   chat_template=CHAT_TEMPLATE)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, owned=lambda p: (p / "standin.json").is_file()) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         info = {"standin": True, "shape": shape, "seed": seed, "tokenizer": kind, "geometry": g,
