@@ -4,8 +4,10 @@
     python bench/bench_methods.py --model-id DIR --image photo.jpg --max-new-tokens 32 --repeats 2
 
 One process, the model loaded once, CPU fp32. Each round extracts raw only, then raw+rollout,
-raw+relative and raw+relevancy, so drift hits every side; each ratio is against the raw extraction
-of the same round, and the median over rounds is printed with the goals of the issue.
+raw+relative and raw+relevancy (--configs picks), so drift hits every side; each ratio is against the
+raw extraction of the same round, and the median over rounds is printed with the goals of the issue.
+Each line also prints methods_s / generate_s (the methods' own cost over the generation it adds to),
+which a machine shared with other jobs disturbs less than the walls.
 """
 import argparse
 import statistics
@@ -34,7 +36,10 @@ def main():
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--configs", default=",".join(CONFIGS), help="which of raw,rollout,relative,relevancy "
+                    "(raw is always measured: the baseline)")
     args = ap.parse_args()
+    configs = {n: m for n, m in CONFIGS.items() if n == "raw" or n in args.configs.split(",")}
     import torch
     torch.set_num_threads(args.threads)
     from smolattn import extract as ex
@@ -45,18 +50,19 @@ def main():
     loaded = mdl.load(model_id, "cpu", "float32")
     tmp = Path(tempfile.mkdtemp(prefix="bench-methods-"))
     image = ex.open_image(args.image)
-    walls = {name: [] for name in CONFIGS}
-    ratios = {name: [] for name in CONFIGS if name != "raw"}
+    walls = {name: [] for name in configs}
+    ratios = {name: [] for name in configs if name != "raw"}
     for i in range(args.repeats):
-        for name, methods in CONFIGS.items():
+        for name, methods in configs.items():
             t0 = time.perf_counter()
             s = ex.extract(loaded, args.image, tmp / f"{name}{i}", ex.Settings(max_new_tokens=args.max_new_tokens,
                                                                                methods=methods), image=image)
             walls[name].append(time.perf_counter() - t0)
             if name != "raw":
                 ratios[name].append(walls[name][-1] / walls["raw"][-1])
-            print(f"round {i} {name:9s} {walls[name][-1]:7.2f} s  {s['new_tokens']} new tokens  "
-                  f"timings {s['timings']}", flush=True)
+            t = s["timings"]
+            print(f"round {i} {name:9s} {walls[name][-1]:7.2f} s  {s['new_tokens']} new tokens  timings {t}"
+                  + (f"  methods/generate {t['methods_s'] / t['generate_s']:.3f}" if name != "raw" else ""), flush=True)
     run = store.Run(tmp / "raw0")
     print(f"\nmodel {model_id} ({'STAND-IN, random weights' if run.standin else 'real'}), image {args.image.name} "
           f"{run.image_size()[0]}x{run.image_size()[1]} ({run.geometry.rows}x{run.geometry.cols} tiles + global, "

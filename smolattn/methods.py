@@ -22,7 +22,10 @@ gives the map of that row for every start layer in one top-down pass of vector x
   tiling, the same answer teacher-forced), plus ``eps``. Matching row: for the last prompt token and
   every answer token, the same offset from the end of the prompt (the rows that produce the same
   answer token); for the prompt's own text, the generic prompt's last token (the paper's row).
-  Rows before the image block see no image and are not stored.
+  Rows before the image block see no image and are not stored. Everything up to the end of the image
+  block is the same in both sequences, so the generic forward runs only the text after it, over the
+  keys and values the question's forward computed for that prefix (the same numbers, a fraction of
+  the cost).
 """
 from __future__ import annotations
 
@@ -85,12 +88,18 @@ def parse(spec) -> list[str]:
 
 # -- the forward ---------------------------------------------------------------------------------
 class Tape:
-    """What the eager attention keeps from one forward, per layer (probabilities are (H, S, S) fp32)."""
+    """What the eager attention keeps from one forward, per layer (probabilities are (H, S, S) fp32).
 
-    def __init__(self, probs: bool = False, fusion: str | None = None, rows=None):
+    ``keep_kv``: also keep the first ``keep_kv`` positions' keys and values (``kv``), so that a later
+    forward over a sequence with the same prefix (the generic prompt: same image block) can run on its
+    suffix only; that forward's tape gets them as ``prefix``.
+    """
+
+    def __init__(self, probs: bool = False, fusion: str | None = None, rows=None, keep_kv: int = 0, prefix=None):
         self.keep_probs, self.fusion = probs, fusion
         self.rows = None if rows is None else list(rows)
         self.probs, self.fused, self.mean_rows = {}, {}, {}
+        self.keep_kv, self.kv, self.prefix = keep_kv, {}, prefix
 
     def add(self, layer: int, probs) -> None:
         if self.keep_probs:
@@ -111,6 +120,12 @@ def methods_attention(module, query, key, value, attention_mask, scaling=None, d
     import torch
     from transformers.integrations.sdpa_attention import repeat_kv
 
+    tape = getattr(_local, "tape", None)
+    if tape is not None and tape.keep_kv:
+        tape.kv[module.layer_idx] = (key[:, :, :tape.keep_kv].detach(), value[:, :, :tape.keep_kv].detach())
+    if tape is not None and tape.prefix is not None:        # a suffix after a shared prefix: causal with offset
+        pk, pv = tape.prefix[module.layer_idx]
+        key, value, attention_mask = torch.cat([pk, key], 2), torch.cat([pv, value], 2), None
     k = repeat_kv(key, module.num_key_value_groups)
     v = repeat_kv(value, module.num_key_value_groups)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
@@ -124,7 +139,6 @@ def methods_attention(module, query, key, value, attention_mask, scaling=None, d
     else:
         scores = scores + attention_mask[..., :k_len].float()
     probs = torch.softmax(scores[0], dim=-1)            # (H, S, S): batch of one
-    tape = getattr(_local, "tape", None)
     if tape is not None:
         tape.add(module.layer_idx, probs)
     out = torch.matmul(probs.to(v.dtype), v[0])[None]
@@ -154,14 +168,21 @@ def _taping(loaded, tape: Tape):
         cfg._attn_implementation = old
 
 
-def forward(loaded, ids, features, tape: Tape, grad: bool = False):
+def forward(loaded, ids, features, tape: Tape, grad: bool = False, start: int = 0):
     """Teacher-forced forward of the text model over ``ids`` with the image ``features`` merged in at
-    the ``<image>`` positions. Returns the last hidden states (S, D) (before the LM head)."""
+    the ``<image>`` positions. Returns the last hidden states (S - start, D) (before the LM head).
+
+    ``start`` > 0: only positions start.. are run, over the keys and values of the first ``start``
+    positions that ``tape.prefix`` holds (from an earlier forward over the same prefix)."""
     import torch
 
     model = loaded.model
     t = torch.tensor([list(ids)], device=model.device)
     with torch.set_grad_enabled(grad), _taping(loaded, tape):
+        if start:
+            out = model.model.text_model(inputs_embeds=model.get_input_embeddings()(t[:, start:]), use_cache=False,
+                                         position_ids=torch.arange(start, t.shape[1], device=t.device)[None])
+            return out.last_hidden_state[0]
         emb = model.get_input_embeddings()(t)
         emb = model.model.inputs_merger(input_ids=t, inputs_embeds=emb, image_hidden_states=features)
         out = model.model.text_model(inputs_embeds=emb, attention_mask=torch.ones_like(t), use_cache=False)
@@ -289,10 +310,10 @@ def relative(ctx: Context):
     p = ctx.params["relative"]
     rows, P = ctx.after_image(), ctx.prompt_length
     generic = prompt_ids(ctx.loaded, ctx.ids, ctx.geometry, p["generic_prompt"])
-    Pg = len(generic)
+    Pg, start = len(generic), ctx.geometry.image_block[1] + 1    # the same up to the image block's end
     den_rows = np.where(rows >= P - 1, rows - P + Pg, Pg - 1)
-    tape = Tape(rows=den_rows)
-    forward(ctx.loaded, generic + list(ctx.ids[P:]), ctx.features, tape)
+    tape = Tape(rows=den_rows - start, prefix=ctx.tape.kv)
+    forward(ctx.loaded, generic + list(ctx.ids[P:]), None, tape, start=start)
     num, den = ctx.tape.layers(ctx.tape.mean_rows), tape.layers(tape.mean_rows)
     maps = np.stack([(n[:, ctx.keys] / (d[:, ctx.keys] + p["eps"])).cpu().numpy() for n, d in zip(num, den)])
     return rows, rows, maps.astype(np.float32)
@@ -341,8 +362,9 @@ def compute(loaded, ids, prompt_length: int, geometry: geo.Geometry, rows, metho
         features = features.clone()                        # captured under inference_mode: make it autograd-able
         ctx = Context(loaded, list(ids), int(prompt_length), geometry, rows, features, params)
         grad = any(m.grad for m in todo)
+        rel = any(m.mean_rows for m in todo)
         ctx.tape = Tape(probs=grad, fusion=fusion if any(m.fused for m in todo) else None,
-                        rows=ctx.after_image() if any(m.mean_rows for m in todo) else None)
+                        rows=ctx.after_image() if rel else None, keep_kv=geometry.image_block[1] + 1 if rel else 0)
         t0 = time.perf_counter()
         ctx.hidden = forward(loaded, ids, features, ctx.tape, grad)
         shared = time.perf_counter() - t0

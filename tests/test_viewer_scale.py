@@ -151,9 +151,10 @@ def test_text_to_text_view(make_run, make_app):
 
 # -- the run index -----------------------------------------------------------------------------------
 def write_manifest(path, rows):
+    """Rows (dicts) as JSON lines; a str is written as is (e.g. a torn last line, no newline)."""
     with open(path, "a") as f:
         for r in rows:
-            f.write(json.dumps(r) + "\n")
+            f.write(r if isinstance(r, str) else json.dumps(r) + "\n")
 
 
 @pytest.fixture
@@ -228,3 +229,12 @@ def test_index_restart_reads_the_cached_index(batch_root, tmp_path, monkeypatch)
     write_manifest(batch_root / "manifest.jsonl", [{"image": "x.jpg", "run": "x", "status": "ok", "finished_at": "3"}])
     with pytest.raises(AssertionError, match="must not read"):   # changed: read again
         Index(batch_root, cache_dir=cache).names()
+
+
+def test_index_lists_run_directories_when_a_manifest_is_unreadable(batch_root, monkeypatch):
+    import viewer.index
+
+    def damaged(path):
+        raise viewer.index.UserError(f"{path}/manifest.jsonl:2: invalid JSON")
+    monkeypatch.setattr(viewer.index, "read_manifests", damaged)
+    assert Index(batch_root).names() == ["cat_1", "dog_2", "not_in_manifest", "zebra"]

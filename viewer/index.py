@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import threading
 import time
@@ -20,6 +21,9 @@ from pathlib import Path
 from typing import NamedTuple
 
 from smolattn.batch import read_manifests
+from smolattn.errors import UserError
+
+log = logging.getLogger(__name__)
 
 RUN_MARKER = "decoded_tokens.npy"
 SORTS = ("name", "answer", "grid", "error")
@@ -111,7 +115,14 @@ class Index:
         """Entries from the manifests' latest rows and the runs' meta.json, sorted by name, unique."""
         entries = [run_entry(path, name) for path, name in runs]
         for path, prefix in batches:
-            for row in read_manifests(path).values():
+            try:
+                rows = read_manifests(path).values()
+            except (UserError, OSError) as e:   # a damaged manifest: list the batch's run directories instead
+                log.warning("%s: %s; listing its run directories instead", path, e)
+                entries += [run_entry(d, _join(prefix, d.name)) for d in sorted(path.iterdir())
+                            if not d.name.startswith(".") and (d / RUN_MARKER).is_file()]
+                continue
+            for row in rows:
                 if isinstance(row.get("run"), str) and row["run"]:
                     entries.append(Entry(_join(prefix, row["run"]), row.get("answer"), _grid(row.get("grid")),
                                          row.get("error") if row.get("status") != "ok" else None, row.get("image")))
