@@ -1,21 +1,31 @@
-"""Attention viewer: serve one run (default: the current directory) or every run under a root.
+"""Attention viewer: serve one run (default: ./smolattn_run or the current directory) or every run under a root.
 
-    python app.py                      # the run in the current directory (the reference's behaviour)
+    python app.py                      # what extract_smolvlm_attn.py wrote here (./smolattn_run), or the
+                                       # run in the current directory (the reference's behaviour)
     python app.py --run runs/cat       # one run
     python app.py --runs runs/         # every run under runs/, with a searchable picker
 """
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from smolattn.errors import UserError, run_cli
-from viewer import create_app
+from smolattn.store import DEFAULT_RUN_DIR
+from viewer import RUN_MARKER, create_app
+
+
+def default_run() -> str:
+    """The current directory when it is a run (the reference layout), else the single-image
+    extractor's default output directory when it holds one."""
+    here = Path(".")
+    return DEFAULT_RUN_DIR if not (here / RUN_MARKER).is_file() and (here / DEFAULT_RUN_DIR / RUN_MARKER).is_file() else "."
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     where = p.add_mutually_exclusive_group()
-    where.add_argument("--run", metavar="DIR", help="serve this run directory (default: the current directory)")
+    where.add_argument("--run", metavar="DIR", help=f"serve this run directory (default: ./{DEFAULT_RUN_DIR} or the current directory)")
     where.add_argument("--runs", metavar="ROOT", help="serve every run under this batch output root")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=5001)
@@ -29,7 +39,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if not 0 <= args.port <= 65535:
         raise UserError(f"port {args.port} out of range 0..65535")
-    app = create_app({"RUN": args.run or (None if args.runs else "."), "RUNS": args.runs,
+    app = create_app({"RUN": args.run or (None if args.runs else default_run()), "RUNS": args.runs,
                       "ALLOW_PICKLE": args.allow_pickle, "CACHE_MB": args.cache_mb,
                       "CACHE_DIR": args.cache_dir, "ANALYSIS": args.analysis})
     registry = app.extensions["runs"]

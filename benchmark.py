@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from smolattn import engine
+from smolattn import extract as ex
 from smolattn import model as mdl
 from smolattn import pope
 from smolattn import pope_runner as pr
@@ -101,6 +102,7 @@ def main(argv=None):
                     args.longest_edge, args.max_new_tokens, args.naive,
                     str(out / "attention") if args.attention else None,
                     args.batch_size or engine.default_batch_size(device))
+    ex.check_longest_edge(args.longest_edge, ex.checkpoint_tile_size(args.model_id, args.revision))
     answers = pr.AnswersFile(out / "answers.jsonl", cfg, args.overwrite)
     done = answers.done()
     todo = [q for q in questions if q.key not in done]
@@ -120,7 +122,8 @@ def main(argv=None):
             run_engine(pr.make_items(todo, args.image_root, boxes, cfg.batch_size), functools.partial(pr.make_worker, cfg),
                        engine=args.engine, num_workers=args.num_workers, gpus_per_worker=args.gpus_per_worker,
                        cpus_per_worker=args.cpus_per_worker,
-                       ray_address=args.ray_address, prefetch=pr.prefetch, on_result=on_result)
+                       ray_address=args.ray_address, prefetch=pr.prefetch, on_result=on_result,
+                       on_failure=functools.partial(pr.failed_rows, cfg))
         finally:
             bar.close()
     answers.close()

@@ -9,18 +9,23 @@ import argparse
 
 from smolattn import extract as ex
 from smolattn import model as mdl
+from smolattn import store
 from smolattn.errors import run_cli
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--image", required=True, help="image file (any format Pillow reads)")
-    ap.add_argument("--output-dir", default=".", help="run directory to write (replaced atomically)")
+    ap.add_argument("--output-dir", default=store.DEFAULT_RUN_DIR,
+                    help="run directory to write: a new or empty directory, or a run to replace atomically "
+                         f"(default: {store.DEFAULT_RUN_DIR}; `python app.py` serves it)")
     ex.add_arguments(ap)
     args = ap.parse_args(argv)
     settings = ex.settings_from_args(args)
     image = ex.open_image(args.image)             # bad images fail before the model loads
     ex.check_writable(args.output_dir)
+    store.check_target(args.output_dir)            # never a folder of the user's, never the current one
+    ex.check_longest_edge(settings.longest_edge, ex.checkpoint_tile_size(args.model_id, args.revision))
     loaded = mdl.load(args.model_id, args.device, args.dtype, args.revision)
     summary = ex.extract(loaded, args.image, args.output_dir, settings, image=image)
     banner = " [STAND-IN MODEL, random weights]" if loaded.standin else ""

@@ -8,7 +8,8 @@ One run directory per image under --output-root (docs/run-format.md), a manifest
 (manifest.jsonl). Rerunning the same command resumes. Details: docs/batch.md.
 
 exit status: 0 every image ok; 1 some images failed (error rows in the manifest); 2 bad arguments,
-no images, or a configuration that differs from the runs already in --output-root (see --overwrite).
+no images, --output-root in use by another batch, or a configuration that differs from the runs
+already in --output-root (see --overwrite); 3 a CUDA error stopped the worker (rerun to resume).
 """
 import argparse
 

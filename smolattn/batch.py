@@ -14,11 +14,10 @@ import argparse
 import hashlib
 import json
 import os
-import shutil
 import sys
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from functools import partial
@@ -29,7 +28,8 @@ from tqdm import tqdm
 from . import extract as ex
 from .engine import config_hash
 from . import model as mdl
-from .errors import UserError
+from . import jsonl, store
+from .errors import DeviceError, UserError, is_device_error
 from .images import EXTENSIONS, open_image
 from .store import atomic_write_text
 
@@ -41,7 +41,8 @@ CONFIG = "batch_config.json"
 # ---------------------------------------------------------------------------------------------
 def run_engine(items: list, make_worker, *, engine: str = "local", num_workers: int = 1,
                gpus_per_worker: float = 0, ray_address: str | None = None, prefetch=None,
-               on_result=None, progress: str | None = None, cpus_per_worker: float = 1) -> None:
+               on_result=None, progress: str | None = None, cpus_per_worker: float = 1,
+               on_failure=None, retries: int = 2) -> None:
     """Run make_worker() once per process/actor (it loads the model), then worker(item, prefetched) for
     every item; on_result(result) is called in the driver, in completion order, with each item's
     return value as is (JSON-serialisable: a row dict, or a list of rows for POPE's per-image items).
@@ -52,6 +53,11 @@ def run_engine(items: list, make_worker, *, engine: str = "local", num_workers: 
     ray.init(address=ray_address) (local if None), gpus_per_worker per actor. make_worker must be
     picklable (a top-level function or functools.partial). cpus_per_worker: Ray CPUs per actor; Ray
     sets OMP_NUM_THREADS to it, so it is also torch's thread count in a CPU actor.
+    Ray: an actor whose process dies is restarted by Ray; the items it had in flight are tried again,
+    each alone on an actor (so an innocent item is not failed with the one that kills the process), at
+    most ``retries`` more times; then on_failure(item, message) gives the item's result (an error row)
+    and the batch goes on (without on_failure: the error is raised). A DeviceError (CUDA error) stops
+    that actor with one line on stderr; its items go to the others; when none is left it is raised.
     progress: a tqdm description; shows rate and ETA."""
     if not items:
         return
@@ -66,7 +72,8 @@ def run_engine(items: list, make_worker, *, engine: str = "local", num_workers: 
                 raise ValueError("the local engine runs one worker in this process; use engine='ray' for more")
             _run_local(items, make_worker, prefetch, emit)
         elif engine == "ray":
-            _run_ray(items, make_worker, num_workers, cpus_per_worker, gpus_per_worker, ray_address, prefetch, emit)
+            _run_ray(items, make_worker, num_workers, cpus_per_worker, gpus_per_worker, ray_address, prefetch, emit,
+                     on_failure, retries)
         else:
             raise ValueError(f"unknown engine {engine!r}")
 
@@ -103,6 +110,9 @@ class _RayWorker:
         except Exception as e:  # noqa: BLE001 - re-raised in run()
             self.failed = e
 
+    def ping(self):
+        return True
+
     def run(self, item):
         if self.failed is not None:
             raise self.failed
@@ -111,35 +121,89 @@ class _RayWorker:
             return self.worker(item, value)
 
 
-def _run_ray(items, make_worker, num_workers, cpus_per_worker, gpus_per_worker, ray_address, prefetch, emit):
+def _run_ray(items, make_worker, num_workers, cpus_per_worker, gpus_per_worker, ray_address, prefetch, emit,
+             on_failure=None, retries: int = 2):
     import ray
 
     started = not ray.is_initialized()
     if started:
         ray.init(address=ray_address, **({} if ray_address else {"include_dashboard": False}))
     actors = []
-    try:
+    try:   # Ray restarts a dead actor (max_restarts=-1); the driver retries its items (see run_engine)
         actor_cls = ray.remote(_RayWorker).options(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker,
-                                                   max_concurrency=2, max_restarts=2, max_task_retries=2)
+                                                   max_concurrency=2, max_restarts=-1, max_task_retries=0)
         actors = [actor_cls.remote(make_worker, prefetch) for _ in range(min(num_workers, len(items)))]
-        todo, pending = iter(items), {}
+        queue, suspects, tries = deque(range(len(items))), deque(), Counter()
+        busy, alone, waking = {a: 0 for a in actors}, set(), set()   # busy: usable actor -> items in flight
+        pending = {}   # ref -> (actor, item index, or None for a ping to an actor that is restarting)
 
-        def submit(actor):
-            item = next(todo, None)
-            if item is not None:
-                pending[actor.run.remote(item)] = actor
+        def submit(actor, i, isolated=False):
+            pending[actor.run.remote(items[i])] = (actor, i)
+            busy[actor] += 1
+            if isolated:
+                alone.add(actor)
 
-        for actor in actors * 2:
-            submit(actor)
+        def fill():   # items that were in flight when a process died run alone, on an actor that is up
+            for actor in busy:
+                if actor in alone or actor in waking:
+                    continue
+                if suspects:
+                    if busy[actor] == 0:
+                        submit(actor, suspects.popleft(), isolated=True)
+                    continue
+                while queue and busy[actor] < 2:
+                    submit(actor, queue.popleft())
+
+        def ping(actor):
+            waking.add(actor)
+            pending[actor.ping.remote()] = (actor, None)
+
+        fill()
         while pending:
             (ref,), _ = ray.wait(list(pending), num_returns=1)
-            actor = pending.pop(ref)
+            actor, i = pending.pop(ref)
+            if i is None:                            # is the restarted actor up again?
+                try:
+                    ray.get(ref)
+                    waking.discard(actor)
+                except ray.exceptions.ActorUnavailableError:
+                    time.sleep(0.2)
+                    ping(actor)
+                except ray.exceptions.RayError:      # gone for good
+                    busy.pop(actor, None)
+                    waking.discard(actor)
+                    if not busy:
+                        raise UserError("every Ray worker is gone; rerun to resume") from None
+                fill()
+                continue
+            if actor in busy:
+                busy[actor] -= 1
+                alone.discard(actor)
             try:
-                row = ray.get(ref)
-            except ray.exceptions.RayTaskError as e:   # the worker's own exception, e.g. a UserError
-                raise e.cause from e
-            emit(row)
-            submit(actor)
+                emit(ray.get(ref))
+            except ray.exceptions.RayTaskError as e:   # the worker's own exception
+                if not isinstance(e.cause, DeviceError):
+                    raise e.cause from e             # e.g. the model could not be loaded: stop the batch
+                if actor in busy:                    # a CUDA error: this actor stops, the others go on
+                    print(f"error: Ray worker {actors.index(actor)} stopped: {e.cause}", file=sys.stderr)
+                    del busy[actor]
+                    alone.discard(actor)
+                    ray.kill(actor, no_restart=True)
+                if not busy:
+                    raise e.cause from e
+                suspects.append(i)
+            except ray.exceptions.RayError as e:     # the actor's process died with the item in flight
+                if actor in busy and actor not in waking:
+                    ping(actor)                      # Ray restarts it; nothing goes to it until it answers
+                tries[i] += actor in busy            # an actor stopped by us above: not this item's fault
+                if tries[i] <= retries:
+                    suspects.append(i)
+                elif on_failure is None:
+                    raise
+                else:
+                    emit(on_failure(items[i], f"the worker process died on this item {tries[i]} times "
+                                              f"(retries exhausted): {type(e).__name__}"))
+            fill()
     finally:
         for actor in actors:
             ray.kill(actor)
@@ -180,14 +244,15 @@ def parse_extensions(text: str) -> tuple[str, ...]:
 
 
 def discover(image_dir, extensions, recursive: bool = False, exclude=None) -> list[str]:
-    """Relative POSIX paths of the images, sorted. Hidden files and folders are skipped, and so is
-    ``exclude`` (the output root, when it lies inside the image folder)."""
+    """Relative POSIX paths of the images, sorted. Hidden files and folders are skipped, and so are
+    ``exclude`` (the output root, when it lies inside the image folder) and our run directories."""
     root = Path(image_dir)
     exclude = Path(exclude).resolve() if exclude else None
     found = []
     for folder, dirs, files in os.walk(root):
         dirs[:] = [d for d in dirs if recursive and not d.startswith(".")
-                   and (exclude is None or (Path(folder) / d).resolve() != exclude)]
+                   and (exclude is None or (Path(folder) / d).resolve() != exclude)
+                   and not store.owned_run(Path(folder) / d)]     # our runs (output root = image folder)
         rel = Path(folder).relative_to(root)
         found += [(rel / f).as_posix() for f in files
                   if not f.startswith(".") and os.path.splitext(f)[1].lower() in extensions]
@@ -230,42 +295,27 @@ def manifest_path(root: Path, shards: int, index: int) -> Path:
     return root / ("manifest.jsonl" if shards == 1 else f"manifest.shard-{index}-of-{shards}.jsonl")
 
 
+def _check_row(row) -> str | None:
+    return None if isinstance(row.get("image"), str) else "not a manifest row (no image)"
+
+
 def read_manifests(root: Path) -> dict[str, dict]:
-    """The latest row per image over every manifest*.jsonl (a torn last line is ignored)."""
+    """The latest row per image over every manifest*.jsonl (smolattn.jsonl: a torn last line is
+    ignored with a note, any other bad line is refused with path:line)."""
     latest = {}
     for path in sorted(root.glob("manifest*.jsonl")):
-        for line in path.read_text(errors="replace").splitlines():
-            try:
-                row = json.loads(line)
-                key = row["image"]
-            except (ValueError, KeyError, TypeError):
-                continue
+        for row in jsonl.read(path, _check_row):
+            key = row["image"]
             if key not in latest or row.get("finished_at", "") >= latest[key].get("finished_at", ""):
                 latest[key] = row
     return latest
 
 
-class Manifest:
-    """Append-only JSONL; every row is flushed and fsynced before the next image counts as done."""
-
-    def __init__(self, path: Path, truncate: bool = False):
-        if not truncate and path.is_file() and path.stat().st_size:
-            with open(path, "rb") as f:
-                f.seek(-1, os.SEEK_END)
-                torn = f.read(1) != b"\n"          # killed in the middle of a row
-        else:
-            torn = False
-        self.file = open(path, "w" if truncate else "a", encoding="utf-8")
-        if torn:
-            self.file.write("\n")
-
-    def append(self, row: dict) -> None:
-        self.file.write(json.dumps(row, ensure_ascii=False) + "\n")
-        self.file.flush()
-        os.fsync(self.file.fileno())
-
-    def close(self):
-        self.file.close()
+def open_manifest(path: Path) -> jsonl.Writer:
+    """This shard's manifest, locked (fcntl) for the lifetime of the batch: a second batch on the same
+    output root and shard stops with one line instead of writing into it."""
+    return jsonl.Writer(path, lock=True, busy=f"{path.parent} is in use by another batch (it holds the lock on "
+                                              f"{path.name}); wait for it to finish, or use another --output-root")
 
 
 def check_config(root: Path, config: dict, overwrite: bool) -> None:
@@ -287,14 +337,10 @@ def check_config(root: Path, config: dict, overwrite: bool) -> None:
 
 
 def remove_stale(root: Path, names) -> int:
-    """Remove temporary run directories (``.<name>.tmp-*``) left by a killed run of these images."""
-    names, n = set(names), 0
-    for entry in os.scandir(root) if root.is_dir() else ():
-        cut = entry.name.rfind(".tmp-")
-        if entry.name.startswith(".") and cut > 0 and entry.name[1:cut] in names and entry.is_dir():
-            shutil.rmtree(entry.path, ignore_errors=True)
-            n += 1
-    return n
+    """Clean up after killed runs of these images (store.recover): temporary run directories of dead
+    processes are removed, an old run set aside by a killed replace is put back. Never touches the
+    entries of a live process."""
+    return store.recover(root, names)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -324,6 +370,16 @@ def manifest_row(item: dict, fingerprint: str, summary: dict | None = None, erro
     return row
 
 
+def error_row(item: dict, fingerprint: str, error: Exception, seconds: float | None = None) -> dict:
+    """The error row of one image. A CUDA error instead stops the worker (DeviceError, one line): the
+    device is broken, and every later image would fail the same way."""
+    if is_device_error(error):
+        first = str(error).splitlines()[0] if str(error) else ""
+        raise DeviceError(f"{item['image']}: {type(error).__name__}: {first}; the worker stopped "
+                          "(rerun to resume; for out of memory, lower --longest-edge or --batch-size)") from error
+    return manifest_row(item, fingerprint, error=error, seconds=seconds)
+
+
 def process(loaded, settings: ex.Settings, root: str, fingerprint: str, item: dict, prefetched) -> dict:
     """One image -> one manifest row (the Ray actors' worker; errors become rows, the batch goes on)."""
     t0 = time.perf_counter()
@@ -335,7 +391,7 @@ def process(loaded, settings: ex.Settings, root: str, fingerprint: str, item: di
         s["timings"]["decode_s"] = decode_s
         return manifest_row(item, fingerprint, s, seconds=time.perf_counter() - t0)
     except Exception as e:  # noqa: BLE001 - one bad image must not stop a days-long run
-        return manifest_row(item, fingerprint, error=e, seconds=time.perf_counter() - t0)
+        return error_row(item, fingerprint, e, seconds=time.perf_counter() - t0)
 
 
 def run_local(loaded, settings: ex.Settings, root: Path, fingerprint: str, items: list, on_result, *,
@@ -350,7 +406,12 @@ def run_local(loaded, settings: ex.Settings, root: Path, fingerprint: str, items
 
         ex.extract_many(loaded, [(it["path"], root / it["run"], it) for it in items], settings, done,
                         batch_size=batch_size, workers=workers,
-                        on_error=lambda item, e: manifest_row(item, fingerprint, error=e))
+                        on_error=lambda item, e: error_row(item, fingerprint, e))
+
+
+def failed_row(fingerprint: str, item: dict, message: str) -> dict:
+    """The manifest row of an image whose worker kept dying on it (Ray retries exhausted)."""
+    return manifest_row(item, fingerprint, error=UserError(message))
 
 
 def make_ray_worker(model_args: dict, settings: ex.Settings, root: str, config: dict):
@@ -406,22 +467,40 @@ def run(args, loaded: mdl.Loaded | None = None) -> int:
     items = plan(args)
     root = Path(args.output_root)
     ex.check_writable(root)
+    if loaded is None:   # bad settings fail before the model loads (when its config files are here)
+        ex.check_longest_edge(settings.longest_edge, ex.checkpoint_tile_size(args.model_id, args.revision))
+    created = not root.exists()
+    root.mkdir(parents=True, exist_ok=True)
+    manifest = open_manifest(manifest_path(root, args.shards, args.shard_index))
+    try:
+        return _run_locked(args, loaded, settings, items, root, manifest)
+    finally:
+        manifest.close()
+        if manifest.created and not manifest.path.stat().st_size:   # nothing happened: leave nothing behind
+            manifest.path.unlink()
+            if created and not any(root.iterdir()):
+                root.rmdir()
+
+
+def _run_locked(args, loaded, settings, items, root: Path, manifest: jsonl.Writer) -> int:
+    """The batch, with this shard's manifest locked (no other batch writes these runs meanwhile)."""
     removed = remove_stale(root, [it["run"] for it in items])
     if removed:
-        print(f"removed {removed} partial run director{'y' if removed == 1 else 'ies'} of a killed run",
+        print(f"cleaned up {removed} partial run director{'y' if removed == 1 else 'ies'} of a killed run",
               file=sys.stderr)
     if args.engine == "ray":   # the driver loads on CPU only to learn the configuration
         device = args.device or ("cuda" if args.gpus_per_worker > 0 else "cpu")
         dtype = args.dtype or ("float32" if device == "cpu" else "bfloat16")
         model_args = dict(model_id=args.model_id, device=device, dtype=dtype, revision=args.revision)
         probe = loaded or mdl.load(args.model_id, "cpu", dtype, args.revision)
+        ex.check_longest_edge(settings.longest_edge, ex.processor_settings(probe, None)["tile_size"])
         config = ex.fingerprint_config(probe, settings)
         make_worker = partial(make_ray_worker, model_args, settings, str(root), config)
         del probe
     else:
         loaded = loaded or mdl.load(args.model_id, args.device, args.dtype, args.revision)
+        ex.check_longest_edge(settings.longest_edge, ex.processor_settings(loaded, None)["tile_size"])
         config = ex.fingerprint_config(loaded, settings)
-    root.mkdir(parents=True, exist_ok=True)
     check_config(root, config, args.overwrite)
     fp = fingerprint_hash(config)
 
@@ -431,17 +510,20 @@ def run(args, loaded: mdl.Loaded | None = None) -> int:
         row = latest.get(it["image"])
         if row is None or row.get("fingerprint") != fp or row.get("run") != it["run"]:
             todo.append(it)
-        elif row.get("status") == "ok" and (root / it["run"] / "meta.json").is_file():
+        elif row.get("status") == "ok" and store.incomplete(root / it["run"]) is None:   # ok AND complete on disk
             skipped += 1
         elif row.get("status") == "error" and not args.retry_failed:
             failed_before.append(row)
         else:
             todo.append(it)
 
-    if args.overwrite and args.shards == 1:
-        for old in root.glob("manifest*.jsonl"):
-            old.unlink()
-    manifest = Manifest(manifest_path(root, args.shards, args.shard_index), truncate=args.overwrite)
+    if args.overwrite:
+        if args.shards == 1:   # the other shards' manifests go too, unless a live batch holds one
+            for old in root.glob("manifest*.jsonl"):
+                if old != manifest.path:
+                    with open_manifest(old):
+                        old.unlink()
+        manifest.truncate()
     counts = Counter()
 
     def on_result(row):
@@ -451,15 +533,13 @@ def run(args, loaded: mdl.Loaded | None = None) -> int:
             tqdm.write(f"error: {row['image']}: {row['error']}", file=sys.stderr)
 
     t0 = time.perf_counter()
-    try:
-        if args.engine == "ray":
-            run_engine(todo, make_worker, engine=args.engine, num_workers=args.num_workers,
-                       cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
-                       ray_address=args.ray_address, prefetch=decode, on_result=on_result, progress="images")
-        elif todo:
-            run_local(loaded, settings, root, fp, todo, on_result, batch_size=args.batch_size, workers=args.workers)
-    finally:
-        manifest.close()
+    if args.engine == "ray":
+        run_engine(todo, make_worker, engine=args.engine, num_workers=args.num_workers,
+                   cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
+                   ray_address=args.ray_address, prefetch=decode, on_result=on_result, progress="images",
+                   on_failure=partial(failed_row, fp))
+    elif todo:
+        run_local(loaded, settings, root, fp, todo, on_result, batch_size=args.batch_size, workers=args.workers)
     elapsed = time.perf_counter() - t0
     n = counts["ok"] + counts["error"]
     print(f"done {counts['ok']}, skipped {skipped} (finished earlier), failed {counts['error']}"

@@ -6,7 +6,22 @@ import sys
 
 
 class UserError(Exception):
-    """Bad input or environment: reported as one line on stderr, exit status 2."""
+    """Bad input or environment: reported as one line on stderr, exit status ``status`` (2)."""
+    status = 2
+
+
+class DeviceError(UserError):
+    """The accelerator failed (a CUDA error: device-side assert, out of memory): the worker stops."""
+    status = 3
+
+
+DEVICE_ERRORS = ("CUDA error", "CUDA out of memory", "device-side assert", "CUBLAS_STATUS", "CUDNN_STATUS",
+                 "cuDNN error", "NCCL error", "HIP error")
+
+
+def is_device_error(e: BaseException) -> bool:
+    """True for errors after which a CUDA device (and so its worker) cannot go on."""
+    return type(e).__name__ == "OutOfMemoryError" or any(s in str(e) for s in DEVICE_ERRORS)
 
 
 def run_cli(main, argv=None) -> None:
@@ -19,7 +34,7 @@ def run_cli(main, argv=None) -> None:
         code = main(argv)
     except UserError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(e.status)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         sys.exit(130)

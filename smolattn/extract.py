@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import tempfile
@@ -86,6 +87,40 @@ def check_writable(directory) -> None:
         raise UserError(f"cannot write to {d}: {e.strerror or e}")
 
 
+MAX_TILES_PER_SIDE = 6    # the processor has <row_r_col_c> markers for at most 6 x 6 tiles
+
+
+def check_longest_edge(longest_edge: int | None, tile_size: int | None) -> None:
+    """--longest-edge above 6 tiles per side cannot work: refuse it in one line."""
+    if longest_edge and tile_size and longest_edge > MAX_TILES_PER_SIDE * tile_size:
+        raise UserError(f"--longest-edge {longest_edge} is above this model's limit of {MAX_TILES_PER_SIDE * tile_size} "
+                        f"({MAX_TILES_PER_SIDE} tiles of {tile_size} px per side)")
+
+
+def checkpoint_tile_size(model_id: str, revision: str | None = None) -> int | None:
+    """The image processor's tile size from the checkpoint's config files, without loading the model
+    (None when they are not on this machine: then the check runs after loading)."""
+    model_id = mdl.ALIASES.get(model_id, model_id)
+    names = ("preprocessor_config.json", "processor_config.json")
+    local = Path(model_id).expanduser()
+    paths = [local / n for n in names] if local.is_dir() else []
+    if not paths and model_id.count("/") == 1:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+            paths = [Path(p) for n in names if isinstance(p := try_to_load_from_cache(model_id, n, revision=revision), str)]
+        except Exception:  # noqa: BLE001 - no cache, odd id: the check after loading still runs
+            paths = []
+    for path in paths:
+        try:
+            cfg = json.loads(path.read_text())
+            size = cfg.get("image_processor", cfg).get("max_image_size", {}).get("longest_edge")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if size:
+            return int(size)
+    return None
+
+
 def versions() -> dict:
     import PIL
     import torch
@@ -114,6 +149,8 @@ def extract(loaded: mdl.Loaded, image_path, out_dir, settings: Settings, image=N
     ``image``: an already opened ``(rgb, info)`` pair.
     """
     settings.check()
+    check_longest_edge(settings.longest_edge, processor_settings(loaded, None)["tile_size"])
+    store.check_target(out_dir)     # before the model works: never a folder of the user's
     t0 = time.perf_counter()
     rgb, info = image or open_image(image_path)
     prep = engine.prepare(loaded.processor, rgb, settings.prompt, settings.longest_edge, settings.keep, info)

@@ -32,18 +32,21 @@ CSV_COLUMNS = ("frequency", "above_elbow", "image_sum", "se", "se_global", "hit"
 TOP_ROWS = 20
 
 
+def is_analysis(out: Path) -> bool:
+    """An earlier head analysis (the only folder ``write`` may replace)."""
+    try:
+        return out.is_dir() and json.loads((out / "analysis.json").read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def check_output(out: Path) -> None:
     """Refuse to replace a folder that is not an earlier analysis (never delete what we did not make)."""
     if not out.exists():
         return
-    marker = out / "analysis.json"
     if out.is_dir() and not any(out.iterdir()):
         return
-    try:
-        ours = out.is_dir() and json.loads(marker.read_text()).get("format") == FORMAT
-    except (OSError, ValueError, AttributeError):
-        ours = False
-    if not ours:
+    if not is_analysis(out):
         raise UserError(f"--output-dir {out} exists and is not an earlier head analysis; choose another folder")
 
 
@@ -220,7 +223,7 @@ def write(out, ds: an.Dataset, found: int, annotations=None, boxes=None, top: in
               "top": {k: [[l, h, number(v)] for l, h, v in ds.ranked(k, table)[:TOP_ROWS]] for k in an.SCORES} if table else {},
               "lens": lens}
     md = "\n".join(header(info, ds.params))
-    with store.atomic_dir(out) as tmp:
+    with store.atomic_dir(out, owned=is_analysis) as tmp:
         if table is not None:
             md += "\n### Heads ranked by localisation-head frequency\n\n" + ranked_markdown(ds, table)
             if lens:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import engine, heatmap, pope, store
+from . import engine, heatmap, jsonl, pope, store
 from . import geometry as geo
 from . import model as mdl
 from .errors import UserError
@@ -273,6 +273,12 @@ def error_rows(item, message: str) -> list[dict]:
              "label": q.label, "raw_answer": None, "status": "error", "error": message} for q in item["questions"]]
 
 
+def failed_rows(cfg: Config, group, message: str) -> list[dict]:
+    """Error rows for a group whose worker process kept dying on it (Ray retries exhausted); retried
+    on resume like any error row."""
+    return [dict(r, config=cfg.key(), model=cfg.model_id) for item in group for r in error_rows(item, message)]
+
+
 def make_worker(cfg: Config):
     """Called once per process: loads the model, returns ``worker(group, prefetched) -> rows``."""
     loaded = get_model(cfg)
@@ -298,25 +304,19 @@ def make_worker(cfg: Config):
 
 # ============================================================================ answers.jsonl
 
+ANSWER_KEYS = {"split", "question_id", "label", "status"}
+
+
+def _check_answer(row) -> str | None:
+    return None if ANSWER_KEYS <= set(row) else "not an answers row (needs split, question_id, label, status)"
+
+
 def read_answers(path) -> list[dict]:
-    """Rows of an answers file; a torn last line (interrupted write) is ignored. Bad lines -> UserError."""
+    """Rows of an answers file (smolattn.jsonl: a torn last line is dropped with a note; bad lines -> UserError)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"answers file not found: {path}")
-    rows = []
-    lines = path.read_text(encoding="utf-8").split("\n")
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            if n == len(lines):   # no newline after it: torn by an interrupted run
-                break
-            raise UserError(f"{path}:{n}: invalid JSON ({e.msg})")
-        if not {"split", "question_id", "label", "status"} <= set(rows[-1]):
-            raise UserError(f"{path}:{n}: not an answers row (needs split, question_id, label, status)")
-    return rows
+    return jsonl.read(path, _check_answer)
 
 
 def latest(rows) -> dict:
@@ -325,7 +325,7 @@ def latest(rows) -> dict:
 
 
 class AnswersFile:
-    """answers.jsonl: one JSON row per question, appended and flushed as answers arrive."""
+    """answers.jsonl: one JSON row per question, appended (fsynced) as answers arrive."""
 
     def __init__(self, path, cfg: Config, overwrite: bool = False):
         self.path = Path(path)
@@ -335,25 +335,18 @@ class AnswersFile:
             raise UserError(f"{self.path} holds answers made with another configuration (config {', '.join(map(str, other))}"
                             f"; now {cfg.key()}: model, revision, dtype, prompt suffix, longest edge and max new tokens "
                             "must all match to resume); pass --overwrite to start afresh, or another --output-dir")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if overwrite or not self.path.exists():
-            self.path.write_text("")
-        else:   # drop a torn last line so that the next row starts on a line of its own
-            data = self.path.read_bytes()
-            if data and not data.endswith(b"\n"):
-                self.path.write_bytes(data[:data.rfind(b"\n") + 1])
-        self.fh = open(self.path, "a", encoding="utf-8")
+        self.writer = jsonl.Writer(self.path, truncate=overwrite, lock=True,
+                                   busy=f"{self.path} is in use by another benchmark run")
 
     def done(self) -> set:
         return {k for k, r in latest(self.rows).items() if r.get("status") == "ok"}
 
     def append(self, row: dict) -> None:
-        self.fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-        self.fh.flush()
+        self.writer.append(row)
         self.rows.append(row)
 
     def close(self):
-        self.fh.close()
+        self.writer.close()
 
 
 # ============================================================================ report

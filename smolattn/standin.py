@@ -170,7 +170,7 @@ def build(shape: str, out: str | os.PathLike, seed: int = 0) -> Path:
     model.generation_config.pad_token_id = 2
     processor = Idefics3Processor(image_processor=Idefics3ImageProcessorPil(**IMAGE_PROCESSOR),
                                   tokenizer=tokenizer, image_seq_len=64, chat_template=CHAT_TEMPLATE)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, owned=lambda p: (p / "standin.json").is_file()) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         info = {"standin": True, "shape": shape, "seed": seed,

@@ -10,8 +10,10 @@ import json
 import os
 import pickle
 import re
+import secrets
 import shutil
-import tempfile
+import signal
+import socket
 import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,7 +27,9 @@ from .errors import UserError
 from .tokens import SPECIAL, display_token, piece, units  # noqa: F401  (display_token: re-exported)
 
 FORMAT = "smolattn-run"
-FORMAT_VERSION = 2      # 2: blosc2 layer files, optional derived-method maps (methods/NAME.npz); v1 runs still open
+FORMAT_VERSION = 2      # 2: blosc2 layer files, optional derived-method maps (methods/NAME.npz), the completeness
+READ_VERSIONS = (1, 2)  # record (meta.files); v1 runs still open
+DEFAULT_RUN_DIR = "smolattn_run"   # the single-image default output directory (README, "Your files are safe")
 STORES = ("compact", "compact8", "full")
 LAYER_FILE = "attention/layer_{:02d}.{}.b2"            # one blosc2 chunk per array (meta.attention.arrays)
 LAYER_FILE_V1 = "attention/layer_{:02d}.npz"           # np.savez_compressed (v1, and v2 runs without arrays)
@@ -37,30 +41,228 @@ FULL_FILE = "attentions_5/attention_fp16_rounded_layer_{}.npz"   # the reference
 IMAGE_NAMES = ("image.png", "image.jpg", "static/image.png")
 
 
-@contextmanager
-def atomic_dir(final):
-    """Yield a temporary sibling directory; rename it to ``final`` only if the block succeeds."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+# ---------------------------------------------------------------------------------------------
+# Write protocol (docs/run-format.md, "Writing a run"): never touch what we did not write; a crash at
+# any point leaves the old or the new run complete.
+# ---------------------------------------------------------------------------------------------
+CRASH_ENV = "SMOLATTN_CRASH_AT"   # tests: SIGKILL this process at the named step of the protocol
+CRASH_STEPS = ("writing", "written", "aside", "swapped", "deleting")
+OUR_NAMES = {"meta.json", "decoded_tokens.npy", "image.jpg", "image.png", "summary.npz", "attention", "attentions_5",
+             "methods"}
+OUR_FOLDERS = {"attention": re.compile(r"^layer_\d+(\.\w+\.b2|\.npz)$"),          # folder -> the only files it may hold
+               "attentions_5": re.compile(r"^attention_fp16_rounded_layer_\d+\.npz$"),
+               "methods": re.compile(r"^[A-Za-z0-9_-]+\.npz$")}
+REFERENCE_NAMES = {"decoded_tokens.npy", "attention_array.npy", "attentions_5", "image.png"}
+_TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-[0-9a-f]{8}-(?P<host>.*)-(?P<pid>\d+)$")
+_HOST = socket.gethostname().replace("/", "_")
+
+
+def crash_point(step: str) -> None:
+    """Test hook: ``SMOLATTN_CRASH_AT=<step>`` kills this process (SIGKILL, no clean-up) at ``step``."""
+    if os.environ.get(CRASH_ENV) == step:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _temp_name(name: str, kind: str) -> str:
+    """``.NAME.tmp-RAND-HOST-PID`` (a run being written) or ``.NAME.old-...`` (a replaced run being
+    deleted). Readers skip dot names; :func:`recover` finds the ones whose writer is dead."""
+    return f".{name}.{kind}-{secrets.token_hex(4)}-{_HOST}-{os.getpid()}"
+
+
+def _alive(pid: int) -> bool:
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _fsync_path(path, directory: bool = False) -> None:
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root) -> None:
+    """fsync every file and directory under ``root`` (itself included), so a rename of ``root``
+    never publishes data that a power cut could still lose."""
+    for folder, _, files in os.walk(root):
+        for f in files:
+            _fsync_path(os.path.join(folder, f))
+        _fsync_path(folder, directory=True)
+
+
+def write_bytes_durably(path, data: bytes) -> None:
+    """Write ``path`` in place and fsync it (inside a temporary directory that is renamed later)."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _only_our_files(folder: Path, pattern) -> bool:
+    with os.scandir(folder) as entries:
+        return all(e.is_file(follow_symlinks=False) and pattern.match(e.name) for e in entries)
+
+
+def _empty(folder) -> bool:
+    with os.scandir(folder) as entries:
+        return next(entries, None) is None
+
+
+def owned_run(path) -> bool:
+    """True when ``path`` is a run this project (or the reference project) wrote and nothing else:
+    our meta.json with the format marker, or the reference layout, and no other entries. Only such a
+    directory may ever be replaced."""
+    path = Path(path)
+    if path.is_symlink() or not path.is_dir():
+        return False
+    names = set(os.listdir(path))
+    ours = (path / "meta.json").is_file() and _meta_format(path / "meta.json") == FORMAT
+    allowed = OUR_NAMES if ours else REFERENCE_NAMES
+    if not ours and not ("decoded_tokens.npy" in names and names & {"attentions_5", "attention_array.npy"}):
+        return False
+    if not names <= allowed:
+        return False
+    for sub in names & set(OUR_FOLDERS):
+        if (path / sub).is_symlink() or not (path / sub).is_dir() or not _only_our_files(path / sub, OUR_FOLDERS[sub]):
+            return False
+    return all((path / n).is_file() and not (path / n).is_symlink() for n in names - set(OUR_FOLDERS))
+
+
+def _meta_format(path: Path):
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return meta.get("format") if isinstance(meta, dict) else None
+
+
+def check_target(final, owned=None) -> None:
+    """Refuse (UserError, one line) any ``final`` that a run may not be written to: it must not exist,
+    be an empty directory, or be ``owned`` (default: :func:`owned_run`). Never the current directory
+    or one above it. Creates nothing; call it before loading a model."""
+    final = Path(final)
+    owned = owned or owned_run
+    if final.is_symlink():
+        raise UserError(f"{final} is a symbolic link; give the directory itself")
+    if not final.exists():
+        return
+    if not final.is_dir():
+        raise UserError(f"{final} exists and is not a directory; choose another output directory")
+    if Path.cwd().resolve().is_relative_to(final.resolve()):
+        raise UserError(f"{final} is the current directory (or holds it): a run is written into a directory of "
+                        f"its own; give a new one, e.g. --output-dir {DEFAULT_RUN_DIR}")
+    if not _empty(final) and not owned(final):
+        raise UserError(f"{final} exists and is not a run written by smolattn (it holds other files); "
+                        "it is left untouched: choose a new or empty output directory")
+
+
+def recover(parent, names, owned=None) -> int:
+    """Finish what killed writers of the runs ``names`` in ``parent`` left, touching only entries of
+    dead processes on this host: a complete old run set aside with no run in its place is renamed back;
+    the rest (temporary directories, old runs already replaced) is deleted. Returns how many entries
+    were handled. Live writers' and other hosts' entries are left alone."""
+    parent, names, n = Path(parent), set(names), 0
+    if not parent.is_dir():
+        return 0
+    with os.scandir(parent) as it:
+        entries = sorted(it, key=lambda e: e.name)
+    for entry in entries:
+        m = _TEMP_NAME.match(entry.name)
+        if (not m or m["name"] not in names or m["host"] != _HOST or _alive(int(m["pid"]))
+                or entry.is_symlink() or not entry.is_dir()):
+            continue
+        final = parent / m["name"]
+        if m["kind"] == "old" and not os.path.lexists(final) and (owned or owned_run)(entry.path):
+            os.rename(entry.path, final)          # killed between "aside" and "swapped": put the old run back
+            _fsync_path(parent, directory=True)
+        else:
+            shutil.rmtree(entry.path, ignore_errors=True)
+        n += 1
+    return n
+
+
+def _remove_old(old: Path) -> None:
+    for i, f in enumerate(sorted(old.rglob("*"), reverse=True)):
+        if i == 1:
+            crash_point("deleting")
+        f.unlink() if not f.is_dir() or f.is_symlink() else f.rmdir()
+    old.rmdir()
+
+
+@contextmanager
+def atomic_dir(final, owned=None):
+    """Yield a temporary sibling directory; when the block succeeds, fsync it and put it in place of
+    ``final``. ``final`` must pass :func:`check_target` (``owned``: which existing directories may be
+    replaced). A replaced directory is renamed aside, the new one renamed in, then the old one deleted;
+    :func:`recover` (run first by every writer) undoes what a crash in between left."""
+    final = Path(final)
+    check_target(final, owned)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    recover(final.parent, [final.name], owned)
+    tmp = final.parent / _temp_name(final.name, "tmp")
+    tmp.mkdir()
+    try:
         yield tmp
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        fsync_tree(tmp)
+        crash_point("written")
+        check_target(final, owned)      # again: it may have appeared while we computed
+        parent = final.parent
+        if final.is_dir() and not _empty(final):
+            old = parent / _temp_name(final.name, "old")
+            os.rename(final, old)
+            _fsync_path(parent, directory=True)
+            crash_point("aside")
+            os.rename(tmp, final)
+            _fsync_path(parent, directory=True)
+            crash_point("swapped")
+            _remove_old(old)
+        else:   # new, or an empty directory (rename(2) replaces it atomically)
+            os.rename(tmp, final)
+            _fsync_path(parent, directory=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
 def atomic_write_text(path, text: str) -> None:
+    """Replace one file atomically and durably (temporary sibling, fsync, rename, fsync the folder)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
+    write_bytes_durably(tmp, text.encode())
     os.replace(tmp, path)
+    _fsync_path(path.parent, directory=True)
+
+
+def file_sizes(root) -> dict:
+    """{relative POSIX path: size} of every file under ``root``: meta.json's completeness record."""
+    root = Path(root)
+    return {p.relative_to(root).as_posix(): p.stat().st_size for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def incomplete(path) -> str | None:
+    """Why the run at ``path`` is not complete, or None. Cheap (one stat per file): meta.json is ours,
+    and every file it lists (format version 2) exists with the recorded size."""
+    path = Path(path)
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+    except (OSError, ValueError) as e:
+        return f"no readable meta.json ({type(e).__name__})"
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        return "meta.json is not a smolattn run"
+    for name, size in (meta.get("files") or {}).items():
+        try:
+            got = (path / name).stat().st_size
+        except OSError:
+            return f"{name} is missing"
+        if got != size:
+            return f"{name} has {got} bytes, meta.json says {size}"
+    return None
 
 
 def quantize(x: np.ndarray):
@@ -155,6 +357,7 @@ def write_run(out, *, tokens, layers, query_positions, store: str, geometry: geo
     S = len(tokens)
     with atomic_dir(out) as tmp:
         np.save(tmp / "decoded_tokens.npy", np.array(tokens, dtype=str))
+        crash_point("writing")
         if image is not None:
             image.save(tmp / image_name, quality=95) if image_name.endswith(".jpg") else image.save(tmp / image_name)
         text_keys, arrays = write_layers(tmp, layers, store, query_positions, geometry, S)
@@ -172,13 +375,14 @@ def write_run(out, *, tokens, layers, query_positions, store: str, geometry: geo
             "dtype": "uint8 codes x scale/255 (|error| <= row max/510)" if store == "compact8" else "float16",
         }
         meta["methods"] = write_methods(tmp, methods or {})
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         # the viewer's summary, from the layers at the precision they are stored (what readers get)
         positions, keep = summary.kept(query_positions, geometry)
         keep = slice(None) if keep is None else keep
         stored = (Layer(as_stored(a[:, keep][..., geometry.key_positions], store),
                         as_stored(a[:, keep][..., text_keys], store)) for a in layers)
         summary.save(summary.compute(stored, positions), tmp / summary.FILE)
+        meta["files"] = file_sizes(tmp)          # meta.json last: the completeness record
+        write_bytes_durably(tmp / "meta.json", json.dumps(meta, indent=1).encode())
     return Path(out)
 
 
@@ -220,6 +424,8 @@ class Run:
 
     def __init__(self, path, allow_pickle: bool = False):
         self.path = Path(path)
+        if not os.path.lexists(self.path):
+            recover(self.path.parent, [self.path.name])   # a writer killed between setting the old run aside and renaming in
         if not self.path.is_dir():
             raise UserError(f"run directory not found: {self.path}")
         try:
@@ -234,8 +440,8 @@ class Run:
         self.tokens = self._read_tokens(allow_pickle)
         if meta_path.is_file():
             self.meta = json.loads(meta_path.read_text())
-            if self.meta.get("format") != FORMAT or self.meta.get("format_version", 0) > FORMAT_VERSION:
-                raise UserError(f"{meta_path}: not a {FORMAT} v{FORMAT_VERSION} run")
+            if self.meta.get("format") != FORMAT or self.meta.get("format_version", 0) not in READ_VERSIONS:
+                raise UserError(f"{meta_path}: not a {FORMAT} run of version {' or '.join(map(str, READ_VERSIONS))}")
             self.geometry = geo.Geometry.from_json(self.meta["geometry"])
         else:
             self.meta = self._reference_meta()

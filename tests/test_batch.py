@@ -17,7 +17,7 @@ from PIL import Image
 
 import extract_smolvlm_batch as cli
 from smolattn import batch, standin, store
-from smolattn.errors import UserError, run_cli
+from smolattn.errors import DeviceError, UserError, run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 GOOD = ["a.jpg", "a.png", "sub/a.jpg", "sub/deeper/b.jpeg"] + [f"img{i:02d}.jpg" for i in range(4)]
@@ -187,13 +187,18 @@ def test_names_and_discovery(tmp_path):
     assert batch.discover(tmp_path, exts) == ["a.png", "b.JPG"]
 
 
-def test_torn_manifest_line_is_ignored_and_repaired(tmp_path):
+def test_torn_manifest_line_is_ignored_and_repaired(tmp_path, capsys):
     path = tmp_path / "manifest.jsonl"
     path.write_text('{"image": "a.jpg", "status": "ok", "finished_at": "1"}\n{"image": "b.j')
-    m = batch.Manifest(path)
-    m.append({"image": "c.jpg", "status": "ok", "finished_at": "2"})
-    m.close()
+    assert sorted(batch.read_manifests(tmp_path)) == ["a.jpg"]
+    assert "torn last line" in capsys.readouterr().err
+    with batch.open_manifest(path) as m:        # cuts the torn line off before appending
+        m.append({"image": "c.jpg", "status": "ok", "finished_at": "2"})
     assert sorted(batch.read_manifests(tmp_path)) == ["a.jpg", "c.jpg"]
+    assert path.read_text().count("\n") == 2 and "b.j" not in path.read_text()
+    path.write_text(path.read_text() + "garbage\n" + '{"image": "d.jpg"}\n')    # not the last line: refused
+    with pytest.raises(UserError, match=f"{path}:3: invalid JSON"):
+        batch.read_manifests(tmp_path)
 
 
 def test_engine_prefetch_errors_reach_the_worker():
@@ -223,6 +228,18 @@ def failing_worker():
     raise UserError("cannot load the model here")
 
 
+def make_fragile_worker(marker):
+    """Item 3 kills the worker process every time; item 4 hits a CUDA error on the first actor only."""
+    def work(item, pre):
+        if item == 3:
+            os._exit(1)
+        if item == 4 and not os.path.exists(marker):
+            open(marker, "w").close()
+            raise DeviceError("4: RuntimeError: CUDA error: device-side assert triggered; the worker stopped")
+        return {"item": item}
+    return work
+
+
 def test_ray_engine_equals_local(tmp_path, common, reference, capsys):
     ray = pytest.importorskip("ray", reason="Ray is optional: pip install -r requirements-ray.txt")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -236,6 +253,16 @@ def test_ray_engine_equals_local(tmp_path, common, reference, capsys):
             {"item": i, "pre": "ValueError('bad item')" if i == 3 else i * 10, "tag": "t"} for i in range(6)]
         with pytest.raises(UserError, match="cannot load the model here"):
             batch.run_engine([1], failing_worker, engine="ray")
+        # a process that dies on an item: Ray restarts it, the item is retried alone, then becomes an error
+        # row; a CUDA error stops one actor (one line), the other actor does the rest
+        got = []
+        batch.run_engine(list(range(8)), functools.partial(make_fragile_worker, str(tmp_path / "cuda")), engine="ray",
+                         num_workers=2, on_result=got.append, retries=2,
+                         on_failure=lambda item, message: {"item": item, "error": message})
+        assert sorted(r["item"] for r in got) == list(range(8))
+        errors = [r for r in got if "error" in r]
+        assert [r["item"] for r in errors] == [3] and "died on this item 3 times (retries exhausted)" in errors[0]["error"]
+        assert len([line for line in capsys.readouterr().err.splitlines() if "stopped" in line]) == 1
         # the batch: one actor with the same thread count as this process gives identical outputs
         root = tmp_path / "out"
         threads = str(torch.get_num_threads())

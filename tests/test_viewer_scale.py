@@ -151,9 +151,10 @@ def test_text_to_text_view(make_run, make_app):
 
 # -- the run index -----------------------------------------------------------------------------------
 def write_manifest(path, rows):
+    """Rows (dicts) as JSON lines; a str is written as is (e.g. a torn last line, no newline)."""
     with open(path, "a") as f:
         for r in rows:
-            f.write(json.dumps(r) + "\n")
+            f.write(r if isinstance(r, str) else json.dumps(r) + "\n")
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ absolute paths, no '..' or dot components, and the resolved path (symlinks follo
 from __future__ import annotations
 
 import threading
+import weakref
 from collections import OrderedDict
 from functools import lru_cache
 from pathlib import Path
@@ -108,6 +109,7 @@ class Registry:
         self.layers = LRU(cache_bytes * LAYER_SHARE, size=lambda layer: layer.nbytes)
         self.summaries = LRU(cache_bytes * (1 - LAYER_SHARE), size=lambda s: s.nbytes)
         self.index = Index(self.root, self.single_name if single else None, cache_dir=self.cache_dir)
+        self._ids = weakref.WeakKeyDictionary()   # Run -> (name, disk identity) it was read as
 
     # -- discovery ------------------------------------------------------------------------------
     def names(self) -> list[str]:
@@ -133,23 +135,34 @@ class Registry:
 
     # -- cached access ------------------------------------------------------------------------
     def run(self, name: str) -> Run:
+        """The run, read again whenever it changed on disk (caches are keyed by its disk identity, so
+        old and new data never mix)."""
         path = self.path(name)
-        return self.runs.get(name, lambda: Run(path, allow_pickle=self.allow_pickle))
+        key = (name, summary.identity(path))    # a rewritten run is a new directory, new meta.json
+        run = self.runs.get(key, lambda: Run(path, allow_pickle=self.allow_pickle))
+        self._ids[run] = key
+        return run
 
     def layer(self, name: str, run: Run, i: int) -> Layer:
         """Layer ``i`` restricted to the rows of ``text_rows(run)`` (cached)."""
         if not 0 <= i < run.num_layers:
             raise NotFound(f"unknown layer {i}: the run has layers 0..{run.num_layers - 1}")
 
+        def same():
+            if (name, summary.identity(run.path)) != self._ids.get(run):   # rewritten since it was read
+                raise NotFound(f"run {name!r} changed on disk since it was read; reload it")
+
         def load():
+            same()
             layer, keep = run.layer(i), text_rows(run).keep
+            same()
             return layer if keep is None else Layer(layer.image[:, keep], layer.text[:, keep])
-        return self.layers.get((name, i), load)
+        return self.layers.get((self._ids.get(run, name), i), load)
 
     def summary(self, name: str, run: Run) -> summary.Summary:
         """The run's summary (its summary.npz, or computed once and cached under cache_dir)."""
-        return self.summaries.get(name, lambda: summary.cached(run, self.cache_dir,
-                                                               lambda i: self.layer(name, run, i)))
+        return self.summaries.get(self._ids.get(run, name), lambda: summary.cached(
+            run, self.cache_dir, lambda i: self.layer(name, run, i)))
 
     def health(self) -> dict:
         return {"layers": self.layers.stats(), "summaries": self.summaries.stats(), "runs": self.runs.stats(),
