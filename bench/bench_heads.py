@@ -52,8 +52,10 @@ def main():
         root = (args.keep or Path(tmp)) / "runs"
         make(root, args.runs)
         names = an.find_runs(root)
-        mb = sum(f.stat().st_size for f in root.rglob("*.npz")) / 1e6
-        print(f"{len(names)} runs, 30 layers x 9 heads, 3x4 tiles, {mb / len(names):.1f} MB each (compact)")
+        mb = sum(f.stat().st_size for f in root.glob("*/attention/*") if f.is_file()) / 1e6
+        fmt = store.Run(root / names[0]).meta.get("format_version")
+        print(f"{len(names)} runs, 30 layers x 9 heads, 3x4 tiles, {mb / len(names):.1f} MB of attention each "
+              f"(compact store, run format v{fmt})")
         print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} (shared machines: wall times grow with load)")
         cases = {"read only (baseline), 1 process": lambda: read_only(root, names),
                  "analysis, 1 process": lambda: an.analyse_root(root, an.Params(), BOXES, 1, names, progress=False),

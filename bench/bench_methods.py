@@ -26,7 +26,8 @@ GOALS = {"rollout": 1.3, "relative": 1.3, "relevancy": 8.0}
 
 
 def size(path) -> int:
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+    path = Path(path)
+    return path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 def main():
