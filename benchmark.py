@@ -76,8 +76,8 @@ def load_questions(paths, limit):
 
 
 def finish(out_dir, rows, sources, config, expected=None) -> int:
-    results, md = pr.report(rows, sources=sources, config=config, expected=expected)
-    pr.write_report(out_dir, results, md)
+    results, md = pope.report(rows, sources=sources, config=config, expected=expected)
+    pope.write_report(out_dir, results, md)
     print(md)
     c = results["counts"]
     if c["errors"]:

@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from smolattn import geometry as geo  # noqa: E402
 from smolattn import heatmap as hm  # noqa: E402
 from smolattn import store, synthetic  # noqa: E402
+from smolattn.analysis import find_runs  # noqa: E402
 from viewer import create_app  # noqa: E402
 from viewer.index import Index  # noqa: E402
 
@@ -217,14 +218,7 @@ def build_root(root: Path, n: int) -> float:
 
 def walk_names(root: Path) -> list[str]:
     """The previous viewer's /api/runs: a walk of the whole root on every request."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        if "decoded_tokens.npy" in filenames:
-            found.append(Path(dirpath).relative_to(root).as_posix())
-            dirnames.clear()
-        else:
-            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-    return sorted(found)
+    return find_runs(root)
 
 
 def child_start(root: str, cache_dir: str) -> None:

@@ -15,7 +15,6 @@ only if it is an earlier analysis (its analysis.json says so).
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import time
@@ -24,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from . import analysis as an
-from . import heatmap, store
+from . import heatmap, pope, store
 from .errors import UserError
 
 FORMAT = "smolattn-head-analysis"
@@ -50,14 +49,6 @@ def check_output(out: Path) -> None:
         raise UserError(f"--output-dir {out} exists and is not an earlier head analysis; choose another folder")
 
 
-def sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def number(x):
     """A score for JSON: None for NaN, "inf" for an infinite SE, else rounded to 6 decimals."""
     x = float(x)
@@ -69,7 +60,7 @@ def inputs(ds: an.Dataset, found: int, annotations=None, boxes=None) -> dict:
             "runs_skipped": len(ds.skipped), "skipped": dict(list(ds.skipped.items())[:50]),
             "pope_runs": int(ds.pope_mask().sum()) if len(ds) else 0,
             "runs_with_boxes": int(sum(r["boxed"] for r in ds.runs)),
-            "annotations": None if not annotations else {"path": str(annotations), "sha256": sha256(annotations),
+            "annotations": None if not annotations else {"path": str(annotations), "sha256": pope.file_digest(annotations),
                                                          "images": len(boxes or {})},
             "models": ds.models, "standin": ds.standin, "layers_x_heads": list(ds.shape)}
 

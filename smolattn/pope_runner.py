@@ -9,12 +9,12 @@ the plain per-question ``generate(**encode(...))``; tests check that both give t
 With attention, the object word's rows (and the answer's) are captured and stored as a run
 directory, and, with COCO boxes, scored with the pointing game.
 
-Also here: work items per image, the answers file and the report.
+Also here: work items per image and the answers file (rows through smolattn.jsonl); the scoring and
+the report are pope.py's.
 """
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -214,24 +214,6 @@ def load_boxes(path) -> dict:
     return out
 
 
-def localisation_summary(rows) -> dict | None:
-    """Per split (and all): questions scored (label yes, category has boxes), pointing-game hit rate,
-    mean attention mass inside the boxes and mean box fraction (the uniform-map baseline)."""
-    att = [r for r in rows if r.get("status") == "ok" and r.get("attention")]
-    if not att:
-        return None
-
-    def summary(rs):
-        scored = [r["attention"] for r in rs if r["attention"].get("hit") is not None]
-        mean = lambda k: float(np.mean([a[k] for a in scored])) if scored else 0.0  # noqa: E731
-        return {"scored": len(scored), "hits": sum(a["hit"] for a in scored),
-                "yes_without_boxes": sum(r["label"] == "yes" and not r["attention"]["has_boxes"] for r in rs),
-                "pointing_game": mean("hit"), "mass_in_boxes": mean("mass"), "box_fraction": mean("box_fraction")}
-
-    splits = sorted({r["split"] for r in att}, key=pope._split_rank)
-    return {"splits": {s: summary([r for r in att if r["split"] == s]) for s in splits}, "all": summary(att)}
-
-
 # ============================================================================ batch items + worker
 
 _MODELS: dict = {}
@@ -319,11 +301,6 @@ def read_answers(path) -> list[dict]:
     return jsonl.read(path, _check_answer)
 
 
-def latest(rows) -> dict:
-    """{(split, question_id): last row}: a resumed run's newer row (e.g. a retried error) wins."""
-    return {(r["split"], r["question_id"]): r for r in rows}
-
-
 class AnswersFile:
     """answers.jsonl: one JSON row per question, appended (fsynced) as answers arrive."""
 
@@ -339,7 +316,7 @@ class AnswersFile:
                                    busy=f"{self.path} is in use by another benchmark run")
 
     def done(self) -> set:
-        return {k for k, r in latest(self.rows).items() if r.get("status") == "ok"}
+        return {k for k, r in pope.latest(self.rows).items() if r.get("status") == "ok"}
 
     def append(self, row: dict) -> None:
         self.writer.append(row)
@@ -347,55 +324,3 @@ class AnswersFile:
 
     def close(self):
         self.writer.close()
-
-
-# ============================================================================ report
-
-PARSER_NAMES = {"official": "AoiDragon/POPE evaluate.py (any word No/no/not -> no, else yes)",
-                "lmms_eval": "lmms-eval exact match of the lower-cased answer",
-                "vlmevalkit": "VLMEvalKit YOrN_Extraction (yes xor no among the words)"}
-
-
-def report(rows: list[dict], *, sources, config: dict | None, expected: int | None = None) -> tuple[dict, str]:
-    """results.json content and the Markdown report for the latest row per question."""
-    rows = list(latest(rows).values())
-    ok = [r for r in rows if r.get("status") == "ok"]
-    errors = [r for r in rows if r.get("status") != "ok"]
-    standin = any(r.get("standin") for r in rows)
-    template = next((r["prompt"].replace(r["question"], "{question}", 1) for r in ok if r.get("prompt")), None)
-    missing = sorted({r["image"] for r in errors if "not found" in str(r.get("error", ""))})
-    counts = {"questions": expected if expected is not None else len(rows), "answered": len(ok),
-              "errors": len(errors), "images_missing": len(missing),
-              "paths": {p: sum(r.get("path") == p for r in ok) for p in ("cached", "naive")}}
-    results = {"sources": sources, "standin": standin, "models": sorted({str(r.get("model")) for r in rows}),
-               "config": config, "config_keys": sorted({str(r.get("config")) for r in rows}),
-               "prompt": {"template": template, "suffix": config.get("suffix") if config else None},
-               "parsers": PARSER_NAMES, "counts": counts, **pope.score_answers(ok)}
-    loc = localisation_summary(ok)
-    if loc:
-        results["localisation"] = loc
-    header = ["**STAND-IN MODEL (random weights): these numbers say nothing about SmolVLM.**", ""] if standin else []
-    header += ["## POPE results", ""]
-    header += [f"- question file: `{s['path']}` (sha256 {s['sha256'][:16]}…, {s['questions']} questions)"
-               for s in sources or []] or ["- question files: not given (rows scored as stored)"]
-    header += [f"- model: {', '.join(results['models'])}" + (" (STAND-IN)" if standin else "")
-               + (f", dtype {config['dtype']}, longest edge {config['longest_edge']}, greedy, "
-                  f"max {config['max_new_tokens']} new tokens" if config else ""),
-               f"- prompt: `{json.dumps(template)}`", f"- parsers: " + "; ".join(f"{k}: {v}" for k, v in PARSER_NAMES.items()),
-               f"- answered {len(ok)} of {counts['questions']} questions; {len(errors)} failed"
-               + (f" ({len(missing)} images missing)" if missing else "")]
-    md = pope.markdown_table(results, header)
-    if loc:
-        md += "\n### Attention localisation (object word; label yes and the category has COCO boxes)\n\n"
-        md += "| split | scored | pointing game | mass in boxes | box fraction (uniform) | yes without boxes |\n|---|---|---|---|---|---|\n"
-        for name, s in [*loc["splits"].items(), ("all", loc["all"])]:
-            md += (f"| {name} | {s['scored']} | {s['pointing_game']:.4f} | {s['mass_in_boxes']:.4f} | "
-                   f"{s['box_fraction']:.4f} | {s['yes_without_boxes']} |\n")
-    return results, md
-
-
-def write_report(out_dir, results: dict, md: str) -> None:
-    out_dir = Path(out_dir)
-    results = dict(results, written=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    store.atomic_write_text(out_dir / "results.json", json.dumps(results, indent=1))
-    store.atomic_write_text(out_dir / "results.md", md)
