@@ -8,7 +8,13 @@ Modules, one per concern:
   images    opening user images safely (EXIF, modes, corrupt files)
   extract   image(s) + prompt -> run directories on the engine (single-image and batch scripts)
   heatmap   attention maps: selection, aggregation over layers/heads, colour maps and rendering
-  pope      POPE question files, answer parsers and scoring
+  summary   the small per-run summary the viewer opens instead of the layers
+  tokens    token text for people (byte-level BPE pieces joined into characters)
+  methods   attention rollout, gradient relevancy, relative attention (registered functions)
+  pope      POPE question files, answer parsers, scoring and the report
+  pope_runner  running POPE on the engine (cached image prefix) and its answers file
   batch     resumable, sharded batch runner (local pipeline or Ray)
+  jsonl     the one JSONL reader/writer (fsynced rows, torn last line only)
+  analysis  dataset-level head scores (spatial entropy, elbow, pointing game, AUROC); head_report: its reports
   standin   offline stand-in models with SmolVLM's shapes
 """
