@@ -30,7 +30,9 @@ def main(argv=None):
     summary = ex.extract(loaded, args.image, args.output_dir, settings, image=image)
     banner = " [STAND-IN MODEL, random weights]" if loaded.standin else ""
     print(f"answer{banner}: {summary['answer']}")
-    print(f"run written to {summary['run']} ({summary['grid'][0]}x{summary['grid'][1]} tiles + global, "
+    rows, cols = summary["grid"]
+    layout = f"{rows}x{cols} tiles + global" if rows else "global tile only: the image fits one tile"
+    print(f"run written to {summary['run']} ({layout}, "
           f"{summary['new_tokens']} new tokens, {summary['timings']['generate_s']:.1f}s)")
 
 
