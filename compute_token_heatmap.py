@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import time
 from pathlib import Path
@@ -94,17 +95,21 @@ def load_image(run: Run):
 
 
 def save_all(outputs: dict) -> None:
-    """Write every output only once all of them are ready (a failure leaves none behind)."""
-    written = []
+    """Write every output under a temporary name, then rename them all into place: a failure leaves
+    none behind and deletes only the temporary files (never a file that was already there)."""
+    temps = []
     try:
         for path, thing in outputs.items():
             path.parent.mkdir(parents=True, exist_ok=True)
-            thing.save(path) if hasattr(thing, "save") else path.write_text(thing)
-            written.append(path)
+            tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")   # suffix kept: PIL's format
+            temps.append(tmp)
+            thing.save(tmp) if hasattr(thing, "save") else tmp.write_text(thing)
+        for tmp, path in zip(temps, outputs):
+            os.replace(tmp, path)
             print(f"Saved {path}")
     except OSError as e:
-        for path in written:
-            path.unlink(missing_ok=True)
+        for tmp in temps:
+            tmp.unlink(missing_ok=True)
         raise UserError(f"cannot write {path}: {e}")
 
 

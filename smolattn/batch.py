@@ -14,6 +14,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import sys
 import threading
 import time
@@ -299,11 +300,20 @@ def _check_row(row) -> str | None:
     return None if isinstance(row.get("image"), str) else "not a manifest row (no image)"
 
 
+MANIFEST_NAME = re.compile(r"^manifest(\.shard-\d+-of-\d+)?\.jsonl$")
+
+
+def manifests(root: Path) -> list[Path]:
+    """The batch's own manifests in ``root`` (exactly the names :func:`manifest_path` gives; a user's
+    ``manifest_notes.jsonl`` is neither read nor, with --overwrite, deleted)."""
+    return sorted(p for p in root.glob("manifest*.jsonl") if MANIFEST_NAME.match(p.name))
+
+
 def read_manifests(root: Path) -> dict[str, dict]:
     """The latest row per image over every manifest*.jsonl (smolattn.jsonl: a torn last line is
     ignored with a note, any other bad line is refused with path:line)."""
     latest = {}
-    for path in sorted(root.glob("manifest*.jsonl")):
+    for path in manifests(root):
         for row in jsonl.read(path, _check_row):
             key = row["image"]
             if key not in latest or row.get("finished_at", "") >= latest[key].get("finished_at", ""):
@@ -519,7 +529,7 @@ def _run_locked(args, loaded, settings, items, root: Path, manifest: jsonl.Write
 
     if args.overwrite:
         if args.shards == 1:   # the other shards' manifests go too, unless a live batch holds one
-            for old in root.glob("manifest*.jsonl"):
+            for old in manifests(root):
                 if old != manifest.path:
                     with open_manifest(old):
                         old.unlink()

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
-from smolattn.batch import read_manifests
+from smolattn.batch import MANIFEST_NAME, read_manifests
 from smolattn.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ class Entry(NamedTuple):
 
 
 def _is_manifest(name: str) -> bool:
-    return name.startswith("manifest") and name.endswith(".jsonl")
+    return bool(MANIFEST_NAME.match(name))
 
 
 def _join(prefix: str, name: str) -> str:
