@@ -26,15 +26,17 @@ from pathlib import Path, PurePosixPath
 
 from tqdm import tqdm
 
+from . import engine as eng
 from . import extract as ex
 from .engine import config_hash
 from . import model as mdl
 from . import jsonl, store
 from .errors import DeviceError, UserError, is_device_error
-from .images import EXTENSIONS, open_image
+from .images import EXTENSIONS
 from .store import atomic_write_text
 
 CONFIG = "batch_config.json"
+CHUNK_BATCHES = 4      # Ray: batches per call to an actor (the unit of work and of retry)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -43,7 +45,7 @@ CONFIG = "batch_config.json"
 def run_engine(items: list, make_worker, *, engine: str = "local", num_workers: int = 1,
                gpus_per_worker: float = 0, ray_address: str | None = None, prefetch=None,
                on_result=None, progress: str | None = None, cpus_per_worker: float = 1,
-               on_failure=None, retries: int = 2) -> None:
+               on_failure=None, retries: int = 2, size=None, split=None) -> None:
     """Run make_worker() once per process/actor (it loads the model), then worker(item, prefetched) for
     every item; on_result(result) is called in the driver, in completion order, with each item's
     return value as is (JSON-serialisable: a row dict, or a list of rows for POPE's per-image items).
@@ -59,12 +61,17 @@ def run_engine(items: list, make_worker, *, engine: str = "local", num_workers: 
     most ``retries`` more times; then on_failure(item, message) gives the item's result (an error row)
     and the batch goes on (without on_failure: the error is raised). A DeviceError (CUDA error) stops
     that actor with one line on stderr; its items go to the others; when none is left it is raised.
-    progress: a tqdm description; shows rate and ETA."""
+    An item may be a chunk of work (a batch of images): split(item) -> its parts, or None for a single
+    one; when a worker process dies on a chunk, its parts are retried alone (so one image that kills
+    the process fails alone). progress: a tqdm description; shows rate and ETA, counting size(item)
+    units per item (default 1)."""
     if not items:
         return
-    with tqdm(total=len(items), desc=progress, unit="item", disable=progress is None, dynamic_ncols=True) as bar:
-        def emit(row):
-            bar.update()
+    size = size or (lambda item: 1)
+    with tqdm(total=sum(map(size, items)), desc=progress, unit="item", disable=progress is None,
+              dynamic_ncols=True) as bar:
+        def emit(item, row):
+            bar.update(size(item))
             if on_result is not None:
                 on_result(row)
 
@@ -74,7 +81,7 @@ def run_engine(items: list, make_worker, *, engine: str = "local", num_workers: 
             _run_local(items, make_worker, prefetch, emit)
         elif engine == "ray":
             _run_ray(items, make_worker, num_workers, cpus_per_worker, gpus_per_worker, ray_address, prefetch, emit,
-                     on_failure, retries)
+                     on_failure, retries, split)
         else:
             raise ValueError(f"unknown engine {engine!r}")
 
@@ -96,7 +103,7 @@ def _run_local(items, make_worker, prefetch, emit):
             current = upcoming
             if i + 1 < len(items):   # decode the next item while the model works on this one
                 upcoming = pool.submit(_prefetched, prefetch, items[i + 1])
-            emit(worker(item, current.result()))
+            emit(item, worker(item, current.result()))
 
 
 class _RayWorker:
@@ -123,8 +130,10 @@ class _RayWorker:
 
 
 def _run_ray(items, make_worker, num_workers, cpus_per_worker, gpus_per_worker, ray_address, prefetch, emit,
-             on_failure=None, retries: int = 2):
+             on_failure=None, retries: int = 2, split=None):
     import ray
+
+    items = list(items)   # the parts of a split chunk are appended
 
     started = not ray.is_initialized()
     if started:
@@ -181,7 +190,7 @@ def _run_ray(items, make_worker, num_workers, cpus_per_worker, gpus_per_worker, 
                 busy[actor] -= 1
                 alone.discard(actor)
             try:
-                emit(ray.get(ref))
+                emit(items[i], ray.get(ref))
             except ray.exceptions.RayTaskError as e:   # the worker's own exception
                 if not isinstance(e.cause, DeviceError):
                     raise e.cause from e             # e.g. the model could not be loaded: stop the batch
@@ -196,14 +205,20 @@ def _run_ray(items, make_worker, num_workers, cpus_per_worker, gpus_per_worker, 
             except ray.exceptions.RayError as e:     # the actor's process died with the item in flight
                 if actor in busy and actor not in waking:
                     ping(actor)                      # Ray restarts it; nothing goes to it until it answers
+                parts = split(items[i]) if split is not None else None
+                if parts is not None and len(parts) > 1:   # a chunk: which of its items was it? each alone
+                    suspects.extend(range(len(items), len(items) + len(parts)))
+                    items.extend(parts)
+                    fill()
+                    continue
                 tries[i] += actor in busy            # an actor stopped by us above: not this item's fault
                 if tries[i] <= retries:
                     suspects.append(i)
                 elif on_failure is None:
                     raise
                 else:
-                    emit(on_failure(items[i], f"the worker process died on this item {tries[i]} times "
-                                              f"(retries exhausted): {type(e).__name__}"))
+                    emit(items[i], on_failure(items[i], f"the worker process died on this item {tries[i]} times "
+                                                        f"(retries exhausted): {type(e).__name__}"))
             fill()
     finally:
         for actor in actors:
@@ -356,13 +371,6 @@ def remove_stale(root: Path, names) -> int:
 # ---------------------------------------------------------------------------------------------
 # The image worker
 # ---------------------------------------------------------------------------------------------
-def decode(item: dict):
-    """Prefetch step: open the image (raises UserError for bad files)."""
-    t = time.perf_counter()
-    image = open_image(item["path"])
-    return image, round(time.perf_counter() - t, 4)
-
-
 def manifest_row(item: dict, fingerprint: str, summary: dict | None = None, error: Exception | None = None,
                  seconds: float | None = None) -> dict:
     """The manifest row of one image: its extraction summary, or the error that stopped it."""
@@ -390,48 +398,67 @@ def error_row(item: dict, fingerprint: str, error: Exception, seconds: float | N
     return manifest_row(item, fingerprint, error=error, seconds=seconds)
 
 
-def process(loaded, settings: ex.Settings, root: str, fingerprint: str, item: dict, prefetched) -> dict:
-    """One image -> one manifest row (the Ray actors' worker; errors become rows, the batch goes on)."""
-    t0 = time.perf_counter()
-    try:
-        if isinstance(prefetched, Exception):
-            raise prefetched
-        image, decode_s = prefetched
-        s = ex.extract(loaded, item["path"], Path(root) / item["run"], settings, image=image)
-        s["timings"]["decode_s"] = decode_s
-        return manifest_row(item, fingerprint, s, seconds=time.perf_counter() - t0)
-    except Exception as e:  # noqa: BLE001 - one bad image must not stop a days-long run
-        return error_row(item, fingerprint, e, seconds=time.perf_counter() - t0)
+def extract_items(loaded, settings: ex.Settings, root: Path, fingerprint: str, items: list, on_result, *,
+                  batch_size=None, workers=None, preparer=None) -> None:
+    """Images through the engine's pipeline (batched generate, decode ahead, writes in writer threads);
+    on_result(manifest row) per image as it completes. A bad image is its error row; a CUDA error
+    stops the worker (DeviceError)."""
+    def done(item, summary):
+        on_result(summary if "status" in summary else manifest_row(item, fingerprint, summary))
+
+    ex.extract_many(loaded, [(it["path"], Path(root) / it["run"], it) for it in items], settings, done,
+                    batch_size=batch_size, workers=workers, preparer=preparer,
+                    on_error=lambda item, e: error_row(item, fingerprint, e))
 
 
 def run_local(loaded, settings: ex.Settings, root: Path, fingerprint: str, items: list, on_result, *,
               batch_size=None, workers=None) -> None:
-    """Every item through the engine's pipeline (batched generate, decode in worker processes, writes
-    in writer threads); on_result(manifest row) per image as it completes, with a progress bar."""
+    """Every item through the engine's pipeline, in this process, with a progress bar."""
     with tqdm(total=len(items), desc="images", unit="item", dynamic_ncols=True) as bar:
-        def done(item, summary):
-            row = summary if "status" in summary else manifest_row(item, fingerprint, summary)
+        def done(row):
             bar.update()
             on_result(row)
 
-        ex.extract_many(loaded, [(it["path"], root / it["run"], it) for it in items], settings, done,
-                        batch_size=batch_size, workers=workers,
-                        on_error=lambda item, e: error_row(item, fingerprint, e))
+        extract_items(loaded, settings, root, fingerprint, items, done, batch_size=batch_size, workers=workers)
 
 
-def failed_row(fingerprint: str, item: dict, message: str) -> dict:
-    """The manifest row of an image whose worker kept dying on it (Ray retries exhausted)."""
-    return manifest_row(item, fingerprint, error=UserError(message))
+def chunks(items: list, size: int) -> list[list[dict]]:
+    """The Ray work items: chunks of ``size`` images (each one call to an actor's pipeline)."""
+    return [items[i:i + size] for i in range(0, len(items), max(1, size))]
 
 
-def make_ray_worker(model_args: dict, settings: ex.Settings, root: str, config: dict):
-    """Runs in each Ray actor: load the model once and check it gives the driver's configuration."""
+def split_chunk(chunk: list) -> list[list[dict]] | None:
+    """A chunk's parts, to retry one image at a time after its worker process died."""
+    return [[item] for item in chunk]
+
+
+def failed_rows(fingerprint: str, chunk: list, message: str) -> list[dict]:
+    """The manifest rows of a chunk whose worker kept dying on it (Ray retries exhausted; by then a
+    chunk of one image)."""
+    return [manifest_row(item, fingerprint, error=UserError(message)) for item in chunk]
+
+
+def make_ray_worker(model_args: dict, settings: ex.Settings, root: str, config: dict, batch_size: int | None = None,
+                    workers: int | None = None):
+    """Runs in each Ray actor: load the model once, check it gives the driver's configuration, and
+    return worker(chunk, _) -> the chunk's manifest rows (the engine's pipeline over the chunk: batched
+    generate, decode ahead in this actor's own decode workers, made once, writes in writer threads)."""
     loaded = mdl.load(**model_args)
     mine = ex.fingerprint_config(loaded, settings)
     if mine != config:
         raise UserError(f"worker on {os.uname().nodename} sees another configuration than the driver: "
                         f"{mine} != {config}")
-    return partial(process, loaded, settings, root, fingerprint_hash(config))
+    workers = eng.default_workers(loaded.device) if workers is None else workers
+    preparer = eng.Preparer(loaded, settings.prompt, settings.longest_edge, settings.keep, workers)
+    fingerprint = fingerprint_hash(config)
+
+    def worker(chunk, _prefetched=None):
+        rows = []
+        extract_items(loaded, settings, Path(root), fingerprint, chunk, rows.append, batch_size=batch_size,
+                      preparer=preparer)
+        return rows
+
+    return worker
 
 
 # ---------------------------------------------------------------------------------------------
@@ -505,7 +532,10 @@ def _run_locked(args, loaded, settings, items, root: Path, manifest: jsonl.Write
         probe = loaded or mdl.load(args.model_id, "cpu", dtype, args.revision)
         ex.check_longest_edge(settings.longest_edge, ex.processor_settings(probe, None)["tile_size"])
         config = ex.fingerprint_config(probe, settings)
-        make_worker = partial(make_ray_worker, model_args, settings, str(root), config)
+        batch_size = args.batch_size or eng.default_batch_size(device)
+        workers = args.workers if args.workers is not None else min(eng.default_workers(device),
+                                                                    max(0, int(args.cpus_per_worker) - 1))
+        make_worker = partial(make_ray_worker, model_args, settings, str(root), config, batch_size, workers)
         del probe
     else:
         loaded = loaded or mdl.load(args.model_id, args.device, args.dtype, args.revision)
@@ -536,18 +566,19 @@ def _run_locked(args, loaded, settings, items, root: Path, manifest: jsonl.Write
         manifest.truncate()
     counts = Counter()
 
-    def on_result(row):
-        manifest.append(row)
-        counts[row["status"]] += 1
-        if row["status"] == "error":
-            tqdm.write(f"error: {row['image']}: {row['error']}", file=sys.stderr)
+    def on_result(rows):
+        for row in rows if isinstance(rows, list) else [rows]:
+            manifest.append(row)
+            counts[row["status"]] += 1
+            if row["status"] == "error":
+                tqdm.write(f"error: {row['image']}: {row['error']}", file=sys.stderr)
 
     t0 = time.perf_counter()
-    if args.engine == "ray":
-        run_engine(todo, make_worker, engine=args.engine, num_workers=args.num_workers,
-                   cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
-                   ray_address=args.ray_address, prefetch=decode, on_result=on_result, progress="images",
-                   on_failure=partial(failed_row, fp))
+    if args.engine == "ray":   # chunks of a few batches per call: the actor's pipeline stays full
+        run_engine(chunks(todo, CHUNK_BATCHES * batch_size), make_worker, engine=args.engine,
+                   num_workers=args.num_workers, cpus_per_worker=args.cpus_per_worker,
+                   gpus_per_worker=args.gpus_per_worker, ray_address=args.ray_address, on_result=on_result,
+                   progress="images", on_failure=partial(failed_rows, fp), size=len, split=split_chunk)
     elif todo:
         run_local(loaded, settings, root, fp, todo, on_result, batch_size=args.batch_size, workers=args.workers)
     elapsed = time.perf_counter() - t0

@@ -240,6 +240,15 @@ def make_fragile_worker(marker):
     return work
 
 
+def make_fragile_chunk_worker():
+    """Chunks of items; item 3 kills the worker process every time."""
+    def work(chunk, pre):
+        if 3 in chunk:
+            os._exit(1)
+        return [{"item": item} for item in chunk]
+    return work
+
+
 def test_ray_engine_equals_local(tmp_path, common, reference, capsys):
     ray = pytest.importorskip("ray", reason="Ray is optional: pip install -r requirements-ray.txt")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -263,12 +272,33 @@ def test_ray_engine_equals_local(tmp_path, common, reference, capsys):
         errors = [r for r in got if "error" in r]
         assert [r["item"] for r in errors] == [3] and "died on this item 3 times (retries exhausted)" in errors[0]["error"]
         assert len([line for line in capsys.readouterr().err.splitlines() if "stopped" in line]) == 1
+        # chunks (the batch's Ray items): a process that dies on a chunk -> its items are retried one by
+        # one, so only the item that kills it fails; the others come back (as lists of rows)
+        got = []
+        batch.run_engine([[0, 1], [2, 3], [4, 5]], make_fragile_chunk_worker, engine="ray", num_workers=2,
+                         on_result=got.extend, retries=1, size=len, split=batch.split_chunk,
+                         on_failure=lambda chunk, message: [{"item": i, "error": message} for i in chunk])
+        assert sorted(r["item"] for r in got) == list(range(6))
+        assert [r["item"] for r in got if "error" in r] == [3]
         # the batch: one actor with the same thread count as this process gives identical outputs
         root = tmp_path / "out"
         threads = str(torch.get_num_threads())
         assert run_batch(common + ["--output-root", str(root), "--engine", "ray", "--cpus-per-worker", threads]) == 1
+        # batched inside the actors (chunks of 4 batches of 2): the same answers, rows within fp16 rounding
+        batched = tmp_path / "batched"
+        assert run_batch(common + ["--output-root", str(batched), "--engine", "ray", "--cpus-per-worker", threads,
+                                   "--batch-size", "2"]) == 1
     finally:
         ray.shutdown()
+    assert {r["image"]: r["answer"] for r in rows(batched)} == {r["image"]: r["answer"] for r in rows(reference)}
+    assert {r["image"]: r["timings"].get("batch") for r in rows(batched) if r["status"] == "ok"} == \
+        {g: 2 for g in GOOD}
+    for name in run_dirs(reference):
+        ra, rb = store.Run(reference / name), store.Run(batched / name)
+        assert json.loads((reference / name / "meta.json").read_text())["token_ids"] == \
+            json.loads((batched / name / "meta.json").read_text())["token_ids"]
+        for i in range(ra.num_layers):
+            np.testing.assert_allclose(ra.layer(i).image, rb.layer(i).image, atol=2e-3)
     strip = lambda rs: sorted(({k: v for k, v in r.items() if k not in ("timings", "finished_at")} for r in rs),
                               key=lambda r: r["image"])  # noqa: E731
     assert strip(rows(root)) == strip(rows(reference))
