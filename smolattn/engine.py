@@ -325,11 +325,15 @@ def stack_caches(prefixes: list[Prefix]):
     return DynamicCache(ddp_cache_data=data)
 
 
-def answer_cached(loaded, jobs: list[tuple[Prefix, list[int]]], max_new_tokens: int) -> list[list[int]]:
+def answer_cached(loaded, jobs: list[tuple[Prefix, list[int]]], max_new_tokens: int, rows=None):
     """Greedy answers for (prefix, suffix ids) pairs, of any images and lengths, in ONE batch: the
     prefixes' caches stacked and left-padded, each suffix left-padded after its prefix; the attention
     mask hides both paddings and the positions count only real tokens. The prefixes' own caches are
-    not touched. Returns the new token ids per job."""
+    not touched. Returns the new token ids per job.
+
+    ``rows``: per job, indices into its suffix whose attention rows to capture. Then returns (new ids,
+    layers) where each job's layers are (layers, heads, its rows + one per new token, prefix + suffix +
+    new keys) float16 on the host, both paddings dropped: what the job alone would record."""
     import torch
 
     pad_id = loaded.processor.tokenizer.pad_token_id
@@ -343,4 +347,15 @@ def answer_cached(loaded, jobs: list[tuple[Prefix, list[int]]], max_new_tokens: 
     ids = torch.tensor(ids, device=loaded.device)
     mask = torch.tensor(mask, device=loaded.device)
     cache = stack_caches([p for p, _ in jobs])
-    return mdl.generate_batch(loaded, {"input_ids": ids, "attention_mask": mask}, max_new_tokens, cache=cache)
+    recorder = None   # the call's queries are the suffixes, each after its own left padding
+    if rows is not None:
+        recorder = mdl.Recorder([np.asarray(r, dtype=np.int64) + S - len(s) for r, (_, s) in zip(rows, jobs)])
+    news = mdl.generate_batch(loaded, {"input_ids": ids, "attention_mask": mask}, max_new_tokens, recorder,
+                              cache=cache)
+    if recorder is None:
+        return news
+    layers = []
+    for j, ((p, s), new) in enumerate(zip(jobs, news)):
+        keys = torch.cat([torch.arange(P - len(p.ids), P), torch.arange(P + S - len(s), P + S + len(new))])
+        layers.append(mdl.to_host(recorder.sample(j, len(new), keys.to(loaded.device))))
+    return news, layers

@@ -80,16 +80,18 @@ class Recorder:
     def __exit__(self, *exc):
         _local.recorder = None
 
-    def sample(self, b: int, new_rows: int, keys: slice):
+    def sample(self, b: int, new_rows: int, keys):
         """Batch row ``b``'s rows on the device: its prefill rows, then its first ``new_rows`` decode
-        rows, over ``keys``; (layers, heads, rows, keys). One gather on the device, no copy to the host."""
+        rows, over ``keys`` (a slice, or a tensor of key positions on the device); (layers, heads, rows,
+        keys). One gather on the device, no copy to the host."""
         import torch
 
         if not any(self.filled):
             raise RuntimeError("attention capture recorded nothing (is the model using the 'capture' attention?)")
         width, dev = self.prefill_rows, self.buffer.device
         idx = torch.cat([torch.arange(len(self.rows[b]), device=dev), torch.arange(width, width + new_rows, device=dev)])
-        return self.buffer[:, b].index_select(2, idx)[..., keys]
+        rows = self.buffer[:, b].index_select(2, idx)
+        return rows[..., keys] if isinstance(keys, slice) else rows.index_select(3, keys)
 
     def stacked(self, key_len: int) -> list[np.ndarray]:
         """Batch of one: per layer, (H, Q, key_len) float16 rows on the host (one copy)."""

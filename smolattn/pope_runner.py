@@ -6,11 +6,11 @@ after it differs. So per image the processor, the vision encoder and the prefix 
 (``engine.prefill``), and the questions of several images are answered together in one greedy batch
 on top of their stacked prefix caches (``engine.answer_cached``). The naive path (``naive=True``) is
 the plain per-question ``generate(**encode(...))``; tests check that both give the same answers.
-With attention, the object word's rows (and the answer's) are captured and stored as a run
-directory, and, with COCO boxes, scored with the pointing game.
+With attention, the object word's rows (and the answer's) are captured in the same batch and
+stored as a run directory per question, and, with COCO boxes, scored with the pointing game.
 
-Also here: work items per image and the answers file (rows through smolattn.jsonl); the scoring and
-the report are pope.py's.
+Also here: the work items (groups of images) and their worker. The questions, the answers file, the
+scoring and the report are pope.py's.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import engine, heatmap, jsonl, pope, store
+from . import engine, heatmap, pope, store
 from . import geometry as geo
 from . import model as mdl
 from .errors import UserError
@@ -70,8 +70,9 @@ def answer_images(loaded, images: list[dict], suffix: str, max_new_tokens: int, 
     localisation.
 
     Cached: one prefill per image, then the questions of ALL the images in one batch (``batch``: at
-    most that many questions per generate call; False: one at a time). With attention, one question
-    at a time (one capture per run directory)."""
+    most that many questions per generate call; False: one at a time), with attention too (each
+    question's rows come out of the batch as if it had run alone). The naive path: one question at a
+    time."""
     rows, jobs = {}, []
     for n, im in enumerate(images):
         prompts = [q.text + suffix for q in im["questions"]]
@@ -82,18 +83,35 @@ def answer_images(loaded, images: list[dict], suffix: str, max_new_tokens: int, 
             if engine.suffix_ids(loaded, prefix, prompts[0]) == first_ids[len(prefix.ids):]:   # else: all naive
                 suffixes = [engine.suffix_ids(loaded, prefix, p) for p in prompts]
         for i, (q, s) in enumerate(zip(im["questions"], suffixes)):
-            if s is None or attention_dir is not None:
-                rows[n, i] = _answer_one(loaded, im["image"], q, prompts[i], longest_edge, max_new_tokens,
-                                         prefix if s else None, s, attention_dir, im.get("boxes"), im.get("info"))
+            if s is None:
+                rows[n, i] = _answer_naive(loaded, im, q, prompts[i], longest_edge, max_new_tokens, attention_dir)
             else:
-                jobs.append(((n, i), prefix, s, q, prompts[i]))
+                jobs.append(((n, i), prefix, s, q, prompts[i], im))
     size = max(1, len(jobs)) if batch is True else max(1, int(batch))
     for k in range(0, len(jobs), size):
         chunk = jobs[k:k + size]
-        for (key, _, _, q, prompt), new in zip(chunk, engine.answer_cached(loaded, [(p, s) for _, p, s, _, _ in chunk],
-                                                                             max_new_tokens)):
+        pairs = [(p, s) for _, p, s, _, _, _ in chunk]
+        if attention_dir is None:
+            news, layers = engine.answer_cached(loaded, pairs, max_new_tokens), [None] * len(chunk)
+        else:
+            offsets = [_object_offsets(loaded.processor.tokenizer, engine.split_chat(loaded, prompt)[2], s,
+                                       pope.object_of(q.text)) for _, _, s, q, prompt, _ in chunk]
+            news, layers = engine.answer_cached(loaded, pairs, max_new_tokens,
+                                                rows=[_kept(o, len(s)) for o, (_, s) in zip(offsets, pairs)])
+        for j, ((key, prefix, s, q, prompt, im), new) in enumerate(zip(chunk, news)):
             rows[key] = _row(loaded, q, prompt, new, "cached")
+            if attention_dir is not None:
+                rows[key]["attention"] = _store_attention(
+                    loaded, q, Path(attention_dir), prefix.ids + s, new, len(prefix.ids), offsets[j],
+                    layers[j] if offsets[j] else None, prefix.geometry, rows[key]["prompt"], rows[key]["raw_answer"],
+                    im.get("info") or {}, im.get("boxes"), im["image"])
     return [rows[n, i] for n, im in enumerate(images) for i in range(len(im["questions"]))]
+
+
+def _kept(offsets: list[int], suffix_len: int) -> list[int]:
+    """The captured rows of a question, as indices into the tokens after the image block: the object
+    word's, then the last prompt token's (the step that produces the answer's first token)."""
+    return sorted(set(offsets) | {suffix_len - 1})
 
 
 def answer_image(loaded, image, questions, suffix: str, max_new_tokens: int, longest_edge=None, *,
@@ -112,36 +130,26 @@ def _row(loaded, q, prompt, new, path) -> dict:
             "status": "ok", "path": path, "new_tokens": len(new)}
 
 
-def _answer_one(loaded, image, q, prompt, longest_edge, max_new_tokens, prefix, suffix_tokens,
-                attention_dir, boxes, info) -> dict:
-    """One question: on top of the prefix cache when ``suffix_tokens`` is given, else the naive path
-    (processor + vision encoder + generate). With ``attention_dir``, also the attention run."""
-    import torch
-
+def _answer_naive(loaded, im: dict, q, prompt, longest_edge, max_new_tokens, attention_dir) -> dict:
+    """One question the naive way: processor + vision encoder + generate; with ``attention_dir``, also
+    its attention run."""
     tok = loaded.processor.tokenizer
-    extra = {}
-    if suffix_tokens is not None:
-        full = prefix.ids + suffix_tokens
-        ids = torch.tensor([full], device=loaded.device)
-        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-        extra["cache"] = engine.stack_caches([prefix])     # a copy: the prefix stays as it is
-        g, start = prefix.geometry, len(prefix.ids)
-    else:
-        _, inputs = mdl.encode(loaded, image, prompt, longest_edge)
-        full = inputs["input_ids"][0].tolist()
-        g = geo.from_tokens(tok.convert_ids_to_tokens(full))
-        start = g.image_block[1] + 1
+    _, inputs = mdl.encode(loaded, im["image"], prompt, longest_edge)
+    full = inputs["input_ids"][0].tolist()
+    g = geo.from_tokens(tok.convert_ids_to_tokens(full))
+    start = g.image_block[1] + 1
     recorder = offsets = None
     if attention_dir is not None:
         offsets = _object_offsets(tok, engine.split_chat(loaded, prompt)[2], full[start:], pope.object_of(q.text))
-        if offsets:   # recorder rows index the current call: the suffix when cached, the whole prompt when naive
-            rows = sorted(set(offsets) | {len(full) - 1 - start})   # + the last prompt token (answers first)
-            recorder = mdl.Recorder(np.array(rows) + (0 if suffix_tokens is not None else start))
-    new = mdl.generate(loaded, inputs, max_new_tokens, recorder, **extra)
-    row = _row(loaded, q, prompt, new, "naive" if suffix_tokens is None else "cached")
+        if offsets:   # recorder rows index the whole prompt
+            recorder = mdl.Recorder(np.array(_kept(offsets, len(full) - start)) + start)
+    new = mdl.generate(loaded, inputs, max_new_tokens, recorder)
+    row = _row(loaded, q, prompt, new, "naive")
     if attention_dir is not None:
-        row["attention"] = _store_attention(loaded, q, Path(attention_dir), full, new, start, offsets, recorder,
-                                            g, row["prompt"], row["raw_answer"], info or {}, boxes, image)
+        layers = recorder.stacked(key_len=len(full) + len(new)) if recorder is not None else None
+        row["attention"] = _store_attention(loaded, q, Path(attention_dir), full, new, start, offsets, layers, g,
+                                            row["prompt"], row["raw_answer"], im.get("info") or {}, im.get("boxes"),
+                                            im["image"])
     return row
 
 
@@ -169,21 +177,22 @@ def localise(grid: np.ndarray, image_size, boxes) -> dict:
             "box_fraction": float(inside.mean())}
 
 
-def _store_attention(loaded, q, root: Path, full, new, start, offsets, recorder, g, chat, raw, info, boxes, image):
+def _store_attention(loaded, q, root: Path, full, new, start, offsets, layers, g, chat, raw, info, boxes, image):
     """Write the question's run: rows of the object word, of the last prompt token (the step that
     produces the answer's first token) and of every answer token, with the image (so it opens in the
-    viewer with its overlay), and score the object word's map against the object's COCO boxes."""
+    viewer with its overlay), and score the object word's map against the object's COCO boxes.
+    ``layers``: the captured rows (None when the object word was not found)."""
     obj = pope.object_of(q.text)
     out = {"object": obj, "run": None, "hit": None, "mass": None, "box_fraction": None,
            "has_boxes": bool(boxes and boxes.get(obj.lower()))}
-    if recorder is None:
+    if layers is None:
         out["error"] = f"object {obj!r} not found among the question's tokens"
         return out
     tok = loaded.processor.tokenizer
     ids = full + new
     P, S = len(full), len(full) + len(new)
-    layers = recorder.stacked(key_len=S)
-    prompt_rows = sorted(set(offsets) | {P - 1 - start})      # as the recorder's rows, in this order
+    layers = list(layers)
+    prompt_rows = _kept(offsets, P - start)      # as the captured rows, in this order
     positions = np.concatenate([start + np.array(prompt_rows), np.arange(P, S)])
     meta = {"model": {"id": loaded.model_id, "revision": loaded.revision, "standin": bool(loaded.standin),
                       "dtype": loaded.dtype, "num_layers": len(layers), "num_heads": int(layers[0].shape[0])},
@@ -282,45 +291,3 @@ def make_worker(cfg: Config):
         return rows
 
     return worker
-
-
-# ============================================================================ answers.jsonl
-
-ANSWER_KEYS = {"split", "question_id", "label", "status"}
-
-
-def _check_answer(row) -> str | None:
-    return None if ANSWER_KEYS <= set(row) else "not an answers row (needs split, question_id, label, status)"
-
-
-def read_answers(path) -> list[dict]:
-    """Rows of an answers file (smolattn.jsonl: a torn last line is dropped with a note; bad lines -> UserError)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"answers file not found: {path}")
-    return jsonl.read(path, _check_answer)
-
-
-class AnswersFile:
-    """answers.jsonl: one JSON row per question, appended (fsynced) as answers arrive."""
-
-    def __init__(self, path, cfg: Config, overwrite: bool = False):
-        self.path = Path(path)
-        self.rows = [] if overwrite or not self.path.exists() else read_answers(self.path)
-        other = sorted({r.get("config") for r in self.rows} - {cfg.key()}, key=str)
-        if other:
-            raise UserError(f"{self.path} holds answers made with another configuration (config {', '.join(map(str, other))}"
-                            f"; now {cfg.key()}: model, revision, dtype, prompt suffix, longest edge and max new tokens "
-                            "must all match to resume); pass --overwrite to start afresh, or another --output-dir")
-        self.writer = jsonl.Writer(self.path, truncate=overwrite, lock=True,
-                                   busy=f"{self.path} is in use by another benchmark run")
-
-    def done(self) -> set:
-        return {k for k, r in pope.latest(self.rows).items() if r.get("status") == "ok"}
-
-    def append(self, row: dict) -> None:
-        self.writer.append(row)
-        self.rows.append(row)
-
-    def close(self):
-        self.writer.close()

@@ -238,6 +238,31 @@ def test_attention_runs_and_localisation(tiny, tiny_dir, tmp_path):
     assert "Attention localisation" in (out / "results.md").read_text()
 
 
+def test_attention_batched_across_images_equals_each_question_alone_and_naive(tiny, tmp_path):
+    """--attention on the cached path: questions of two images (different prefix and suffix lengths)
+    in one batch store the same runs (answers, positions, rows) as each question alone on its prefix
+    cache and as the naive per-question path."""
+    by_image = questions_by_image()
+    images = []
+    for name in ["COCO_val2014_000000001171.jpg", "COCO_val2014_000000569839.jpg"]:   # 3x2 and 3x3 tiles
+        img, info = open_image(IMAGES / name)
+        images.append({"image": img, "info": info, "questions": [q for q in by_image[name] if q.split == "random"][:3]})
+    got = {how: pr.answer_images(tiny, images, pope.DEFAULT_SUFFIX, 8, 1536, attention_dir=tmp_path / how, **kw)
+           for how, kw in (("together", {}), ("alone", {"batch": False}), ("naive", {"naive": True}))}
+    assert answers(got["together"]) == answers(got["alone"]) == answers(got["naive"])
+    assert {r["path"] for r in got["together"]} == {"cached"}
+    for rows in zip(*got.values()):
+        runs = [store.Run(r["attention"]["run"]) for r in rows]
+        assert len({tuple(r.tokens) for r in runs}) == 1
+        assert all(np.array_equal(runs[0].query_positions, r.query_positions) for r in runs)
+        assert len(runs[0].query_positions) > rows[0]["new_tokens"]          # the object word's rows too
+        for other in runs[1:]:
+            for i in range(runs[0].num_layers):
+                a, b = runs[0].layer(i), other.layer(i)
+                np.testing.assert_allclose(a.image, b.image, atol=1e-3)
+                np.testing.assert_allclose(a.text, b.text, atol=1e-3)
+
+
 def test_localise_by_hand():
     grid = np.zeros((4, 4))
     grid[0, 0], grid[3, 3] = 3.0, 1.0          # 400x200 image: cells 100x50, centres at 50, 150, ...
