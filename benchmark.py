@@ -92,7 +92,7 @@ def main(argv=None):
     if args.answers:   # re-score only
         sources = load_questions(args.benchmark_file, 0)[1] if args.benchmark_file else None
         out.mkdir(parents=True, exist_ok=True)
-        return finish(out, pr.read_answers(args.answers), sources, None)
+        return finish(out, pope.read_answers(args.answers), sources, None)
 
     questions, sources = load_questions(args.benchmark_file, args.limit)
     boxes = pr.load_boxes(args.annotations) if args.annotations else None
@@ -103,7 +103,7 @@ def main(argv=None):
                     str(out / "attention") if args.attention else None,
                     args.batch_size or engine.default_batch_size(device))
     ex.check_longest_edge(args.longest_edge, ex.checkpoint_tile_size(args.model_id, args.revision))
-    answers = pr.AnswersFile(out / "answers.jsonl", cfg, args.overwrite)
+    answers = pope.AnswersFile(out / "answers.jsonl", cfg.key(), args.overwrite)
     done = answers.done()
     todo = [q for q in questions if q.key not in done]
     print(f"{len(questions)} questions ({len(questions) - len(todo)} already answered), "

@@ -12,7 +12,7 @@ Modules, one per concern:
   tokens    token text for people (byte-level BPE pieces joined into characters)
   methods   attention rollout, gradient relevancy, relative attention (registered functions)
   pope      POPE question files, answer parsers, scoring and the report
-  pope_runner  running POPE on the engine (cached image prefix) and its answers file
+  pope_runner  running POPE on the engine (cached image prefix, questions of several images per batch)
   batch     resumable, sharded batch runner (local pipeline or Ray)
   jsonl     the one JSONL reader/writer (fsynced rows, torn last line only)
   analysis  dataset-level head scores (spatial entropy, elbow, pointing game, AUROC); head_report: its reports

@@ -1,4 +1,4 @@
-"""POPE (Li et al., EMNLP 2023) question loading, answer parsing and scoring.
+"""POPE (Li et al., EMNLP 2023) question loading, answer parsing and scoring, the answers file and the report.
 
 Pure Python, no model code. Three answer-parsing conventions are implemented, because
 published POPE numbers differ by scorer: the official ``AoiDragon/POPE`` ``evaluate.py``,
@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import store
+from . import jsonl, store
+from .errors import UserError
 
 SPLITS = ("random", "popular", "adversarial")
 
@@ -339,3 +340,46 @@ def write_report(out_dir, results: dict, md: str) -> None:
     results = dict(results, written=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     store.atomic_write_text(out_dir / "results.json", json.dumps(results, indent=1))
     store.atomic_write_text(out_dir / "results.md", md)
+
+
+# ============================================================================ answers.jsonl
+
+ANSWER_KEYS = {"split", "question_id", "label", "status"}
+
+
+def _check_answer(row) -> str | None:
+    return None if ANSWER_KEYS <= set(row) else "not an answers row (needs split, question_id, label, status)"
+
+
+def read_answers(path) -> list[dict]:
+    """Rows of an answers file (smolattn.jsonl: a torn last line is dropped with a note; bad lines -> UserError)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"answers file not found: {path}")
+    return jsonl.read(path, _check_answer)
+
+
+class AnswersFile:
+    """answers.jsonl: one JSON row per question, appended (fsynced) as answers arrive."""
+
+    def __init__(self, path, key: str, overwrite: bool = False):
+        """key: the configuration's hash (pope_runner.Config.key()); rows of another one are refused."""
+        self.path = Path(path)
+        self.rows = [] if overwrite or not self.path.exists() else read_answers(self.path)
+        other = sorted({r.get("config") for r in self.rows} - {key}, key=str)
+        if other:
+            raise UserError(f"{self.path} holds answers made with another configuration (config {', '.join(map(str, other))}"
+                            f"; now {key}: model, revision, dtype, prompt suffix, longest edge and max new tokens "
+                            "must all match to resume); pass --overwrite to start afresh, or another --output-dir")
+        self.writer = jsonl.Writer(self.path, truncate=overwrite, lock=True,
+                                   busy=f"{self.path} is in use by another benchmark run")
+
+    def done(self) -> set:
+        return {k for k, r in latest(self.rows).items() if r.get("status") == "ok"}
+
+    def append(self, row: dict) -> None:
+        self.writer.append(row)
+        self.rows.append(row)
+
+    def close(self):
+        self.writer.close()

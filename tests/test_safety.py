@@ -324,23 +324,23 @@ def test_pope_answers_use_the_one_reader(tmp_path):
     path = tmp_path / "answers.jsonl"
     row = {"split": "random", "question_id": 1, "label": "yes", "status": "ok", "config": pr.Config().key()}
     path.write_text(json.dumps(row) + '\n{"split": "ra')
-    answers = pr.AnswersFile(path, pr.Config())
+    answers = pope.AnswersFile(path, pr.Config().key())
     assert answers.done() == {("random", 1)}
     answers.append({**row, "question_id": 2})
     with pytest.raises(UserError, match="in use by another benchmark"):
-        pr.AnswersFile(path, pr.Config())
+        pope.AnswersFile(path, pr.Config().key())
     answers.close()
-    assert [r["question_id"] for r in pr.read_answers(path)] == [1, 2]
+    assert [r["question_id"] for r in pope.read_answers(path)] == [1, 2]
     item = {"questions": [pope.Question("random", 3, "a.jpg", "Is there a cat?", "yes")]}
     with jsonl.Writer(path) as w:                        # a group of images Ray gave up on
         for r in pr.failed_rows(pr.Config(), [item], "the worker process died on this item 3 times"):
             w.append(r)
-    resumed = pr.AnswersFile(path, pr.Config())          # same configuration: resumes, the error is retried
+    resumed = pope.AnswersFile(path, pr.Config().key())          # same configuration: resumes, the error is retried
     assert resumed.done() == {("random", 1), ("random", 2)}
     resumed.close()
     path.write_text(json.dumps(row) + '\n{"split": "random"}\n')
     with pytest.raises(UserError, match=f"{path}:2: not an answers row"):
-        pr.read_answers(path)
+        pope.read_answers(path)
 
 
 # ------------------------------------------------------------------------- bad settings, device errors
