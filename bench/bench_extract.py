@@ -1,7 +1,7 @@
 """Extraction cost vs plain generate, and store sizes. Prints ratios from one run.
 
     python bench/bench_extract.py                      # real-shape stand-in, a 3x4-tile COCO photo
-    python bench/bench_extract.py --photos 13          # the 13 COCO photos: whole-process walls
+    python bench/bench_extract.py --photos 13 --rounds 2   # the 13 COCO photos, each order once: whole-process walls
     python bench/bench_extract.py --model-id DIR --image photo.jpg --max-new-tokens 32
 
 Each measurement runs in a fresh process (same process style for both sides), 2 torch threads;
@@ -69,18 +69,18 @@ def photos_table(args, tmp):
     if not images:
         raise SystemExit(f"no photos next to {args.image}")
     rows = []
-    for i, img in enumerate(images):
-        pair = {}
-        for mode in (("plain", "compact") if i % 2 == 0 else ("compact", "plain")):
-            pair[mode] = measure(args, mode, tmp / f"photo{i}-{mode}", img)
+    for r, i in ((r, i) for r in range(args.rounds) for i in range(len(images))):
+        img, pair = images[i], {}
+        for mode in (("plain", "compact") if (i + r) % 2 == 0 else ("compact", "plain")):
+            pair[mode] = measure(args, mode, tmp / f"photo{i}-{r}-{mode}", img)
         rows.append(pair)
         p, e = pair["plain"], pair["compact"]
-        print(f"{img.name}: whole process plain {p['process_s']:.1f}s wall / {p['process_cpu_s']:.1f}s CPU, extraction "
+        print(f"round {r + 1}, {img.name}: whole process plain {p['process_s']:.1f}s wall / {p['process_cpu_s']:.1f}s CPU, extraction "
               f"{e['process_s']:.1f}s / {e['process_cpu_s']:.1f}s ({e['process_s'] / p['process_s']:.3f}x wall, "
               f"{e['process_cpu_s'] / p['process_cpu_s']:.3f}x CPU)", flush=True)
     for key, what in (("process_s", "wall"), ("process_cpu_s", "CPU time")):
         total = {m: sum(r[m][key] for r in rows) for m in ("plain", "compact")}
-        print(f"{len(rows)} photos, {args.max_new_tokens} new tokens, fp32, {args.threads} threads: whole-process {what} "
+        print(f"{len(images)} photos x {args.rounds} round(s), {args.max_new_tokens} new tokens, fp32, {args.threads} threads: whole-process {what} "
               f"extraction / plain generate = {total['compact'] / total['plain']:.3f} (goal <= 1.05; sum "
               f"{total['compact']:.0f}s vs {total['plain']:.0f}s)")
     print(f"load average at the end {os.getloadavg()[0]:.1f} (a shared machine: wall ratios drift with the load, "
@@ -100,6 +100,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--photos", type=int, default=0,
                     help="N > 0: only the whole-process table over the first N photos of the image's folder")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="with --photos: repeat the photos, each round flipping which side runs first (2 balances an odd count)")
     ap.add_argument("--child", default=None)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
