@@ -2,6 +2,7 @@
 
     python bench/bench_pope.py                          # builds the real-shape stand-in if needed
     python bench/bench_pope.py --model-id /tmp/s256 --longest-edge 2048
+    python bench/bench_pope.py --attention --naive-questions 6   # with attention runs; also one at a time
 
 One COCO photo and its 18 questions (6 per split) from pope_subset.jsonl. The cached path encodes the
 image once and reuses the prefix KV cache; the naive path runs processor + vision encoder + generate
@@ -11,7 +12,9 @@ wall time of the full POPE (3 x 3,000 questions = 500 images x 18) for the cache
 import argparse
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -40,6 +43,9 @@ def main():
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--no-batch", action="store_true", help="cached path: one question at a time, not batched")
+    ap.add_argument("--attention", action="store_true",
+                    help="store each question's attention run (as benchmark.py --attention), and also time the "
+                         "cached path one question at a time")
     ap.add_argument("--json", default=None, help="also write the numbers here")
     args = ap.parse_args()
 
@@ -61,19 +67,28 @@ def main():
           f"{len(qs)} questions, longest edge {args.longest_edge or 'the processor default'}; "
           f"load average {os.getloadavg()[0]:.1f}", flush=True)
 
-    def timed(naive, questions):
+    tmp = Path(tempfile.mkdtemp(prefix="bench-pope-"))
+
+    def timed(naive, questions, batch=not args.no_batch, tag="cached"):
         wanted = {q.key for q in questions}
         subset = [dict(im, questions=[q for q in im["questions"] if q.key in wanted]) for im in images]
         t0 = time.perf_counter()
         rows = pr.answer_images(loaded, [im for im in subset if im["questions"]], pope.DEFAULT_SUFFIX,
-                                args.max_new_tokens, args.longest_edge, naive=naive, batch=not args.no_batch)
+                                args.max_new_tokens, args.longest_edge, naive=naive, batch=batch,
+                                attention_dir=tmp / tag if args.attention else None)
         return rows, time.perf_counter() - t0
 
+    what = " with attention runs" if args.attention else ""
     cached, cached_s = timed(False, qs)
-    print(f"cached: {len(qs)} questions in {cached_s:.1f}s = {len(qs) / cached_s:.3f} q/s", flush=True)
+    print(f"cached{what}: {len(qs)} questions in {cached_s:.1f}s = {len(qs) / cached_s:.3f} q/s", flush=True)
+    if args.attention and not args.no_batch:
+        alone, alone_s = timed(False, qs, batch=False, tag="alone")
+        print(f"cached{what}, one question at a time: {len(qs)} questions in {alone_s:.1f}s = "
+              f"{len(qs) / alone_s:.3f} q/s; batched / one at a time {alone_s / cached_s:.2f}x; same answers: "
+              f"{[r['raw_answer'] for r in alone] == [r['raw_answer'] for r in cached]}", flush=True)
     nq = args.naive_questions or len(qs)
-    naive, naive_s = timed(True, qs[:nq])
-    print(f"naive:  {nq} questions in {naive_s:.1f}s = {nq / naive_s:.3f} q/s", flush=True)
+    naive, naive_s = timed(True, qs[:nq], tag="naive")
+    print(f"naive{what}:  {nq} questions in {naive_s:.1f}s = {nq / naive_s:.3f} q/s", flush=True)
 
     same = [(r["raw_answer"], r["new_tokens"]) for r in cached[:nq]] == [(r["raw_answer"], r["new_tokens"]) for r in naive]
     ratio = (len(qs) / cached_s) / (nq / naive_s)
@@ -88,10 +103,11 @@ def main():
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({
             "model": model_id, "standin": bool(loaded.standin), "image": args.image, "questions": len(qs),
-            "longest_edge": args.longest_edge, "max_new_tokens": args.max_new_tokens, "batched": not args.no_batch,
+            "longest_edge": args.longest_edge, "max_new_tokens": args.max_new_tokens, "batched": not args.no_batch, "attention": args.attention,
             "threads": __import__("torch").get_num_threads(), "cached_s": cached_s,
             "naive_s": naive_s, "naive_questions": nq, "speedup": ratio, "identical": same,
             "projected_full_hours": full_h, "load_average": os.getloadavg()[0]}, indent=1))
+    shutil.rmtree(tmp, ignore_errors=True)
     if not same:
         print("ERROR: the cached path's answers differ from the naive path's", file=sys.stderr)
         return 1
