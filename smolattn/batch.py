@@ -154,15 +154,16 @@ def _run_ray(items, make_worker, num_workers, cpus_per_worker, gpus_per_worker, 
                 alone.add(actor)
 
         def fill():   # items that were in flight when a process died run alone, on an actor that is up
-            for actor in busy:
-                if actor in alone or actor in waking:
-                    continue
-                if suspects:
-                    if busy[actor] == 0:
-                        submit(actor, suspects.popleft(), isolated=True)
-                    continue
-                while queue and busy[actor] < 2:
-                    submit(actor, queue.popleft())
+            for slot in (1, 2):   # breadth first: every idle actor gets work before any gets a second item
+                for actor in busy:
+                    if actor in alone or actor in waking:
+                        continue
+                    if suspects:
+                        if busy[actor] == 0:
+                            submit(actor, suspects.popleft(), isolated=True)
+                        continue
+                    if queue and busy[actor] < slot:
+                        submit(actor, queue.popleft())
 
         def ping(actor):
             waking.add(actor)
@@ -203,15 +204,21 @@ def _run_ray(items, make_worker, num_workers, cpus_per_worker, gpus_per_worker, 
                     raise e.cause from e
                 suspects.append(i)
             except ray.exceptions.RayError as e:     # the actor's process died with the item in flight
-                if actor in busy and actor not in waking:
-                    ping(actor)                      # Ray restarts it; nothing goes to it until it answers
-                parts = split(items[i]) if split is not None else None
-                if parts is not None and len(parts) > 1:   # a chunk: which of its items was it? each alone
-                    suspects.extend(range(len(items), len(items) + len(parts)))
-                    items.extend(parts)
+                if actor not in busy:                # an actor stopped by us above: not this item's fault
+                    queue.appendleft(i)
                     fill()
                     continue
-                tries[i] += actor in busy            # an actor stopped by us above: not this item's fault
+                if actor not in waking:
+                    ping(actor)                      # Ray restarts it; nothing goes to it until it answers
+                parts = split(items[i]) if split is not None else None
+                if parts is not None and len(parts) > 1:   # a chunk: which of its items was it? each alone,
+                    for part in parts:                     # this death counted as each one's first try
+                        tries[len(items)] = tries[i] + 1
+                        suspects.append(len(items))
+                        items.append(part)
+                    fill()
+                    continue
+                tries[i] += 1
                 if tries[i] <= retries:
                     suspects.append(i)
                 elif on_failure is None:
@@ -574,8 +581,10 @@ def _run_locked(args, loaded, settings, items, root: Path, manifest: jsonl.Write
                 tqdm.write(f"error: {row['image']}: {row['error']}", file=sys.stderr)
 
     t0 = time.perf_counter()
-    if args.engine == "ray":   # chunks of a few batches per call: the actor's pipeline stays full
-        run_engine(chunks(todo, CHUNK_BATCHES * batch_size), make_worker, engine=args.engine,
+    if args.engine == "ray":   # chunks of a few batches per call (fewer when there are few images per actor)
+        per_actor = -(-len(todo) // args.num_workers)
+        run_engine(chunks(todo, min(CHUNK_BATCHES * batch_size, max(batch_size, per_actor))), make_worker,
+                   engine=args.engine,
                    num_workers=args.num_workers, cpus_per_worker=args.cpus_per_worker,
                    gpus_per_worker=args.gpus_per_worker, ray_address=args.ray_address, on_result=on_result,
                    progress="images", on_failure=partial(failed_rows, fp), size=len, split=split_chunk)
