@@ -89,6 +89,14 @@ def _init_worker(source: str):
     from transformers import AutoProcessor
     from transformers.utils import logging as hf_logging
 
+    parent = os.getppid()
+
+    def orphaned():   # the parent died without shutting the pool down (a killed Ray actor): leave too
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=orphaned, daemon=True, name="orphan-watch").start()
     torch.set_num_threads(1)
     hf_logging.set_verbosity_error()
     _WORKER["processor"] = AutoProcessor.from_pretrained(source)

@@ -147,3 +147,56 @@ def test_derived_methods_in_a_batch_equal_single_images(tiny, tmp_path):
         a, b = store.Run(tmp_path / "batch" / p.stem), store.Run(tmp_path / "single" / p.stem)
         assert a.meta["generation"]["batch_size"] == 2 and a.methods == b.methods == ["raw", "rollout"]
         np.testing.assert_allclose(a.method("rollout").maps, b.method("rollout").maps, atol=1e-4, rtol=1e-3)
+
+
+ORPHAN_SCRIPT = """
+import sys, time
+sys.path.insert(0, {root!r})
+if __name__ == "__main__":
+    from smolattn import engine, model as mdl, synthetic
+    loaded = mdl.load({model!r}, "cpu")
+    prep = engine.Preparer(loaded, "hi", 512, "text", workers=1)
+    synthetic.test_image((64, 48)).save({image!r})
+    prep.submit({image!r}).result()
+    print("ready", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_decode_workers_leave_when_their_parent_is_killed(tiny, tmp_path):
+    """A killed Ray actor never shuts its decode pool down: the worker processes must not live on."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    script = tmp_path / "parent.py"
+    script.write_text(ORPHAN_SCRIPT.format(root=str(Path(__file__).resolve().parent.parent), model=tiny.source,
+                                           image=str(tmp_path / "a.png")))
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert parent.stdout.readline().strip() == "ready"
+        children = [int(p) for p in subprocess.run(["pgrep", "-P", str(parent.pid)], capture_output=True,
+                                                    text=True).stdout.split()]
+        workers = [c for c in children if "spawn_main" in Path(f"/proc/{c}/cmdline").read_text()]
+        assert workers
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait()
+        def running(pid):   # a zombie (exited, not yet reaped by init) counts as gone
+            try:
+                return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+            except OSError:
+                return False
+
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and any(map(running, workers)):
+            time.sleep(0.2)
+        alive = [c for c in workers if running(c)]
+        for c in alive:
+            os.kill(c, signal.SIGKILL)
+        assert not alive, "decode worker outlived its killed parent"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
