@@ -78,36 +78,38 @@ def main():
                                 attention_dir=tmp / tag if args.attention else None)
         return rows, time.perf_counter() - t0
 
-    what = " with attention runs" if args.attention else ""
-    cached, cached_s = timed(False, qs)
-    print(f"cached{what}: {len(qs)} questions in {cached_s:.1f}s = {len(qs) / cached_s:.3f} q/s", flush=True)
-    if args.attention and not args.no_batch:
-        alone, alone_s = timed(False, qs, batch=False, tag="alone")
-        print(f"cached{what}, one question at a time: {len(qs)} questions in {alone_s:.1f}s = "
-              f"{len(qs) / alone_s:.3f} q/s; batched / one at a time {alone_s / cached_s:.2f}x; same answers: "
-              f"{[r['raw_answer'] for r in alone] == [r['raw_answer'] for r in cached]}", flush=True)
-    nq = args.naive_questions or len(qs)
-    naive, naive_s = timed(True, qs[:nq], tag="naive")
-    print(f"naive{what}:  {nq} questions in {naive_s:.1f}s = {nq / naive_s:.3f} q/s", flush=True)
+    try:
+        what = " with attention runs" if args.attention else ""
+        cached, cached_s = timed(False, qs)
+        print(f"cached{what}: {len(qs)} questions in {cached_s:.1f}s = {len(qs) / cached_s:.3f} q/s", flush=True)
+        if args.attention and not args.no_batch:
+            alone, alone_s = timed(False, qs, batch=False, tag="alone")
+            print(f"cached{what}, one question at a time: {len(qs)} questions in {alone_s:.1f}s = "
+                  f"{len(qs) / alone_s:.3f} q/s; batched / one at a time {alone_s / cached_s:.2f}x; same answers: "
+                  f"{[r['raw_answer'] for r in alone] == [r['raw_answer'] for r in cached]}", flush=True)
+        nq = args.naive_questions or len(qs)
+        naive, naive_s = timed(True, qs[:nq], tag="naive")
+        print(f"naive{what}:  {nq} questions in {naive_s:.1f}s = {nq / naive_s:.3f} q/s", flush=True)
 
-    same = [(r["raw_answer"], r["new_tokens"]) for r in cached[:nq]] == [(r["raw_answer"], r["new_tokens"]) for r in naive]
-    ratio = (len(qs) / cached_s) / (nq / naive_s)
-    per_image = cached_s * 18 / len(qs)
-    full_h = 500 * per_image / 3600
-    print(f"identical answers: {same} ({nq} compared); paths: {sorted({r['path'] for r in cached})}")
-    print(f"speed-up cached / naive: {ratio:.1f}x")
-    print(f"projected full POPE (9,000 questions = 500 images x 18), cached path: {full_h:.1f} h "
-          f"({per_image:.1f}s per image); naive path: {9000 * naive_s / nq / 3600:.1f} h")
-    print("answers:", [r["raw_answer"] for r in cached][:6], "...")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({
-            "model": model_id, "standin": bool(loaded.standin), "image": args.image, "questions": len(qs),
-            "longest_edge": args.longest_edge, "max_new_tokens": args.max_new_tokens, "batched": not args.no_batch, "attention": args.attention,
-            "threads": __import__("torch").get_num_threads(), "cached_s": cached_s,
-            "naive_s": naive_s, "naive_questions": nq, "speedup": ratio, "identical": same,
-            "projected_full_hours": full_h, "load_average": os.getloadavg()[0]}, indent=1))
-    shutil.rmtree(tmp, ignore_errors=True)
+        same = [(r["raw_answer"], r["new_tokens"]) for r in cached[:nq]] == [(r["raw_answer"], r["new_tokens"]) for r in naive]
+        ratio = (len(qs) / cached_s) / (nq / naive_s)
+        per_image = cached_s * 18 / len(qs)
+        full_h = 500 * per_image / 3600
+        print(f"identical answers: {same} ({nq} compared); paths: {sorted({r['path'] for r in cached})}")
+        print(f"speed-up cached / naive: {ratio:.1f}x")
+        print(f"projected full POPE (9,000 questions = 500 images x 18), cached path: {full_h:.1f} h "
+              f"({per_image:.1f}s per image); naive path: {9000 * naive_s / nq / 3600:.1f} h")
+        print("answers:", [r["raw_answer"] for r in cached][:6], "...")
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps({
+                "model": model_id, "standin": bool(loaded.standin), "image": args.image, "questions": len(qs),
+                "longest_edge": args.longest_edge, "max_new_tokens": args.max_new_tokens, "batched": not args.no_batch, "attention": args.attention,
+                "threads": __import__("torch").get_num_threads(), "cached_s": cached_s,
+                "naive_s": naive_s, "naive_questions": nq, "speedup": ratio, "identical": same,
+                "projected_full_hours": full_h, "load_average": os.getloadavg()[0]}, indent=1))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     if not same:
         print("ERROR: the cached path's answers differ from the naive path's", file=sys.stderr)
         return 1
