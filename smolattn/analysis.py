@@ -264,7 +264,7 @@ def _task(args):
 def analyse_root(root, params: Params, boxes: dict | None = None, workers: int | None = None,
                  names=None, progress: bool = True) -> "Dataset":
     """Analyse every run under ``root`` over ``workers`` processes (default: all cores)."""
-    from scipy import ndimage, stats  # noqa: F401  (imported once here: forked workers inherit it)
+    from scipy import ndimage, stats  # noqa: F401  (import errors show here, in the parent, not in a worker)
     from tqdm import tqdm
 
     names = find_runs(root) if names is None else list(names)
@@ -278,8 +278,10 @@ def analyse_root(root, params: Params, boxes: dict | None = None, workers: int |
             it = map(_task, tasks)
             pool = None
         else:
-            import multiprocessing as mp
-            pool = mp.get_context("fork" if os.name == "posix" else "spawn").Pool(workers, _init, (params, boxes))
+            import multiprocessing as mp   # not "fork": forking a process that runs threads (torch, Flask,
+            # Ray, tqdm) can deadlock the child on a lock held by a thread that did not come along; the
+            # fork server is a fresh single-threaded process that forks the workers
+            pool = mp.get_context("forkserver" if os.name == "posix" else "spawn").Pool(workers, _init, (params, boxes))
             it = pool.imap_unordered(_task, tasks, chunksize=max(1, min(16, len(tasks) // (workers * 8) or 1)))
         for name, res, err in it:
             if err is None:
