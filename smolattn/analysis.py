@@ -281,7 +281,10 @@ def analyse_root(root, params: Params, boxes: dict | None = None, workers: int |
             import multiprocessing as mp   # not "fork": forking a process that runs threads (torch, Flask,
             # Ray, tqdm) can deadlock the child on a lock held by a thread that did not come along; the
             # fork server is a fresh single-threaded process that forks the workers
-            pool = mp.get_context("forkserver" if os.name == "posix" else "spawn").Pool(workers, _init, (params, boxes))
+            ctx = mp.get_context("forkserver" if os.name == "posix" else "spawn")
+            if os.name == "posix":   # the server imports this module (numpy, scipy) once; workers fork from it
+                ctx.set_forkserver_preload(["smolattn.analysis", "scipy.ndimage", "scipy.stats"])
+            pool = ctx.Pool(workers, _init, (params, boxes))
             it = pool.imap_unordered(_task, tasks, chunksize=max(1, min(16, len(tasks) // (workers * 8) or 1)))
         for name, res, err in it:
             if err is None:
