@@ -107,9 +107,9 @@ def query(rng, index, layers: int, heads: int) -> str:
 CPU = {}   # label -> CPU seconds of each timed request (this process), next to the wall times
 
 
-def cold_open(run_dir: Path, url: str, cache_dir: Path, allow_pickle: bool = False, label: str = "") -> float:
+def cold_open(run_dir: Path, url: str, cache_dir: Path, label: str = "") -> float:
     """Seconds for a fresh app's first request (a restart: nothing cached in memory)."""
-    client = create_app({"RUN": str(run_dir), "CACHE_DIR": str(cache_dir), "ALLOW_PICKLE": allow_pickle}).test_client()
+    client = create_app({"RUN": str(run_dir), "CACHE_DIR": str(cache_dir)}).test_client()
     t, c = time.perf_counter(), time.process_time()
     resp = client.get(url)
     elapsed = time.perf_counter() - t
@@ -385,8 +385,8 @@ def bench_run(args, rng) -> list:
 
         plain = reference_plain(reference, tmp / "reference_plain")
         index = positions[6]
-        first = cold_open(plain, f"/api/attention?index={index}", cache, allow_pickle=True)
-        again = [cold_open(plain, f"/api/attention?index={index}", cache, allow_pickle=True) for _ in range(5)]
+        first = cold_open(plain, f"/api/attention?index={index}", cache)
+        again = [cold_open(plain, f"/api/attention?index={index}", cache) for _ in range(5)]
         print(f"reference-format run (no summary): first open {first * 1000:.0f} ms (summary computed, cached outside "
               f"the run), then {pct(again)}")
 
