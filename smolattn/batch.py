@@ -319,7 +319,8 @@ def manifest_path(root: Path, shards: int, index: int) -> Path:
 
 
 def _check_row(row) -> str | None:
-    return None if isinstance(row.get("image"), str) else "not a manifest row (no image)"
+    ok = isinstance(row.get("image"), str) and row.get("status") in ("ok", "error")
+    return None if ok else "not a manifest row (needs image and status)"
 
 
 MANIFEST_NAME = re.compile(r"^manifest(\.shard-\d+-of-\d+)?\.jsonl$")
@@ -346,7 +347,8 @@ def read_manifests(root: Path) -> dict[str, dict]:
 def open_manifest(path: Path) -> jsonl.Writer:
     """This shard's manifest, locked (fcntl) for the lifetime of the batch: a second batch on the same
     output root and shard stops with one line instead of writing into it."""
-    return jsonl.Writer(path, lock=True, busy=f"{path.parent} is in use by another batch (it holds the lock on "
+    return jsonl.Writer(path, lock=True, check=_check_row,
+                        busy=f"{path.parent} is in use by another batch (it holds the lock on "
                                               f"{path.name}); wait for it to finish, or use another --output-root")
 
 

@@ -34,10 +34,12 @@ def read(path, check=None, *, quiet: bool = False) -> list[dict]:
     path = Path(path)
     data = path.read_bytes()
     torn = _torn_tail(data)
-    if torn:
-        data = data[:-torn]
-        if not quiet:
-            print(f"note: {path}: ignored a torn last line (an interrupted write)", file=sys.stderr)
+    if torn and not quiet:
+        print(f"note: {path}: ignored a torn last line (an interrupted write)", file=sys.stderr)
+    return _rows(path, data[:len(data) - torn], check)
+
+
+def _rows(path: Path, data: bytes, check) -> list[dict]:
     rows = []
     for n, line in enumerate(data.split(b"\n"), 1):
         if not line.strip():
@@ -58,10 +60,12 @@ class Writer:
 
     Opening cuts a torn last line off (and ends a whole last line that lacks its newline);
     ``truncate=True`` starts the file afresh. ``lock=True`` takes an exclusive ``fcntl`` lock on the
-    file for the writer's lifetime, or raises UserError when another process holds it.
+    file for the writer's lifetime, or raises UserError when another process holds it. ``check(row)``
+    (as for :func:`read`): before anything is cut, truncated or appended, every row already in the
+    file must pass it, else UserError and the file is left as it was (it is not ours).
     """
 
-    def __init__(self, path, truncate: bool = False, lock: bool = False, busy: str | None = None):
+    def __init__(self, path, truncate: bool = False, lock: bool = False, busy: str | None = None, check=None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.created = not self.path.exists()
@@ -73,12 +77,18 @@ class Writer:
                     fcntl.flock(self.file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
                     raise UserError(busy or f"{self.path} is in use by another process") from None
+            self.file.seek(0)
+            data = self.file.read()
+            torn = _torn_tail(data)
+            if check is not None:
+                try:
+                    _rows(self.path, data[:len(data) - torn], check)
+                except UserError as e:
+                    raise UserError(f"{e}; {self.path} was not written by smolattn, so it is left untouched: "
+                                    "choose another output folder") from None
             if truncate:
                 self.file.truncate(0)
             else:
-                self.file.seek(0)
-                data = self.file.read()
-                torn = _torn_tail(data)
                 if torn:
                     self.file.truncate(len(data) - torn)
                 elif data and not data.endswith(b"\n"):

@@ -371,7 +371,7 @@ class AnswersFile:
             raise UserError(f"{self.path} holds answers made with another configuration (config {', '.join(map(str, other))}"
                             f"; now {key}: model, revision, dtype, prompt suffix, longest edge and max new tokens "
                             "must all match to resume); pass --overwrite to start afresh, or another --output-dir")
-        self.writer = jsonl.Writer(self.path, truncate=overwrite, lock=True,
+        self.writer = jsonl.Writer(self.path, truncate=overwrite, lock=True, check=_check_answer,
                                    busy=f"{self.path} is in use by another benchmark run")
 
     def done(self) -> set:

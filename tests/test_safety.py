@@ -293,6 +293,22 @@ def test_two_concurrent_batches_then_a_rerun_complete_everything(tmp_path, tiny_
     no_temporaries(root)
 
 
+def test_a_users_manifest_in_the_output_root_is_never_appended_to_or_truncated(tmp_path, tiny_dir):
+    d = tmp_path / "img"
+    d.mkdir()
+    Image.new("RGB", (64, 48)).save(d / "a.jpg")
+    root = tmp_path / "out"
+    root.mkdir()
+    mine = b'{"id": 1, "note": "my own records"}\n{"id": 2, "note": "torn'          # not a batch manifest
+    (root / "manifest.jsonl").write_bytes(mine)
+    for extra in ((), ("--overwrite",)):
+        r = subprocess.run([PY, str(ROOT / "extract_smolvlm_batch.py"), *batch_args(d, root, tiny_dir, *extra)],
+                           cwd=ROOT, capture_output=True, text=True, timeout=600)
+        one_line_error(r, "manifest.jsonl", "not written by smolattn", "left untouched")
+        assert r.returncode == 2 and (root / "manifest.jsonl").read_bytes() == mine
+    assert sorted(p.name for p in root.iterdir()) == ["manifest.jsonl"]
+
+
 # ------------------------------------------------------------------------- one JSONL reader/writer
 
 def test_jsonl_torn_last_line_only(tmp_path, capsys):
