@@ -257,12 +257,18 @@ def test_recover_touches_only_dead_writers_entries(tmp_path):
     assert store.incomplete(tmp_path / "a") is None                      # the old run is back
 
 
-def test_second_batch_on_a_locked_root_says_so_in_one_line(tmp_path, tiny_dir):
+def one_image_and_a_root(tmp_path):
+    """An image folder with one photo, and an empty output root."""
     d = tmp_path / "img"
     d.mkdir()
     Image.new("RGB", (64, 48)).save(d / "a.jpg")
     root = tmp_path / "out"
     root.mkdir()
+    return d, root
+
+
+def test_second_batch_on_a_locked_root_says_so_in_one_line(tmp_path, tiny_dir):
+    d, root = one_image_and_a_root(tmp_path)
     with batch.open_manifest(root / "manifest.jsonl"):               # another batch holds this root
         r = subprocess.run([PY, str(ROOT / "extract_smolvlm_batch.py"), *batch_args(d, root, tiny_dir)],
                            cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -294,11 +300,7 @@ def test_two_concurrent_batches_then_a_rerun_complete_everything(tmp_path, tiny_
 
 
 def test_a_users_manifest_in_the_output_root_is_never_appended_to_or_truncated(tmp_path, tiny_dir):
-    d = tmp_path / "img"
-    d.mkdir()
-    Image.new("RGB", (64, 48)).save(d / "a.jpg")
-    root = tmp_path / "out"
-    root.mkdir()
+    d, root = one_image_and_a_root(tmp_path)
     mine = b'{"id": 1, "note": "my own records"}\n{"id": 2, "note": "torn'          # not a batch manifest
     (root / "manifest.jsonl").write_bytes(mine)
     for extra in ((), ("--overwrite",)):
