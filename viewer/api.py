@@ -242,6 +242,7 @@ def health():
 
 @bp.get("/initialize")
 def initialize():
+    from . import interventions   # its blueprint imports this module
     name, run = get_run(params())
     tokens = table(run)
     g = run.geometry
@@ -263,7 +264,8 @@ def initialize():
         token_table=tokens, methods=[method_info(run, m) for m in METHODS],
         methods_command=mth.command(run.meta, run.path, list(mth.METHODS)),
         query_semantics=run.meta["attention"].get(
-            "query_semantics", "row for token t = position t as the query (the reference viewer's convention)"))
+            "query_semantics", "row for token t = position t as the query (the reference viewer's convention)"),
+        **interventions.run_fields(name, run))
 
 
 @bp.get("/image")
