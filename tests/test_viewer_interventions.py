@@ -20,6 +20,7 @@ NEW_ANSWER = ["ĠNo", ",", "Ġthere", "Ġis", "Ġno", "Ġdog", "."]
 ROWS, COLS, LAYERS, HEADS = 3, 4, 16, 8
 ABLATED = [[12, 3], [14, 7]]
 HOT_BASE, HOT_NEW = (5, 27), (18, 6)          # tiled cells the last prompt token looks at, base / intervened
+TF_RAW = ["Yes", ",", "Ġthere", "Ġis", "Ġa", "Ġdog", ".", "<end_of_utterance>"]   # as convert_ids_to_tokens
 TF_TOKENS = ["Yes", ",", " there", " is", " a", " dog", ".", "<end_of_utterance>"]
 BASE_LP = [-0.21, -0.9, -0.35, -0.1, -1.2, -0.4, -0.3, -0.05]
 NEW_LP = [-2.75, -1.1, -0.3, -0.2, -2.9, -0.5, -0.45, -0.07]
@@ -47,7 +48,7 @@ def effects(base_answer="Yes, there is a dog.", new_answer="No, there is no dog.
     return {"format": "smolattn-effects", "version": 1,
             "base": {"answer": base_answer, "token_ids": list(range(100, 108)), "prompt_length": plen},
             "intervened": {"answer": new_answer, "token_ids": list(range(200, 208)), "prompt_length": plen},
-            "teacher_forced": {"tokens": TF_TOKENS, "token_ids": list(range(100, 108)),
+            "teacher_forced": {"tokens": TF_RAW, "token_ids": list(range(100, 108)),
                                "base_logprobs": BASE_LP, "intervened_logprobs": NEW_LP,
                                "base_sum": sum(BASE_LP), "intervened_sum": sum(NEW_LP)},
             "yes_no": yes_no, "standin": True}
@@ -169,6 +170,9 @@ def test_badge_words():
     both = {"kind": ["ablate", "knockout"], "spec": {"heads": [[2, 1]], "knockouts": [
         {"layers": [0, 5, 10, 11, 12], "from": "question", "to": "outside:1,2,3,4"}]}}
     assert ivs.badge(both) == "ablated 2:1 + knockout question → outside:1,2,3,4 layers 0,5,10-12"
+    combined = {"kind": ["knockout", "block-image"], "spec": {"knockouts": [
+        {"layers": [3, 4], "from": "last", "to": "image"}, {"layers": [20, 21, 22], "from": "text", "to": "image"}]}}
+    assert ivs.badge(combined) == "knockout last → image layers 3-4 + image blocked from layer 20"
     # out-of-range or malformed heads are not marked
     assert ivs.heads_of({"spec": {"heads": [[1, 1], [99, 0], [1, 42], ["x", 1], [2]]}}, 16, 8) == [[1, 1]]
 
@@ -179,7 +183,7 @@ def test_compare_returns_both_answers_and_the_logprob_deltas(client):
     assert body["base"] == "photo" and body["base_error"] is None and body["effects_error"] is None
     assert body["answers"] == {"base": "Yes, there is a dog.", "intervened": "No, there is no dog."}
     e = body["effects"]
-    assert e["tokens"] == TF_TOKENS and e["base_logprobs"] == BASE_LP and e["intervened_logprobs"] == NEW_LP
+    assert e["tokens"] == TF_TOKENS and e["raw_tokens"] == TF_RAW and e["base_logprobs"] == BASE_LP and e["intervened_logprobs"] == NEW_LP
     assert e["delta"] == pytest.approx([b - a for a, b in zip(BASE_LP, NEW_LP)], abs=1e-12)
     assert e["delta"][0] < -2.5                       # "Yes" lost most of its probability
     assert e["delta_sum"] == pytest.approx(sum(NEW_LP) - sum(BASE_LP))

@@ -259,13 +259,13 @@ def initialize():
         image_url=f"/api/image?run={quote(name)}", standin=run.standin,
         model=run.meta.get("model", {}).get("id"),
         prompt_length=run.prompt_length,
+        **interventions.run_fields(name, run),     # intervention (null for an ordinary run), sweeps
         geometry={"rows": g.rows, "cols": g.cols, "side": g.side, "grid": list(g.grid_shape),
                   "num_keys": g.num_keys, "image_block": list(g.image_block), "image_size": list(run.image_size())},
         token_table=tokens, methods=[method_info(run, m) for m in METHODS],
         methods_command=mth.command(run.meta, run.path, list(mth.METHODS)),
         query_semantics=run.meta["attention"].get(
-            "query_semantics", "row for token t = position t as the query (the reference viewer's convention)"),
-        **interventions.run_fields(name, run))
+            "query_semantics", "row for token t = position t as the query (the reference viewer's convention)"))
 
 
 @bp.get("/image")

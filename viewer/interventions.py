@@ -18,6 +18,7 @@ from pathlib import Path
 
 from flask import Blueprint, jsonify, render_template, send_file
 
+from smolattn import tokens as tok
 from smolattn.errors import UserError
 
 from .api import ApiError, _api_error, _not_found, get_run, params, registry
@@ -126,7 +127,7 @@ def badge(iv: dict, num_heads: int | None = None) -> str:
         if not isinstance(ko, dict):
             continue
         layers = [x for x in ko.get("layers") or () if isinstance(x, int)]
-        if "block-image" in kinds:
+        if "block-image" in kinds and (ko.get("from"), ko.get("to")) == ("text", "image"):
             parts.append(f"image blocked from layer {min(layers)}" if layers else "image blocked")
         elif "sweep" in kinds:
             continue
@@ -302,7 +303,8 @@ def read_effects(run) -> tuple[dict | None, str | None]:
         return None, "effects.json: teacher_forced needs tokens, base_logprobs and intervened_logprobs of one length"
     side = lambda k: e.get(k) if isinstance(e.get(k), dict) else {}   # noqa: E731
     out = {"answers": {"base": side("base").get("answer"), "intervened": side("intervened").get("answer")},
-           "tokens": [str(t) for t in tokens], "token_ids": tf.get("token_ids"),
+           "tokens": [tok.piece(str(t)) for t in tokens], "raw_tokens": [str(t) for t in tokens],
+           "token_ids": tf.get("token_ids"),
            "base_logprobs": base_lp, "intervened_logprobs": new_lp,
            "delta": [b - a for a, b in zip(base_lp, new_lp)],
            "base_sum": tf.get("base_sum", sum(base_lp)), "intervened_sum": tf.get("intervened_sum", sum(new_lp)),
