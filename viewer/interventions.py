@@ -9,6 +9,7 @@ its base); sweep.png is served only from inside its folder and only when its byt
 """
 from __future__ import annotations
 
+import bisect
 import io
 import json
 import math
@@ -252,10 +253,10 @@ def sweeps_of(reg, run) -> list[dict]:
         names = _listing(str(parent), parent.stat().st_mtime_ns)
     except OSError:
         return []
-    out = []
-    for n in names:
-        if not n.startswith(run.path.name + "."):
-            continue
+    out, prefix = [], run.path.name + "."
+    k = bisect.bisect_left(names, prefix)       # sorted: the names that start with the prefix follow
+    while k < len(names) and names[k].startswith(prefix):
+        n, k = names[k], k + 1
         meta = sweep_meta(parent / n)
         if meta is None or base_path(parent / n, meta.get("intervention")) != run.path.resolve():
             continue
