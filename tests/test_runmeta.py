@@ -65,7 +65,7 @@ def assert_same_rows(a: store.Run, b: store.Run):
         assert np.array_equal(la.image, lb.image) and np.array_equal(la.text, lb.text)
 
 
-def test_the_command_of_a_pope_attention_run_rebuilds_it(pope_data, tmp_path):
+def test_the_command_of_a_pope_attention_run_rebuilds_it(pope_data, tmp_path, make_app):
     tiny = str(standin.ensure("tiny"))
     out = tmp_path / "out"
     execute(shlex.join(["python", "benchmark.py", "--benchmark-file", str(pope_data / "coco_pope_random.json"),
@@ -76,6 +76,11 @@ def test_the_command_of_a_pope_attention_run_rebuilds_it(pope_data, tmp_path):
     original = store.Run(rows[0]["attention"]["run"])
     assert original.meta["pope"]["question_id"] == 1 and original.methods == ["raw"]
     assert original.geometry.rows * original.geometry.cols > 1          # tiled at 1024 (not the default 2048)
+
+    info = make_app(RUN=original.path).test_client().get("/api/initialize").get_json()
+    hint = {m["name"]: m for m in info["methods"]}["rollout"]["command"]     # what the viewer shows
+    assert hint == runmeta.command(original.meta, original.path, ["rollout"])
+    assert hint.startswith("python benchmark.py ") and f"--output-dir {out} " in hint
 
     fresh = tmp_path / "fresh"
     cmd = runmeta.command(original.meta, fresh / "attention" / "random" / "1", ["rollout"])
