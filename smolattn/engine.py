@@ -11,12 +11,10 @@
 * POPE's shared prefix (:func:`prefill`, :func:`suffix_ids`, :func:`answer_cached`): an image's
   vision features and prompt prefix are computed once (``logits_to_keep=1``), and the questions of
   several images are answered together in one batch on top of their stacked, left-padded caches.
-* :func:`config_hash` - the one hash of a configuration (batch manifest, POPE answers).
+* :func:`config_hash` (smolattn.runmeta's) - the one hash of a configuration (batch manifest, POPE answers).
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import threading
 import time
@@ -28,11 +26,7 @@ import numpy as np
 
 from . import geometry as geo
 from . import model as mdl
-
-
-def config_hash(config: dict) -> str:
-    """12 hex digits of the sha256 of a configuration's canonical JSON."""
-    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
+from .runmeta import config_hash  # noqa: F401  (engine.config_hash: its old home)
 
 
 def default_batch_size(device: str) -> int:

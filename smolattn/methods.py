@@ -319,25 +319,6 @@ def relative(ctx: Context):
     return rows, rows, maps.astype(np.float32)
 
 
-def command(meta: dict, run_dir, names) -> str:
-    """The extraction command that (re)writes a run with the derived ``names`` (a UI's hint for a
-    method a run lacks): same image, prompt, model and length; the run is replaced atomically."""
-    import shlex
-
-    from . import extract as ex
-    gen, proc = meta.get("generation", {}), meta.get("processor", {})
-    words = ["python", "extract_smolvlm_attn.py", "--image", str(meta.get("image", {}).get("source") or "IMAGE"),
-             "--output-dir", str(run_dir)]
-    for flag, value, default in [("--model-id", meta.get("model", {}).get("id"), None),
-                                 ("--prompt", meta.get("prompt"), ex.DEFAULT_PROMPT),
-                                 ("--max-new-tokens", gen.get("max_new_tokens"), None),
-                                 ("--longest-edge", proc.get("longest_edge"), 2048),
-                                 ("--store", meta.get("attention", {}).get("store"), "compact")]:
-        if value is not None and value != default:
-            words += [flag, str(value)]
-    return " ".join(shlex.quote(w) for w in words + ["--methods", ",".join(parse(",".join(names)))])
-
-
 # -- entry point ---------------------------------------------------------------------------------
 def compute(loaded, ids, prompt_length: int, geometry: geo.Geometry, rows, methods, features,
             params: dict | None = None) -> dict:

@@ -369,8 +369,9 @@ class AnswersFile:
         other = sorted({r.get("config") for r in self.rows} - {key}, key=str)
         if other:
             raise UserError(f"{self.path} holds answers made with another configuration (config {', '.join(map(str, other))}"
-                            f"; now {key}: model, revision, dtype, prompt suffix, longest edge and max new tokens "
-                            "must all match to resume); pass --overwrite to start afresh, or another --output-dir")
+                            f"; now {key}: model, revision, dtype, processor settings, prompt suffix, longest edge, max new "
+                            "tokens, --attention and --methods must all match to resume); pass --overwrite to start "
+                            "afresh, or another --output-dir")
         self.writer = jsonl.Writer(self.path, truncate=overwrite, lock=True, check=_check_answer,
                                    busy=f"{self.path} is in use by another benchmark run")
 

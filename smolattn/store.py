@@ -230,6 +230,18 @@ def atomic_dir(final, owned=None):
         raise
 
 
+def remove_run(path) -> None:
+    """Delete one of our runs (it must pass :func:`owned_run`) without ever leaving part of it under its
+    name: renamed to a temporary name first (a killed delete leaves an entry :func:`recover` removes)."""
+    path = Path(path)
+    if not owned_run(path):
+        raise UserError(f"{path} is not a run written by smolattn; it is left untouched")
+    tmp = path.parent / _temp_name(path.name, "tmp")
+    os.rename(path, tmp)
+    _fsync_path(path.parent, directory=True)
+    _remove_old(tmp)
+
+
 def atomic_write_text(path, text: str) -> None:
     """Replace one file atomically and durably (temporary sibling, fsync, rename, fsync the folder)."""
     path = Path(path)

@@ -14,6 +14,7 @@ from PIL import Image
 
 from smolattn import heatmap as hm
 from smolattn import methods as mth
+from smolattn import runmeta
 from smolattn import tokens as tok
 from smolattn.errors import UserError
 from smolattn.store import Run, token_table
@@ -167,7 +168,7 @@ def method_info(run: Run, name: str) -> dict:
     if name in stored:
         info["positions"] = stored[name].get("positions", [])
     else:
-        info["command"] = mth.command(run.meta, run.path, [*stored, name])
+        info["command"] = runmeta.command(run.meta, run.path, [*stored, name])
     return info
 
 
@@ -263,7 +264,7 @@ def initialize():
         geometry={"rows": g.rows, "cols": g.cols, "side": g.side, "grid": list(g.grid_shape),
                   "num_keys": g.num_keys, "image_block": list(g.image_block), "image_size": list(run.image_size())},
         token_table=tokens, methods=[method_info(run, m) for m in METHODS],
-        methods_command=mth.command(run.meta, run.path, list(mth.METHODS)),
+        methods_command=runmeta.command(run.meta, run.path, list(mth.METHODS)),
         query_semantics=run.meta["attention"].get(
             "query_semantics", "row for token t = position t as the query (the reference viewer's convention)"))
 
