@@ -429,3 +429,36 @@ def test_cli_prints_one_line_for_bad_input(base_run):
     r = subprocess.run([sys.executable, str(ROOT / "intervene.py"), "--run", str(base_run), "--ablate-heads", "1:9"],
                        capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "head 9 is out of range" in r.stderr
+
+
+def test_applied_around_the_cached_prefix_as_pope_uses_it(tiny):
+    """POPE's path: prefill each image and answer_cached in one batch, inside applied(); the answers
+    equal engine.run of each image alone under the same spec (heads and knockout composed)."""
+    cases = [((640, 480), PROMPT), ((300, 500), "Is it red?")]
+    specs, jobs, want = [], [], []
+    for size, q in cases:
+        prep = prepared(tiny, size, q)
+        spec = iv.Spec(heads=((1, 3), (2, 0)), knockouts=(
+            iv.Knockout((1, 2), (len(prep.ids) - 1,), tuple(prep.geometry.key_positions[:300])),))
+        with iv.applied(spec):
+            want.append(engine.run(tiny, [prep], 5)[0].new)
+            pre, _ = engine.prefill(tiny, synthetic.test_image(size), q)
+        specs.append(spec)
+        jobs.append((pre, engine.suffix_ids(tiny, pre, q)))
+    with iv.applied(specs):
+        got = engine.answer_cached(tiny, jobs, 5)
+    assert got == want
+    ref = copy.deepcopy(tiny)                         # one spec for every row, heads only: == zeroed o_proj columns
+    D = tiny.model.config.text_config.head_dim
+    for layer, h in ((1, 3), (2, 0)):
+        ref.model.model.text_model.layers[layer].self_attn.o_proj.weight.data[:, h * D:(h + 1) * D] = 0
+    ref_jobs = []
+    for size, q in cases:
+        pre, _ = engine.prefill(ref, synthetic.test_image(size), q)
+        ref_jobs.append((pre, engine.suffix_ids(ref, pre, q)))
+    with iv.applied(iv.Spec(heads=((1, 3), (2, 0)))):
+        got = engine.answer_cached(tiny, jobs, 5, rows=[[0, 1], [2]])
+    want = engine.answer_cached(ref, ref_jobs, 5, rows=[[0, 1], [2]])
+    assert got[0] == want[0]
+    for a, b in zip(got[1], want[1]):
+        np.testing.assert_allclose(a.astype(np.float32), b.astype(np.float32), atol=1e-3)
