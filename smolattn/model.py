@@ -113,11 +113,22 @@ def to_host(tensor) -> np.ndarray:
 
 def capture_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """SDPA's output; with an active recorder also the kept softmax rows (device work only: no host
-    copy, no ``.item()``, no index built on the host)."""
+    copy, no ``.item()``, no index built on the host). The kept rows' scores q k^T are computed in
+    fp32 from the upcast queries and keys (as SDPA accumulates), whatever the model's dtype.
+
+    With an intervention active (:func:`smolattn.interventions.applied`): a knockout in this layer
+    adds -inf at its (query, key) pairs to the mask that both SDPA and the captured rows use; an
+    ablated head's output slice (the input of ``o_proj``) is zeroed or replaced by its mean. With no
+    intervention (or none in this layer) this is exactly the plain path."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    act = getattr(_local, "intervention", None)
+    if act is not None:
+        attention_mask = act.mask(module.layer_idx, query, key, attention_mask)
     out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
                                     dropout=dropout, **kwargs)
+    if act is not None:
+        out = act.ablate(module.layer_idx, out, key.shape[2], attention_mask)
     rec = getattr(_local, "recorder", None)
     if rec is None:
         return out, None
@@ -132,9 +143,9 @@ def capture_attention(module, query, key, value, attention_mask, scaling=None, d
         q = query.transpose(1, 2)[rec.batch_index, rows].transpose(1, 2)            # (B, H, R, D)
     n = q.shape[2]
     scale = scaling if scaling is not None else D ** -0.5
-    # grouped query heads against their shared key head, without repeating the keys
-    scores = torch.matmul(q.reshape(B, kv_heads, H // kv_heads * n, D), key.transpose(2, 3))
-    scores = scores.reshape(B, H, n, k_len).float() * scale
+    # grouped query heads against their shared key head, without repeating the keys; fp32 (issue 17.6)
+    scores = torch.matmul(q.reshape(B, kv_heads, H // kv_heads * n, D).float(), key.float().transpose(2, 3))
+    scores = scores.reshape(B, H, n, k_len) * scale
     if attention_mask is not None and attention_mask.dim() == 4:
         m = attention_mask.expand(B, -1, -1, -1)
         if m.shape[2] == q_len and rows is not None:
