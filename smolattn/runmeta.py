@@ -73,12 +73,17 @@ def extract_settings(prompt: str, max_new_tokens: int, longest_edge: int | None,
             "methods": tuple(methods)}
 
 
-def pope_settings(suffix: str, longest_edge: int | None, max_new_tokens: int, attention: bool, methods=(RAW,)) -> dict:
-    """POPE's settings as the fingerprint records them: with attention, its runs' store and methods too."""
+def pope_settings(suffix: str, longest_edge: int | None, max_new_tokens: int, attention: bool, methods=(RAW,),
+                  heads=(), ablation: str = "zero") -> dict:
+    """POPE's settings as the fingerprint records them: with attention, its runs' store and methods too;
+    with ablated ``heads`` (an arm of ``benchmark.py --ablate-heads``) the heads and the ablation (a
+    run without any records neither: its fingerprint is unchanged)."""
     out = {"suffix": suffix, "longest_edge": longest_edge, "max_new_tokens": max_new_tokens,
            "attention": bool(attention)}
     if attention:
         out.update(store=POPE_STORE, methods=list(methods))
+    if heads:
+        out["intervention"] = {"heads": [[int(l), int(h)] for l, h in heads], "ablation": ablation}
     return out
 
 
