@@ -10,8 +10,8 @@
    plain full forward of that question (vision encoder + the whole prompt, logits of the last
    position). The sweep includes its prefix forward and its sweep.json/sweep.png write. Goal <= 1.5x.
 
-The model is loaded once; its load is in neither side. Each round runs every side once, in
-alternating order; the median over rounds is reported. Stand-in weights: timing only.
+The model is loaded once; its load is in neither side; the base run's extraction warms it up.
+Each round runs every side once, in alternating order; the median over rounds is reported. Stand-in weights: timing only.
 """
 import argparse
 import os
@@ -33,6 +33,7 @@ def main():
     ap.add_argument("--shape", default="smolvlm-256m", help="stand-in shape (smolattn.standin)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=0, help="untimed rounds first")
     ap.add_argument("--max-new-tokens", type=int, default=32)
     args = ap.parse_args()
 
@@ -80,8 +81,10 @@ def main():
         sides = {"extraction": extraction, "intervene": intervention, "plain forward": plain_forward,
                  **{f"sweep --from {w}": (lambda p=p: iv.sweep(p, loaded=loaded)) for w, p in p_sweeps.items()}}
         times = {k: [] for k in sides}
-        for f in sides.values():      # warm-up: first calls (allocator, matplotlib import) out of the figures
-            f()
+        import matplotlib.pyplot  # noqa: F401 - its first import is not the sweep's cost
+        for _ in range(args.warmup):   # optional warm-up rounds (the base run's extraction warmed the model)
+            for f in sides.values():
+                f()
         for r in range(args.rounds):
             order = list(sides) if r % 2 == 0 else list(sides)[::-1]
             for k in order:
