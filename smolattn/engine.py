@@ -166,10 +166,11 @@ class Output:
 
 
 def run(loaded: mdl.Loaded, prepared: list[Prepared], max_new_tokens: int, capture: bool = True,
-        features=None) -> list[Output]:
+        features=None, keep: dict | None = None) -> list[Output]:
     """One ``generate`` call for the whole batch; with ``capture``, each image's rows over its own
     keys (its padding dropped), copied to the host once per image after generation. ``features``:
-    the batch's image features (``get_image_features`` output) computed already: no vision pass."""
+    the batch's image features (``get_image_features`` output) computed already: no vision pass.
+    ``keep``: see model.generate_batch (the generation's cache and first-step logits)."""
     import torch
 
     t0 = time.perf_counter()
@@ -181,7 +182,7 @@ def run(loaded: mdl.Loaded, prepared: list[Prepared], max_new_tokens: int, captu
     elif loaded.dtype != "float32":
         inputs["pixel_values"] = inputs["pixel_values"].to(getattr(torch, loaded.dtype))
     recorder = mdl.Recorder([p.rows + n for p, n in zip(prepared, pads)]) if capture else None
-    news = mdl.generate_batch(loaded, inputs, max_new_tokens, recorder, **extra)
+    news = mdl.generate_batch(loaded, inputs, max_new_tokens, recorder, keep, **extra)
     P = inputs["input_ids"].shape[1]
     layers = [None] * len(prepared)
     if capture:

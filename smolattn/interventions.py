@@ -362,14 +362,38 @@ def image_features(loaded, inputs):
 
 def teacher_forced(loaded, ids, prompt_length: int, features):
     """One forward over ``ids`` with the image ``features``: the log-probabilities (float32) of the
-    vocabulary at positions P-1 .. S-1, (S - P + 1, V) (row i predicts token P + i)."""
+    vocabulary at positions P-1 .. S-2, (max(1, S - P), V) (row i predicts token P + i)."""
     import torch
 
     t = torch.tensor([list(ids)], device=loaded.device)
     with torch.inference_mode():
         out = loaded.model(input_ids=t, attention_mask=torch.ones_like(t), mm_encoder_outputs={"image": features},
                            use_cache=False, logits_to_keep=len(ids) - prompt_length + 1)
-    return torch.log_softmax(out.logits[0].float(), dim=-1)
+    return torch.log_softmax(out.logits[0, :max(1, len(ids) - prompt_length)].float(), dim=-1)
+
+
+def teacher_forced_after(loaded, ids, prompt_length: int, kept: dict):
+    """:func:`teacher_forced` from a generation of the same prompt (``kept`` from engine.run's ``keep``):
+    its first step's logits predict token P; the base answer's tokens P..S-2 then run on a fresh copy
+    of the generation's prompt cache (positions 0..P-1). Same rows as the full forward, up to float
+    rounding, for any intervention whose effect on a position does not depend on later positions
+    (zero ablation, knockouts; not mean ablation)."""
+    import torch
+    from transformers import DynamicCache
+
+    P, first = prompt_length, kept["first_logits"][:1].float()
+    rest = list(ids[P:-1])
+    if not rest:
+        return torch.log_softmax(first, dim=-1)
+    cache = DynamicCache(ddp_cache_data=[(layer.keys[:1, :, :P], layer.values[:1, :, :P])
+                                         for layer in kept["cache"].layers])
+    t = torch.tensor([rest], device=loaded.device)
+    with torch.inference_mode():
+        out = loaded.model(input_ids=t, attention_mask=torch.ones((1, P + len(rest)), dtype=torch.long,
+                                                                  device=loaded.device),
+                           position_ids=torch.arange(P, P + len(rest), device=loaded.device)[None],
+                           cache=cache, use_cache=True)
+    return torch.log_softmax(torch.cat([first, out.logits[0].float()]), dim=-1)
 
 
 def yes_no_ids(tokenizer) -> tuple[list[int], list[int]]:
@@ -512,8 +536,13 @@ class Plan:
 def _tokenizer(meta):
     from transformers import AutoTokenizer
 
+    m = meta["model"]
+    try:   # the cached or local copy first: no network wait for a model that is here
+        return AutoTokenizer.from_pretrained(m["id"], revision=m["revision"], local_files_only=True)
+    except (OSError, ValueError):
+        pass
     try:
-        return AutoTokenizer.from_pretrained(meta["model"]["id"], revision=meta["model"]["revision"])
+        return AutoTokenizer.from_pretrained(m["id"], revision=m["revision"])
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load the tokenizer of {meta['model']['id']}: {str(e).splitlines()[0]}")
 
@@ -648,8 +677,9 @@ def prepare(loaded, run, rgb, info):
     return prep
 
 
-def intervene(pl: Plan, device=None) -> dict:
-    """Base and intervened passes in one process (the image encoded once); writes the intervened run."""
+def intervene(pl: Plan, device=None, loaded=None) -> dict:
+    """Base and intervened passes in one process (the image encoded once); writes the intervened run.
+    ``loaded``: the run's model, loaded already (benchmarks); default: load it as the run records."""
     from . import engine
     from . import extract as ex
     from . import methods as mth
@@ -657,18 +687,24 @@ def intervene(pl: Plan, device=None) -> dict:
     t0 = time.perf_counter()
     run, meta = pl.run, pl.run.meta
     rgb, info, source = pixels(run)
-    loaded = load_for(run, device)
+    t_load = time.perf_counter()
+    loaded = loaded or load_for(run, device)
+    t0 += time.perf_counter() - t_load
     prep = prepare(loaded, run, rgb, info)
-    prep.seconds = time.perf_counter() - t0 - loaded.load_seconds
+    prep.seconds = time.perf_counter() - t0
     inputs = {"pixel_values": prep.pixel_values[None].to(loaded.device)}
     if prep.pixel_attention_mask is not None:
         inputs["pixel_attention_mask"] = prep.pixel_attention_mask[None].to(loaded.device)
     features = image_features(loaded, inputs)
     ids, P = list(meta["token_ids"]), int(meta["prompt_length"])
     base_lp = teacher_forced(loaded, ids, P, features)
+    kept: dict = {}
     with applied(pl.spec):
-        int_lp = teacher_forced(loaded, ids, P, features)
-        out = engine.run(loaded, [prep], int(meta["generation"]["max_new_tokens"]), features=features)[0]
+        out = engine.run(loaded, [prep], int(meta["generation"]["max_new_tokens"]), features=features, keep=kept)[0]
+        if pl.spec.ablation == "mean" and pl.spec.heads:    # the mean is over the call's positions: one call
+            int_lp = teacher_forced(loaded, ids, P, features)
+        else:     # the generation's prompt cache and first step, then only the base answer's tokens
+            int_lp = teacher_forced_after(loaded, ids, P, kept)
     tok = loaded.processor.tokenizer
     new = out.new
     result = {"format": "smolattn-effects", "version": 1,
@@ -748,10 +784,12 @@ def sweep_png(sw: dict) -> bytes:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401
 
     fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
     ax.plot(sw["centres"], sw["relative_change_pct"], marker="o", ms=3)
     ax.axhline(0, color="grey", lw=0.8)
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel(f"window centre layer (window {sw['window']})")
     ax.set_ylabel("relative change of p (%)")
     title = f"knockout {sw['from']} -> {sw['to']}: p({sw['token']!r}) base {sw['base_prob']:.3g}"
@@ -763,13 +801,15 @@ def sweep_png(sw: dict) -> bytes:
     return buf.getvalue()
 
 
-def sweep(pl: Plan, device=None) -> dict:
+def sweep(pl: Plan, device=None, loaded=None) -> dict:
     """The sweep: the prefix (positions before the first --from position) once, then every window's
     suffix in one batch on fresh copies of its cache; one more row without knockout gives p_base."""
     t0 = time.perf_counter()
     run, meta, sw = pl.run, pl.run.meta, pl.sweep
     rgb, info, source = pixels(run)
-    loaded = load_for(run, device)
+    t_load = time.perf_counter()
+    loaded = loaded or load_for(run, device)
+    t0 += time.perf_counter() - t_load
     prep = prepare(loaded, run, rgb, info)
     ids, P = list(meta["token_ids"]), int(meta["prompt_length"])
     inputs = {"pixel_values": prep.pixel_values[None].to(loaded.device)}
@@ -792,7 +832,7 @@ def sweep(pl: Plan, device=None) -> dict:
               "token": tok.decode([token]), "token_id": int(token), "base_prob": base,
               "centres": list(range(len(sw["windows"]))), "layers": [list(w) for w in sw["windows"]],
               "prob": prob, "relative_change_pct": [(p - base) / base * 100 if base > 0 else None for p in prob],
-              "standin": standin, "seconds": round(time.perf_counter() - t0 - loaded.load_seconds, 3)}
+              "standin": standin, "seconds": round(time.perf_counter() - t0, 3)}
     meta_out = {"format": SWEEP_FORMAT, "version": 1, "intervention": intervention_meta(pl, source, pl.out),
                 "standin": standin}
     write_sweep(pl.out, {"meta.json": json.dumps(meta_out, indent=1).encode(),

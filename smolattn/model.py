@@ -316,11 +316,12 @@ def until_eos(ids: list[int], eos) -> list[int]:
 
 
 def generate_batch(loaded: Loaded, inputs, max_new_tokens: int, recorder: Recorder | None = None,
-                   **extra) -> list[list[int]]:
+                   keep: dict | None = None, **extra) -> list[list[int]]:
     """Greedy generation for a (left-padded) batch; the new token ids of every batch row, each cut
     after its own end of utterance. With a recorder, the last generated tokens are fed once more, so
     that every generated token has its own attention row; the recorder's buffer is allocated here,
-    on the model's device. ``extra``: more ``generate`` arguments (a prefix ``cache``)."""
+    on the model's device. ``extra``: more ``generate`` arguments (a prefix ``cache``). ``keep`` (with
+    a recorder): receives the generation's ``cache`` and raw ``first_logits`` (B, V) of its first step."""
     import torch
 
     kwargs = generation_kwargs(loaded, max_new_tokens)
@@ -334,11 +335,14 @@ def generate_batch(loaded: Loaded, inputs, max_new_tokens: int, recorder: Record
         recorder.allocate(cfg.num_hidden_layers, cfg.num_attention_heads, max_new_tokens,
                           ids.shape[1] + max_new_tokens, loaded.device)
         with recorder:
-            out = loaded.model.generate(**inputs, **kwargs, **extra, return_dict_in_generate=True)
+            out = loaded.model.generate(**inputs, **kwargs, **extra, return_dict_in_generate=True,
+                                        output_logits=keep is not None)
             seq = out.sequences
             mask = torch.cat([inputs["attention_mask"], torch.ones_like(seq[:, ids.shape[1]:])], dim=1)
             loaded.model(input_ids=seq[:, -1:], cache=out.past_key_values, attention_mask=mask,
                          position_ids=mask.sum(-1, keepdim=True) - 1, use_cache=True, logits_to_keep=1)
+    if keep is not None:
+        keep.update(cache=out.past_key_values, first_logits=out.logits[0])
     return [until_eos(row, eos) for row in seq[:, ids.shape[1]:].tolist()]
 
 

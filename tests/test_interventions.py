@@ -462,3 +462,23 @@ def test_applied_around_the_cached_prefix_as_pope_uses_it(tiny):
     assert got[0] == want[0]
     for a, b in zip(got[1], want[1]):
         np.testing.assert_allclose(a.astype(np.float32), b.astype(np.float32), atol=1e-3)
+
+
+def test_intervened_teacher_forcing_from_the_generation_cache_equals_a_full_forward(tiny, base_run):
+    run = store.Run(base_run)
+    m = run.meta
+    ids, P = m["token_ids"], m["prompt_length"]
+    rgb, info, _ = iv.pixels(run)
+    prep = iv.prepare(tiny, run, rgb, info)
+    feats = iv.image_features(tiny, {"pixel_values": prep.pixel_values[None],
+                                     "pixel_attention_mask": prep.pixel_attention_mask[None]})
+    image = tuple(run.geometry.key_positions[:150].tolist())
+    spec = iv.Spec(heads=((1, 3), (3, 0)), knockouts=(iv.Knockout((1, 2), (P - 1, P + 1), image),))
+    kept = {}
+    with iv.applied(spec):
+        engine.run(tiny, [prep], m["generation"]["max_new_tokens"], features=feats, keep=kept)
+        full = iv.teacher_forced(tiny, ids, P, feats)
+        after = iv.teacher_forced_after(tiny, ids, P, kept)
+    assert full.shape == after.shape == (len(ids) - P, tiny.model.config.text_config.vocab_size)
+    torch.testing.assert_close(after, full, atol=TOL, rtol=0)
+    assert (iv.teacher_forced(tiny, ids, P, feats) - full).abs().max() > 1e-3      # the spec changes them
