@@ -158,12 +158,20 @@ def main(argv=None):
 def run_arms(out, cfg, arms, questions, sources, args, boxes, config) -> int:
     """--ablate-heads: each arm a POPE output folder of its own (OUT/arms/NAME, resumable on its own),
     then the arms side by side in OUT/results.{json,md}."""
+    cfgs = [dataclasses.replace(cfg, heads=arm.heads, ablation=arm.ablation) for arm in arms]
+    for arm, acfg in zip(arms, cfgs):          # before any arm runs
+        path = out / pope_arms.ARMS_DIR / arm.name / "answers.jsonl"
+        if not args.overwrite and pope_arms.holds_other(path, acfg.key()):
+            raise UserError(f"{path} holds answers made with another configuration (arm {arm.name}: now heads "
+                            f"{pope_arms.fmt_heads(arm.heads)}, {arm.ablation}, config {acfg.key()}); pass --overwrite "
+                            "to redo the arms whose configuration changed, or another --output-dir")
     done, failed = [], 0
-    for arm in arms:
-        acfg = dataclasses.replace(cfg, heads=arm.heads, ablation=arm.ablation)
+    for arm, acfg in zip(arms, cfgs):
         folder = out / pope_arms.ARMS_DIR / arm.name
         print(f"arm {arm.name}: heads {pope_arms.fmt_heads(arm.heads)} ({arm.ablation})", file=sys.stderr)
-        rows = answer(folder, acfg, questions, args, boxes, desc=f"POPE {arm.name}")
+        # --overwrite discards only the arms whose answers are another configuration's (a changed SPEC, draw)
+        overwrite = args.overwrite and pope_arms.holds_other(folder / "answers.jsonl", acfg.key())
+        rows = answer(folder, acfg, questions, args, boxes, desc=f"POPE {arm.name}", overwrite=overwrite)
         results, md = pope.report(rows, sources=sources, config=config(acfg), expected=len(questions))
         pope.write_report(folder, results, md)
         failed += results["counts"]["errors"]
@@ -187,10 +195,11 @@ def plan_arms(args, shape):
                           control=args.control, draws=args.control_draws, seed=args.control_seed)
 
 
-def answer(out, cfg, questions, args, boxes, desc="POPE") -> list[dict]:
+def answer(out, cfg, questions, args, boxes, desc="POPE", overwrite=None) -> list[dict]:
     """Answer the questions not answered yet in ``out``/answers.jsonl with ``cfg``; its rows of ``questions``."""
-    answers = pope.AnswersFile(out / "answers.jsonl", cfg.key(), args.overwrite)
-    if args.overwrite:   # our attention runs of another configuration go too (nothing else under attention/)
+    overwrite = args.overwrite if overwrite is None else overwrite
+    answers = pope.AnswersFile(out / "answers.jsonl", cfg.key(), overwrite)
+    if overwrite:   # our attention runs of another configuration go too (nothing else under attention/)
         removed = pr.remove_other_runs(out / "attention", cfg.key())
         if removed:
             print(f"removed {removed} attention runs of another configuration", file=sys.stderr)

@@ -99,6 +99,13 @@ def plan(spec: str, num_layers: int, num_heads: int, *, ablation: str = "zero", 
     return arms
 
 
+def holds_other(answers_path, key: str) -> bool:
+    """The arm's answers file holds rows of another configuration than ``key`` (--overwrite discards
+    those arms only)."""
+    path = Path(answers_path)
+    return path.is_file() and any(r.get("config") != key for r in pope.read_answers(path))
+
+
 # ============================================================================ the report
 
 def _spread(values: list[float]) -> dict:

@@ -294,3 +294,25 @@ def test_bad_spec_is_refused_before_any_model_loads(tiny_dir, data, tmp_path, mo
         with pytest.raises(UserError):
             benchmark.main(common(data, tmp_path / "out", tiny_dir, "--ablate-heads", spec))
     assert not (tmp_path / "out").exists()
+
+
+def test_a_changed_spec_is_refused_and_overwrite_redoes_only_the_arms_it_changes(arms_run, tiny_dir, data, tmp_path,
+                                                                                 capsys):
+    from smolattn.errors import UserError
+
+    out = tmp_path / "out"
+    shutil.copytree(arms_run, out)
+    before = {n: (out / "arms" / n / "answers.jsonl").read_bytes() for n in ("base", "control-0", "control-1")}
+    argv = common(data, out, tiny_dir, "--ablate-heads", "0:1", "--control", "random", "--control-draws", "1",
+                  "--control-seed", "7")
+    with pytest.raises(UserError, match="another configuration"):
+        benchmark.main(argv)
+    assert (out / "arms" / "base" / "answers.jsonl").read_bytes() == before["base"]
+    assert benchmark.main(argv + ["--overwrite"]) == 0
+    assert (out / "arms" / "base" / "answers.jsonl").read_bytes() == before["base"]          # same configuration: kept
+    assert (out / "arms" / "control-1" / "answers.jsonl").read_bytes() == before["control-1"]  # not an arm now: left
+    rows = read(out / "arms" / "ablated" / "answers.jsonl")
+    res = json.loads((out / "results.json").read_text())
+    assert list(res["arms"]) == ["base", "ablated", "control-0"] and res["arms"]["ablated"]["heads"] == [[0, 1]]
+    assert {r["config"] for r in rows} == {res["arms"]["ablated"]["config_key"]}
+    assert len(res["control"]["heads"][0]) == 1
