@@ -20,6 +20,7 @@ import threading
 import time
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path, PurePosixPath
@@ -352,22 +353,80 @@ def open_manifest(path: Path) -> jsonl.Writer:
                                               f"{path.name}); wait for it to finish, or use another --output-root")
 
 
-def check_config(root: Path, config: dict, overwrite: bool) -> None:
-    """Write batch_config.json, or refuse to mix runs made with another configuration."""
+def manifest_layout(path: Path) -> int:
+    """The ``--shards`` count a manifest's name says (manifest.jsonl: 1)."""
+    m = re.fullmatch(r"manifest\.shard-\d+-of-(\d+)\.jsonl", path.name)
+    return int(m.group(1)) if m else 1
+
+
+def recorded_layout(root: Path) -> int | None:
+    """The shard layout of the batch on ``root``: the ``shards`` its batch_config.json records (the
+    first batch on the root records it), or for a root of an older version without it the one count
+    its manifests name; None for a fresh root (or manifests of several counts)."""
+    path = root / CONFIG
+    try:
+        old = json.loads(path.read_text())
+    except FileNotFoundError:
+        old = {}
+    except (OSError, ValueError):
+        raise UserError(f"{path} is not valid JSON; remove it or pass --overwrite")
+    if isinstance(old, dict) and isinstance(old.get("shards"), int):
+        return old["shards"]
+    counts = {manifest_layout(p) for p in manifests(root)} if root.is_dir() else set()
+    return counts.pop() if len(counts) == 1 else None
+
+
+def check_layout(root: Path, shards: int, overwrite: bool) -> None:
+    """Refuse a batch whose ``--shards`` differs from the layout recorded on ``root`` (its shards would
+    write the same runs as the other layout's), in one line, before anything is written."""
+    old = None if overwrite else recorded_layout(root)
+    if old is not None and old != shards:
+        raise UserError(f"{root} is filled by a batch with --shards {old} (recorded in {CONFIG}); run every shard "
+                        f"with --shards {old}, or pass --overwrite to start it over with --shards {shards}, "
+                        f"or choose another --output-root")
+
+
+def _create_exclusive(path: Path, text: str) -> bool:
+    """Create ``path`` with ``text`` atomically, only if it does not exist (complete or not at all; a
+    hard link of a fsynced temporary file, atomic also on NFS). False: it exists."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.uname().nodename}-{os.getpid()}-{threading.get_ident()}")
+    store.write_bytes_durably(tmp, text.encode())
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        return False
+    finally:
+        tmp.unlink()
+    store._fsync_path(path.parent, directory=True)
+    return True
+
+
+def check_config(root: Path, config: dict, overwrite: bool, shards: int = 1) -> None:
+    """Record the configuration and the shard layout in batch_config.json, or refuse to mix runs made
+    with another configuration or another ``--shards`` count. The first batch on a root creates the
+    file atomically, so shards of one layout starting at once all pass, and of two layouts only one."""
     path, fp = root / CONFIG, fingerprint_hash(config)
-    if path.is_file() and not overwrite:
-        try:
-            old = json.loads(path.read_text())
-        except ValueError:
-            raise UserError(f"{path} is not valid JSON; remove it or pass --overwrite")
-        if old.get("fingerprint") == fp:
-            return
-        before = old.get("config", {})
-        changed = [f"{k}: {before.get(k)!r} -> {config.get(k)!r}" for k in sorted(set(before) | set(config))
-                   if before.get(k) != config.get(k)]
-        raise UserError(f"{root} holds runs made with another configuration ({'; '.join(changed) or 'unknown'}). "
-                        f"Pass --overwrite to recompute them, or choose another --output-root")
-    atomic_write_text(path, json.dumps({"fingerprint": fp, "config": config}, indent=1))
+    text = json.dumps({"fingerprint": fp, "config": config, "shards": shards}, indent=1)
+    if overwrite:
+        atomic_write_text(path, text)
+        return
+    check_layout(root, shards, overwrite)
+    if not path.is_file() and _create_exclusive(path, text):
+        return
+    try:
+        old = json.loads(path.read_text())
+    except ValueError:
+        raise UserError(f"{path} is not valid JSON; remove it or pass --overwrite")
+    check_layout(root, shards, overwrite)      # again: another layout may have created it meanwhile
+    if old.get("fingerprint") == fp:
+        if old.get("shards") is None:          # a root of an older version: record the layout now
+            atomic_write_text(path, text)
+        return
+    before = old.get("config", {})
+    changed = [f"{k}: {before.get(k)!r} -> {config.get(k)!r}" for k in sorted(set(before) | set(config))
+               if before.get(k) != config.get(k)]
+    raise UserError(f"{root} holds runs made with another configuration ({'; '.join(changed) or 'unknown'}). "
+                    f"Pass --overwrite to recompute them, or choose another --output-root")
 
 
 def remove_stale(root: Path, names) -> int:
@@ -515,6 +574,7 @@ def run(args, loaded: mdl.Loaded | None = None) -> int:
     ex.check_writable(root)
     if loaded is None:   # bad settings fail before the model loads (when its config files are here)
         ex.check_longest_edge(settings.longest_edge, ex.checkpoint_tile_size(args.model_id, args.revision))
+    check_layout(root, args.shards, args.overwrite)   # before the model loads; recorded in check_config
     created = not root.exists()
     root.mkdir(parents=True, exist_ok=True)
     manifest = open_manifest(manifest_path(root, args.shards, args.shard_index))
@@ -550,7 +610,12 @@ def _run_locked(args, loaded, settings, items, root: Path, manifest: jsonl.Write
         loaded = loaded or mdl.load(args.model_id, args.device, args.dtype, args.revision)
         ex.check_longest_edge(settings.longest_edge, ex.processor_settings(loaded, None)["tile_size"])
         config = ex.fingerprint_config(loaded, settings)
-    check_config(root, config, args.overwrite)
+    with ExitStack() as held:   # --overwrite: the manifests of another layout go, unless a live batch holds one
+        others = [held.enter_context(open_manifest(p)) for p in (manifests(root) if args.overwrite else [])
+                  if manifest_layout(p) != args.shards]
+        check_config(root, config, args.overwrite, args.shards)
+        for other in others:
+            other.path.unlink()
     fp = fingerprint_hash(config)
 
     latest = {} if args.overwrite else read_manifests(root)
@@ -567,11 +632,6 @@ def _run_locked(args, loaded, settings, items, root: Path, manifest: jsonl.Write
             todo.append(it)
 
     if args.overwrite:
-        if args.shards == 1:   # the other shards' manifests go too, unless a live batch holds one
-            for old in manifests(root):
-                if old != manifest.path:
-                    with open_manifest(old):
-                        old.unlink()
         manifest.truncate()
     counts = Counter()
 

@@ -161,6 +161,66 @@ def test_shards_cover_the_folder_exactly_once(tmp_path, common, reference):
     assert_same_runs(reference, Path(root))
 
 
+def snapshot(root: Path) -> dict:
+    return {p.relative_to(root).as_posix(): p.read_bytes() if p.is_file() else None for p in sorted(root.rglob("*"))}
+
+
+def test_another_shard_layout_is_refused_unless_overwrite(tmp_path, common, capsys):
+    root = tmp_path / "out"
+    assert run_batch(common + ["--output-root", str(root), "--limit", "2"]) == 0       # --shards 1
+    before = snapshot(root)
+    capsys.readouterr()
+    for i in (0, 1):   # would write the same runs as the --shards 1 batch: refused, one line, nothing written
+        assert run_batch(common + ["--output-root", str(root), "--limit", "2", "--shards", "2", "--shard-index", str(i)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "--shards 1" in err and "--overwrite" in err, err
+        assert snapshot(root) == before
+    assert json.loads((root / "batch_config.json").read_text())["shards"] == 1
+    # a root of an older version (no layout recorded): its manifests' names say the layout
+    cfg = json.loads((root / "batch_config.json").read_text())
+    del cfg["shards"]
+    (root / "batch_config.json").write_text(json.dumps(cfg))
+    assert run_batch(common + ["--output-root", str(root), "--limit", "2", "--shards", "2"]) == 2
+    assert "--shards 1" in capsys.readouterr().err
+    # --overwrite starts it over with the new layout, but not while a batch of the old one holds its manifest
+    with batch.open_manifest(root / "manifest.jsonl"):
+        assert run_batch(common + ["--output-root", str(root), "--limit", "2", "--shards", "2", "--overwrite"]) == 2
+        assert "in use by another batch" in capsys.readouterr().err
+    assert (root / "manifest.jsonl").is_file()
+    assert run_batch(common + ["--output-root", str(root), "--limit", "2", "--shards", "2", "--overwrite"]) == 0
+    assert sorted(p.name for p in root.glob("manifest*")) == ["manifest.shard-0-of-2.jsonl"]
+    assert json.loads((root / "batch_config.json").read_text())["shards"] == 2
+    assert run_batch(common + ["--output-root", str(root), "--limit", "2", "--shards", "2", "--shard-index", "1"]) == 0
+    assert run_batch(common + ["--output-root", str(root), "--limit", "2"]) == 2         # now --shards 1 is refused
+
+
+def test_layout_record_is_race_safe(tmp_path):
+    """Shards of one layout starting at once all pass; of two layouts starting at once, one layout."""
+    import threading
+
+    def start(root, shards, results):
+        barrier.wait()
+        try:
+            batch.check_config(root, {"prompt": "p"}, False, shards)
+            results.append(shards)
+        except UserError:
+            results.append(None)
+
+    for trial in range(20):
+        for layouts in ([3, 3, 3, 3], [1, 2, 1, 2]):
+            root, results = tmp_path / f"{trial}-{len(set(layouts))}", []
+            root.mkdir()
+            barrier = threading.Barrier(len(layouts))
+            threads = [threading.Thread(target=start, args=(root, n, results)) for n in layouts]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            recorded = json.loads((root / "batch_config.json").read_text())["shards"]
+            assert sorted(r for r in results if r is not None) == [n for n in sorted(layouts) if n == recorded]
+            assert [p.name for p in root.iterdir()] == ["batch_config.json"]      # no temporary file left
+
+
 def test_retry_failed_and_bad_arguments(tmp_path, common, capsys):
     root = str(tmp_path / "out")
     assert run_batch(common + ["--output-root", root, "--shard-index", "1"]) == 2
