@@ -17,7 +17,7 @@ from smolattn import extract as ex
 from smolattn import model as mdl
 from smolattn import pope
 from smolattn import pope_runner as pr
-from smolattn.batch import run_engine
+from smolattn.scheduler import run_engine
 from smolattn.errors import UserError, run_cli
 
 

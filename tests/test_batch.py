@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 import extract_smolvlm_batch as cli
-from smolattn import batch, standin, store
+from smolattn import batch, scheduler, standin, store
 from smolattn.errors import DeviceError, UserError, run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -269,7 +269,7 @@ def test_engine_prefetch_errors_reach_the_worker():
             raise ValueError("bad item")
         return item * 10
 
-    batch.run_engine([1, 2, 3], lambda: (lambda item, pre: {"item": item, "pre": repr(pre)}),
+    scheduler.run_engine([1, 2, 3], lambda: (lambda item, pre: {"item": item, "pre": repr(pre)}),
                      prefetch=prefetch, on_result=seen.append)
     assert seen == [{"item": 1, "pre": "10"}, {"item": 2, "pre": "ValueError('bad item')"}, {"item": 3, "pre": "30"}]
 
@@ -316,16 +316,16 @@ def test_ray_engine_equals_local(tmp_path, common, reference, capsys):
         # the generic engine: an actor pool of 2, prefetch errors reach the worker, rows come back
         ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
         got = []
-        batch.run_engine(list(range(6)), functools.partial(make_toy_worker, "t"), engine="ray", num_workers=2,
+        scheduler.run_engine(list(range(6)), functools.partial(make_toy_worker, "t"), engine="ray", num_workers=2,
                          prefetch=toy_prefetch, on_result=got.append)
         assert sorted(got, key=lambda r: r["item"]) == [
             {"item": i, "pre": "ValueError('bad item')" if i == 3 else i * 10, "tag": "t"} for i in range(6)]
         with pytest.raises(UserError, match="cannot load the model here"):
-            batch.run_engine([1], failing_worker, engine="ray")
+            scheduler.run_engine([1], failing_worker, engine="ray")
         # a process that dies on an item: Ray restarts it, the item is retried alone, then becomes an error
         # row; a CUDA error stops one actor (one line), the other actor does the rest
         got = []
-        batch.run_engine(list(range(8)), functools.partial(make_fragile_worker, str(tmp_path / "cuda")), engine="ray",
+        scheduler.run_engine(list(range(8)), functools.partial(make_fragile_worker, str(tmp_path / "cuda")), engine="ray",
                          num_workers=2, on_result=got.append, retries=2,
                          on_failure=lambda item, message: {"item": item, "error": message})
         assert sorted(r["item"] for r in got) == list(range(8))
@@ -335,8 +335,8 @@ def test_ray_engine_equals_local(tmp_path, common, reference, capsys):
         # chunks (the batch's Ray items): a process that dies on a chunk -> its items are retried one by
         # one, so only the item that kills it fails; the others come back (as lists of rows)
         got = []
-        batch.run_engine([[0, 1], [2, 3], [4, 5]], make_fragile_chunk_worker, engine="ray", num_workers=2,
-                         on_result=got.extend, retries=1, size=len, split=batch.split_chunk,
+        scheduler.run_engine([[0, 1], [2, 3], [4, 5]], make_fragile_chunk_worker, engine="ray", num_workers=2,
+                         on_result=got.extend, retries=1, size=len, split=scheduler.split_chunk,
                          on_failure=lambda chunk, message: [{"item": i, "error": message} for i in chunk])
         assert sorted(r["item"] for r in got) == list(range(6))
         assert [r["item"] for r in got if "error" in r] == [3]
