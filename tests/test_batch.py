@@ -150,9 +150,14 @@ def test_changed_fingerprint_refused_unless_overwrite(tmp_path, common, capsys):
 
 
 def test_shards_cover_the_folder_exactly_once(tmp_path, common, reference):
-    root = str(tmp_path / "out")                       # two "machines" sharing one output root
-    codes = [run_batch(common + ["--output-root", root, "--shards", "2", "--shard-index", str(i)]) for i in (0, 1)]
-    assert 1 in codes
+    root = str(tmp_path / "out")      # two "machines" sharing one output root, run side by side on a fresh root
+    other = subprocess.Popen([sys.executable, str(ROOT / "extract_smolvlm_batch.py"), *common, "--output-root", root,
+                              "--shards", "2", "--shard-index", "1"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    codes = [run_batch(common + ["--output-root", root, "--shards", "2", "--shard-index", "0"]),
+             other.wait(timeout=300)]
+    assert 1 in codes and set(codes) <= {0, 1}, other.stderr.read()
+    assert json.loads((Path(root) / "batch_config.json").read_text())["shards"] == 2
     files = sorted(p.name for p in Path(root).glob("manifest*.jsonl"))
     assert files == ["manifest.shard-0-of-2.jsonl", "manifest.shard-1-of-2.jsonl"]
     images = [r["image"] for r in rows(Path(root))]
