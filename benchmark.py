@@ -1,7 +1,7 @@
 """Run SmolVLM on POPE and score it under the official, lmms-eval and VLMEvalKit conventions.
 
-    python benchmark.py --benchmark-file ../POPE/output/coco --image-root ../COCO/val2014
-    python benchmark.py --benchmark-file pope_subset_random.json --limit 60 --model-id models/tiny
+    python benchmark.py --benchmark-file samples/pope --image-root coco/val2014   # scripts/get_coco_val2014.py
+    python benchmark.py --benchmark-file samples/pope/pope_subset_random.json --image-root samples/coco_val2014
     python benchmark.py --answers benchmark_output/answers.jsonl        # re-score, no model
 
 Writes answers.jsonl (one row per question, appended as it goes: a rerun resumes), results.json and
@@ -21,7 +21,7 @@ from smolattn import model as mdl
 from smolattn import pope
 from smolattn import pope_runner as pr
 from smolattn import runmeta
-from smolattn.batch import run_engine
+from smolattn.scheduler import run_engine
 from smolattn.errors import UserError, run_cli
 
 
@@ -30,7 +30,8 @@ def parse_args(argv=None):
     ap.add_argument("--benchmark-file", nargs="+", metavar="PATH",
                     help="POPE JSON-lines file(s) (question_id, image, text, label), or a folder holding "
                          "coco_pope_{random,popular,adversarial}.json")
-    ap.add_argument("--image-root", default="../COCO/val2014", help="folder of the COCO val2014 images")
+    ap.add_argument("--image-root", default="coco/val2014",
+                    help="folder of the COCO val2014 images (scripts/get_coco_val2014.py puts them here)")
     ap.add_argument("--output-dir", default="benchmark_output")
     ap.add_argument("--limit", type=int, default=0, help="only the first N questions, in file order (0: all)")
     mdl.add_model_arguments(ap)
@@ -69,7 +70,7 @@ def parse_args(argv=None):
     if args.methods != mth.RAW and not args.attention:
         ap.error("--methods needs --attention")
     if not args.answers and not args.benchmark_file:
-        ap.error("--benchmark-file is required (e.g. ../POPE/output/coco or coco_pope_popular.json), "
+        ap.error("--benchmark-file is required (e.g. samples/pope or samples/pope/coco_pope_popular.json), "
                  "unless --answers re-scores saved answers")
     return args
 

@@ -159,7 +159,7 @@ def _answer_naive(loaded, im: dict, q, prompt, longest_edge, max_new_tokens, att
     _, inputs = mdl.encode(loaded, im["image"], prompt, longest_edge)
     full = inputs["input_ids"][0].tolist()
     g = geo.from_tokens(tok.convert_ids_to_tokens(full))
-    start = g.image_block[1] + 1
+    start = g.block_end
     recorder = offsets = None
     if attention_dir is not None:
         offsets = _object_offsets(tok, engine.split_chat(loaded, prompt)[2], full[start:], pope.object_of(q.text))

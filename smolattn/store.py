@@ -623,14 +623,14 @@ def token_table(run: Run) -> list[dict]:
     the characters; ``text`` is then the token's own piece (split characters as ``\\xNN``).
     """
     keys = set(run.geometry.key_positions.tolist())
-    first, last = run.geometry.image_block
+    outside = run.geometry.outside_image(np.arange(len(run.tokens)))
     out = []
     for u in units(run.tokens):
         for i in range(u.start, u.stop):
             raw = run.tokens[i]
             if i in keys:
                 kind = "image"
-            elif first <= i <= last:
+            elif not outside[i]:
                 kind = "marker"
             elif SPECIAL.match(raw):
                 kind = "special"
