@@ -256,45 +256,41 @@ class Kind:
 
     def foreign(self, path) -> str | None:
         """None when the existing folder ``path`` is ours, or empty; else the first offending entry in words."""
-        path = Path(path)
-        if path.is_symlink() or not path.is_dir():
+        path = os.fspath(path)
+        if os.path.islink(path) or not os.path.isdir(path):
             return f"{path} is not a directory"
         with os.scandir(path) as it:
             entries = sorted(it, key=lambda e: e.name)
-        if not entries:
-            return None
-        for e in entries:
-            p = path / e.name
+        for e in entries:               # strings, not Paths: a POPE resume checks thousands of runs
+            p = e.path
             ok, spec = self._spec(e.name)
             if not ok:
                 return f"{p} is not one of its files"
+            if e.is_symlink():
+                return f"{p} is a symbolic link"
             if TEMP_NAME.match(e.name):
-                if e.is_symlink():
-                    return f"{p} is a symbolic link"
                 continue
             if spec is None:
-                if e.is_symlink() or not e.is_file():
+                if not e.is_file(follow_symlinks=False):
                     return f"{p} is not a plain file"
                 marker = self.markers.get(e.name)
                 if marker is not None and not marker.on(p):
-                    return f"{p} is not ours (no {marker!r})"
+                    return f"{p} is not ours: no {marker!r}"
                 continue
-            if e.is_symlink():
-                return f"{p} is a symbolic link"
-            if not e.is_dir():
+            if not e.is_dir(follow_symlinks=False):
                 return f"{p} is not one of its files"
             if spec is DIR:
                 continue
             if isinstance(spec, re.Pattern):
                 with os.scandir(p) as sub:
                     for s in sub:
-                        if s.is_symlink() or not s.is_file() or not spec.match(s.name):
-                            return f"{p / s.name} is not one of its files"
+                        if not s.is_file(follow_symlinks=False) or not spec.match(s.name):
+                            return f"{s.path} is not one of its files"
                 continue
             why = spec.foreign(p)
             if why is not None:
                 return why
-        if self.marker is not None and not (path / self.marker[0]).is_file():
+        if entries and self.marker is not None and not any(e.name == self.marker[0] for e in entries):
             return f"it has no {self.marker[0]} of ours"
         return None
 

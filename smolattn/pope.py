@@ -401,7 +401,7 @@ def check_output(out_dir, runs=()) -> None:
     """Refuse (UserError, one line naming the file), before any work, an --output-dir that holds
     anything but our answers.jsonl, results.json, results.md, attention/ and head analyses, and any
     attention run in ``runs`` that is not ours to replace. Creates nothing."""
-    outputs.check_target(out_dir, KIND, "move them away or choose another --output-dir", whole=False)
+    outputs.check_target(out_dir, KIND, "move it away or choose another --output-dir", whole=False)
     for run in runs:
         store.check_target(run)
 

@@ -110,7 +110,7 @@ def check_target(final, replace_reference: bool = False) -> None:
         raise UserError(f"{final} is a reference-format run (the reference project's files, not written by "
                         f"smolattn); it is left untouched: pass {REPLACE_REFERENCE_FLAG} to replace it, "
                         "or choose another output directory")
-    outputs.check_target(final, _kind(replace_reference))
+    outputs.check_target(final, _kind(replace_reference), whole=False)   # (the current directory: above)
 
 
 def refuse_reference_runs(paths) -> None:

@@ -529,13 +529,6 @@ def benchmark_cli(cwd, *args):
 
 def test_a_users_results_json_in_the_benchmark_output_dir_survives(tmp_path):
     answers = answers_file(tmp_path / "saved" / "answers.jsonl")
-    out = tmp_path / "out"
-    r = benchmark_cli(tmp_path, "--answers", answers, "--output-dir", out)           # ours: written ...
-    assert r.returncode == 0, r.stderr
-    assert json.loads((out / "results.json").read_text())["format"] == pope.RESULTS_FORMAT
-    stamp = (out / "results.json").stat().st_ino
-    r = benchmark_cli(tmp_path, "--answers", answers, "--output-dir", out)           # ... and replaced
-    assert r.returncode == 0 and (out / "results.json").stat().st_ino != stamp, r.stderr
     mine = tmp_path / "mine"                             # the case: `--output-dir .` in a user's folder
     mine.mkdir()
     (mine / "results.json").write_text('{"my": "results"}\n')
@@ -568,3 +561,12 @@ def test_a_users_results_json_in_the_benchmark_output_dir_survives(tmp_path):
                       "--attention")
     one_line_error(r, "keep.txt", "not a run written by smolattn")
     assert snapshot(mine) == before
+    # our own results: written, then replaced
+    out = tmp_path / "out"
+    r = benchmark_cli(tmp_path, "--answers", answers, "--output-dir", out)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((out / "results.json").read_text())["format"] == pope.RESULTS_FORMAT
+    assert pope.REPORT_MARKER.on(out / "results.md")
+    stamp = (out / "results.json").stat().st_ino
+    r = benchmark_cli(tmp_path, "--answers", answers, "--output-dir", out)
+    assert r.returncode == 0 and (out / "results.json").stat().st_ino != stamp, r.stderr
