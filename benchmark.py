@@ -5,7 +5,8 @@
     python benchmark.py --answers benchmark_output/answers.jsonl        # re-score, no model
 
 Writes answers.jsonl (one row per question, appended as it goes: a rerun resumes), results.json and
-results.md to --output-dir and prints the table. Details: docs/pope.md.
+results.md to --output-dir and prints the table; a folder holding anything else is refused, untouched.
+Details: docs/pope.md.
 """
 import argparse
 import dataclasses
@@ -100,6 +101,7 @@ def main(argv=None):
     out = Path(args.output_dir)
     if args.answers:   # re-score only
         sources = load_questions(args.benchmark_file, 0)[1] if args.benchmark_file else None
+        pope.check_output(out)                  # never a file of the user's (one line, before anything)
         out.mkdir(parents=True, exist_ok=True)
         return finish(out, pope.read_answers(args.answers), sources, None)
 
@@ -116,6 +118,7 @@ def main(argv=None):
                     str(out / "attention") if args.attention else None,
                     args.batch_size or engine.default_batch_size(device), methods, benchmark=benchmark)
     ex.check_longest_edge(args.longest_edge, ex.checkpoint_tile_size(args.model_id, args.revision))
+    pope.check_output(out, [out / "attention" / q.split / str(q.question_id) for q in questions] if args.attention else ())
     # the configuration includes what only the loaded model knows (resolved revision, processor settings);
     # the local engine's worker reuses this copy, Ray's driver loads one on CPU only to learn it
     probe = pr.get_model(cfg) if args.engine == "local" else mdl.load(cfg.model_id, "cpu", cfg.dtype, cfg.revision)

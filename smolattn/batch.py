@@ -26,13 +26,14 @@ from . import engine as eng
 from . import extract as ex
 from .engine import config_hash
 from . import model as mdl
-from . import jsonl, store
+from . import jsonl, outputs, store
 from .errors import DeviceError, UserError, is_device_error
 from .images import EXTENSIONS
 from .scheduler import chunks, run_engine, split_chunk
-from .store import atomic_write_text
 
 CONFIG = "batch_config.json"
+CONFIG_MARKER = outputs.JsonField("smolattn-batch-config",   # before the field: {"fingerprint", "config"}
+                                  legacy=lambda obj: {"fingerprint", "config"} <= set(obj))
 CHUNK_BATCHES = 4      # Ray: batches per call to an actor (the unit of work and of retry)
 
 
@@ -77,7 +78,7 @@ def discover(image_dir, extensions, recursive: bool = False, exclude=None) -> li
     for folder, dirs, files in os.walk(root):
         dirs[:] = [d for d in dirs if recursive and not d.startswith(".")
                    and (exclude is None or (Path(folder) / d).resolve() != exclude)
-                   and not store.owned_run(Path(folder) / d)]     # our runs (output root = image folder)
+                   and not store.owned_run(Path(folder) / d) and not store.reference_run(Path(folder) / d)]   # runs
         rel = Path(folder).relative_to(root)
         found += [(rel / f).as_posix() for f in files
                   if not f.startswith(".") and os.path.splitext(f)[1].lower() in extensions]
@@ -170,7 +171,8 @@ def recorded_layout(root: Path) -> int | None:
     except FileNotFoundError:
         old = {}
     except (OSError, ValueError):
-        raise UserError(f"{path} is not valid JSON; remove it or pass --overwrite")
+        raise UserError(f"{path} is not valid JSON, so not ours; it is left untouched: move it away or "
+                        "choose another --output-root")
     if isinstance(old, dict) and isinstance(old.get("shards"), int):
         return old["shards"]
     counts = {manifest_layout(p) for p in manifests(root)} if root.is_dir() else set()
@@ -191,14 +193,14 @@ def _create_exclusive(path: Path, text: str) -> bool:
     """Create ``path`` with ``text`` atomically, only if it does not exist (complete or not at all; a
     hard link of a fsynced temporary file, atomic also on NFS). False: it exists."""
     tmp = path.with_name(f".{path.name}.tmp-{os.uname().nodename}-{os.getpid()}-{threading.get_ident()}")
-    store.write_bytes_durably(tmp, text.encode())
+    outputs.write_bytes_durably(tmp, text.encode())
     try:
         os.link(tmp, path)
     except FileExistsError:
         return False
     finally:
         tmp.unlink()
-    store._fsync_path(path.parent, directory=True)
+    outputs.fsync_path(path.parent, directory=True)
     return True
 
 
@@ -207,9 +209,11 @@ def check_config(root: Path, config: dict, overwrite: bool, shards: int = 1) -> 
     with another configuration or another ``--shards`` count. The first batch on a root creates the
     file atomically, so shards of one layout starting at once all pass, and of two layouts only one."""
     path, fp = root / CONFIG, fingerprint_hash(config)
-    text = json.dumps({"fingerprint": fp, "config": config, "shards": shards}, indent=1)
+    outputs.check_file(path, CONFIG_MARKER)          # a batch_config.json of the user's: one line, untouched
+    text = json.dumps({"format": CONFIG_MARKER.value, "fingerprint": fp, "config": config, "shards": shards},
+                      indent=1)
     if overwrite:
-        atomic_write_text(path, text)
+        outputs.replace_file(path, text.encode(), CONFIG_MARKER)    # never a file of the user's
         return
     check_layout(root, shards, overwrite)
     if not path.is_file() and _create_exclusive(path, text):
@@ -217,11 +221,12 @@ def check_config(root: Path, config: dict, overwrite: bool, shards: int = 1) -> 
     try:
         old = json.loads(path.read_text())
     except ValueError:
-        raise UserError(f"{path} is not valid JSON; remove it or pass --overwrite")
+        raise UserError(f"{path} is not valid JSON, so not ours; it is left untouched: move it away or "
+                        "choose another --output-root")
     check_layout(root, shards, overwrite)      # again: another layout may have created it meanwhile
     if old.get("fingerprint") == fp:
         if old.get("shards") is None:          # a root of an older version: record the layout now
-            atomic_write_text(path, text)
+            outputs.replace_file(path, text.encode(), CONFIG_MARKER)
         return
     before = old.get("config", {})
     changed = [f"{k}: {before.get(k)!r} -> {config.get(k)!r}" for k in sorted(set(before) | set(config))
@@ -268,7 +273,7 @@ def error_row(item: dict, fingerprint: str, error: Exception, seconds: float | N
 
 
 def extract_items(loaded, settings: ex.Settings, root: Path, fingerprint: str, items: list, on_result, *,
-                  batch_size=None, workers=None, preparer=None) -> None:
+                  batch_size=None, workers=None, preparer=None, replace_reference: bool = False) -> None:
     """Images through the engine's pipeline (batched generate, decode ahead, writes in writer threads);
     on_result(manifest row) per image as it completes. A bad image is its error row; a CUDA error
     stops the worker (DeviceError)."""
@@ -276,19 +281,20 @@ def extract_items(loaded, settings: ex.Settings, root: Path, fingerprint: str, i
         on_result(summary if "status" in summary else manifest_row(item, fingerprint, summary))
 
     ex.extract_many(loaded, [(it["path"], Path(root) / it["run"], it) for it in items], settings, done,
-                    batch_size=batch_size, workers=workers, preparer=preparer,
+                    batch_size=batch_size, workers=workers, preparer=preparer, replace_reference=replace_reference,
                     on_error=lambda item, e: error_row(item, fingerprint, e))
 
 
 def run_local(loaded, settings: ex.Settings, root: Path, fingerprint: str, items: list, on_result, *,
-              batch_size=None, workers=None) -> None:
+              batch_size=None, workers=None, replace_reference: bool = False) -> None:
     """Every item through the engine's pipeline, in this process, with a progress bar."""
     with tqdm(total=len(items), desc="images", unit="item", dynamic_ncols=True) as bar:
         def done(row):
             bar.update()
             on_result(row)
 
-        extract_items(loaded, settings, root, fingerprint, items, done, batch_size=batch_size, workers=workers)
+        extract_items(loaded, settings, root, fingerprint, items, done, batch_size=batch_size, workers=workers,
+                      replace_reference=replace_reference)
 
 
 def failed_rows(fingerprint: str, chunk: list, message: str) -> list[dict]:
@@ -298,7 +304,7 @@ def failed_rows(fingerprint: str, chunk: list, message: str) -> list[dict]:
 
 
 def make_ray_worker(model_args: dict, settings: ex.Settings, root: str, config: dict, batch_size: int | None = None,
-                    workers: int | None = None):
+                    workers: int | None = None, replace_reference: bool = False):
     """Runs in each Ray actor: load the model once, check it gives the driver's configuration, and
     return worker(chunk, _) -> the chunk's manifest rows (the engine's pipeline over the chunk: batched
     generate, decode ahead in this actor's own decode workers, made once, writes in writer threads)."""
@@ -314,7 +320,7 @@ def make_ray_worker(model_args: dict, settings: ex.Settings, root: str, config: 
     def worker(chunk, _prefetched=None):
         rows = []
         extract_items(loaded, settings, Path(root), fingerprint, chunk, rows.append, batch_size=batch_size,
-                      preparer=preparer)
+                      preparer=preparer, replace_reference=replace_reference)
         return rows
 
     return worker
@@ -363,6 +369,8 @@ def run(args, loaded: mdl.Loaded | None = None) -> int:
     items = plan(args)
     root = Path(args.output_root)
     ex.check_writable(root)
+    if not args.replace_reference_run:   # the reference project's runs: replaced only on request
+        store.refuse_reference_runs(root / it["run"] for it in items)
     if loaded is None:   # bad settings fail before the model loads (when its config files are here)
         ex.check_longest_edge(settings.longest_edge, ex.checkpoint_tile_size(args.model_id, args.revision))
     check_layout(root, args.shards, args.overwrite)   # before the model loads; recorded in check_config
@@ -395,7 +403,8 @@ def _run_locked(args, loaded, settings, items, root: Path, manifest: jsonl.Write
         batch_size = args.batch_size or eng.default_batch_size(device)
         workers = args.workers if args.workers is not None else min(eng.default_workers(device),
                                                                     max(0, int(args.cpus_per_worker) - 1))
-        make_worker = partial(make_ray_worker, model_args, settings, str(root), config, batch_size, workers)
+        make_worker = partial(make_ray_worker, model_args, settings, str(root), config, batch_size, workers,
+                              args.replace_reference_run)
         del probe
     else:
         loaded = loaded or mdl.load(args.model_id, args.device, args.dtype, args.revision)
@@ -442,7 +451,8 @@ def _run_locked(args, loaded, settings, items, root: Path, manifest: jsonl.Write
                    gpus_per_worker=args.gpus_per_worker, ray_address=args.ray_address, on_result=on_result,
                    progress="images", on_failure=partial(failed_rows, fp), size=len, split=split_chunk)
     elif todo:
-        run_local(loaded, settings, root, fp, todo, on_result, batch_size=args.batch_size, workers=args.workers)
+        run_local(loaded, settings, root, fp, todo, on_result, batch_size=args.batch_size, workers=args.workers,
+                  replace_reference=args.replace_reference_run)
     elapsed = time.perf_counter() - t0
     n = counts["ok"] + counts["error"]
     print(f"done {counts['ok']}, skipped {skipped} (finished earlier), failed {counts['error']}"
