@@ -10,7 +10,7 @@ from flask import Blueprint, current_app, jsonify, render_template, request
 
 from smolattn import analysis as an
 from smolattn import head_report
-from smolattn import pope_runner as pr
+from smolattn import pope
 from smolattn.errors import UserError
 
 from .api import ApiError, _api_error, as_int
@@ -52,7 +52,7 @@ def _boxes(result) -> dict | None:
     """The analysis' COCO boxes, if its annotation file is still there (drawn on the examples)."""
     ann = result["inputs"].get("annotations")
     try:
-        return pr.load_boxes(ann["path"]) if ann else None
+        return pope.load_boxes(ann["path"]) if ann else None
     except UserError:
         return None
 

@@ -1,7 +1,7 @@
 """The run index of a runs root: one entry per run, for the picker's search, sort and paging.
 
 Built from the batch manifests where there are any (``manifest*.jsonl``, read with
-``smolattn.batch.read_manifests``: the latest row per image, so error rows are listed too and a batch
+``smolattn.manifest.read_manifests``: the latest row per image, so error rows are listed too and a batch
 of 40,000 images is indexed without touching its run directories), and from one scan of the other
 directories (a run is a directory holding ``decoded_tokens.npy``; its meta.json gives the answer and
 grid). A directory holding a manifest is a batch root: the scan does not descend into it. The index
@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
-from smolattn.batch import MANIFEST_NAME, read_manifests
+from smolattn.manifest import MANIFEST_NAME, read_manifests
 from smolattn.errors import UserError
 
 log = logging.getLogger(__name__)
