@@ -266,13 +266,28 @@ def initialize():
             "query_semantics", "row for token t = position t as the query (the reference viewer's convention)"))
 
 
+IMAGE_TYPES = ((b"\x89PNG\r\n\x1a\n", "image/png"), (b"\xff\xd8\xff", "image/jpeg"))
+
+
 @bp.get("/image")
 def image():
+    """The run's image file (one of the names the writer uses, inside the root), served as PNG or JPEG
+    by its content, whatever its name says; anything else is 404."""
     name, run = get_run(params())
     path = run.image_path()
     if path is None or not registry().inside(path):
         raise NotFound(f"run {name!r} has no image")
-    return send_file(path)
+    f = open(path, "rb")      # one open file: what is checked is what is sent
+    try:
+        head = f.read(8)
+        mimetype = next((t for magic, t in IMAGE_TYPES if head.startswith(magic)), None)
+        if mimetype is None:
+            raise NotFound(f"run {name!r} has no image: {path.name} is not a PNG or JPEG file")
+        f.seek(0)
+        return send_file(f, mimetype=mimetype, etag=False, max_age=0)
+    except BaseException:
+        f.close()
+        raise
 
 
 @bp.post("/generate_attention_map")
