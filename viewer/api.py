@@ -218,7 +218,9 @@ def display_size(run: Run) -> tuple[int, int]:
 # -- routes ----------------------------------------------------------------------------------
 @bp.get("/runs")
 def runs():
-    """One page of the run index: search (name, answer or image), sort, paging."""
+    """One page of the run index: search (name, answer or image), sort, paging. ``complete`` is False
+    while the runs' answers and grids are still being read (``pending`` of them; a large root without
+    manifests): every run is listed and counted by name, searches by answer see what is read so far."""
     args = params()
     limit = as_int(args.get("limit", "200"), "limit")
     if not 1 <= limit <= 1000:
@@ -230,8 +232,8 @@ def runs():
     desc = choice(args, "desc", ("0", "1"), "0") == "1"
     reg = registry()
     total, page = reg.index.query(str(args.get("q", "")), sort, desc, offset, limit)
-    return jsonify(success=True, total=total, offset=offset, limit=limit, sort=sort, desc=desc,
-                   single=reg.single, runs=[e.to_json() for e in page])
+    return jsonify(success=True, total=total, offset=offset, limit=limit, sort=sort, desc=desc, single=reg.single,
+                   complete=reg.index.complete, pending=reg.index.pending, runs=[e.to_json() for e in page])
 
 
 @bp.get("/health")
