@@ -355,7 +355,7 @@ def child(mode: str, *args) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def bench_root(n: int, browse: int, cache_mb: float, queries: int, rng, starts: int = 2) -> None:
+def bench_root(n: int, browse: int, cache_mb: float, queries: int, rng, plain_starts: int = 2) -> None:
     with tempfile.TemporaryDirectory(prefix="bench_viewer_root_") as tmp:
         root, cache = Path(tmp) / "runs", Path(tmp) / "cache"
         root.mkdir()
@@ -374,7 +374,7 @@ def bench_root(n: int, browse: int, cache_mb: float, queries: int, rng, starts: 
         scanned = len(Index(root, inline_details=n))
         print(f"without a manifest: one scan of the {scanned} run directories, every meta.json read, in "
               f"{time.perf_counter() - t:.1f} s (in this process)")
-        bench_plain_start(root, Path(tmp), n, starts)
+        bench_plain_start(root, Path(tmp), n, plain_starts)
         os.rename(root / "batch.jsonl.off", root / "manifest.jsonl")
 
         client = create_app({"RUNS": str(root), "CACHE_DIR": str(cache)}).test_client()
