@@ -411,8 +411,10 @@ class Run:
         return int(self.meta.get("prompt_length", len(self.tokens)))
 
     def image_path(self) -> Path | None:
+        """The run's image: meta's image.file when it is one of the names we write (IMAGE_NAMES; a
+        meta.json naming any other file, x.html say, is not followed), else the first of them there."""
         name = self.meta.get("image", {}).get("file")
-        for cand in ([name] if name else []) + list(IMAGE_NAMES):
+        for cand in ([name] if name in IMAGE_NAMES else []) + list(IMAGE_NAMES):
             p = self.path / cand
             if p.is_file():
                 return p
