@@ -1,13 +1,14 @@
 """Run SmolVLM on POPE and score it under the official, lmms-eval and VLMEvalKit conventions.
 
-    python benchmark.py --benchmark-file ../POPE/output/coco --image-root ../COCO/val2014
-    python benchmark.py --benchmark-file pope_subset_random.json --limit 60 --model-id models/tiny
+    python benchmark.py --benchmark-file samples/pope --image-root coco/val2014   # scripts/get_coco_val2014.py
+    python benchmark.py --benchmark-file samples/pope/pope_subset_random.json --image-root samples/coco_val2014
     python benchmark.py --answers benchmark_output/answers.jsonl        # re-score, no model
     python benchmark.py --benchmark-file ... --ablate-heads 12:3,14:7 --control random   # arms
 
 Writes answers.jsonl (one row per question, appended as it goes: a rerun resumes), results.json and
-results.md to --output-dir and prints the table. With --ablate-heads, one such folder per arm under
-OUTPUT_DIR/arms/ (base, ablated, control-N) and the arms side by side in OUTPUT_DIR/results.{json,md}.
+results.md to --output-dir and prints the table; a folder holding anything else is refused, untouched.
+With --ablate-heads, one such folder per arm under OUTPUT_DIR/arms/ (base, ablated, control-N) and the
+arms side by side in OUTPUT_DIR/results.{json,md}.
 Details: docs/pope.md.
 """
 import argparse
@@ -25,7 +26,7 @@ from smolattn import pope
 from smolattn import pope_arms
 from smolattn import pope_runner as pr
 from smolattn import runmeta
-from smolattn.batch import run_engine
+from smolattn.scheduler import run_engine
 from smolattn.errors import UserError, run_cli
 
 
@@ -34,7 +35,8 @@ def parse_args(argv=None):
     ap.add_argument("--benchmark-file", nargs="+", metavar="PATH",
                     help="POPE JSON-lines file(s) (question_id, image, text, label), or a folder holding "
                          "coco_pope_{random,popular,adversarial}.json")
-    ap.add_argument("--image-root", default="../COCO/val2014", help="folder of the COCO val2014 images")
+    ap.add_argument("--image-root", default="coco/val2014",
+                    help="folder of the COCO val2014 images (scripts/get_coco_val2014.py puts them here)")
     ap.add_argument("--output-dir", default="benchmark_output")
     ap.add_argument("--limit", type=int, default=0, help="only the first N questions, in file order (0: all)")
     mdl.add_model_arguments(ap)
@@ -93,7 +95,7 @@ def parse_args(argv=None):
     if args.ablate_heads is not None and (args.answers or args.attention):
         ap.error("--ablate-heads scores answers (not with --answers) and stores no attention runs (not with --attention)")
     if not args.answers and not args.benchmark_file:
-        ap.error("--benchmark-file is required (e.g. ../POPE/output/coco or coco_pope_popular.json), "
+        ap.error("--benchmark-file is required (e.g. samples/pope or samples/pope/coco_pope_popular.json), "
                  "unless --answers re-scores saved answers")
     return args
 
@@ -123,12 +125,13 @@ def main(argv=None):
     out = Path(args.output_dir)
     if args.answers:   # re-score only
         sources = load_questions(args.benchmark_file, 0)[1] if args.benchmark_file else None
+        pope.check_output(out)                  # never a file of the user's (one line, before anything)
         out.mkdir(parents=True, exist_ok=True)
         return finish(out, pope.read_answers(args.answers), sources, None)
 
     questions, sources = load_questions(args.benchmark_file, args.limit)
     methods = tuple(mth.parse(args.methods))
-    boxes = pr.load_boxes(args.annotations) if args.annotations else None
+    boxes = pope.load_boxes(args.annotations) if args.annotations else None
     device = args.device or ("cuda" if args.engine == "ray" and args.gpus_per_worker else mdl.default_device())
     benchmark = {"benchmark_file": [os.path.abspath(p) for p in args.benchmark_file],
                  "image_root": os.path.abspath(args.image_root), "limit": args.limit,
@@ -140,6 +143,7 @@ def main(argv=None):
                     args.batch_size or engine.default_batch_size(device), methods, benchmark=benchmark)
     ex.check_longest_edge(args.longest_edge, ex.checkpoint_tile_size(args.model_id, args.revision))
     arms = plan_arms(args, pope_arms.model_shape(cfg.model_id, cfg.revision))    # bad SPEC: before the model loads
+    pope.check_output(out, [out / "attention" / q.split / str(q.question_id) for q in questions] if args.attention else ())
     # the configuration includes what only the loaded model knows (resolved revision, processor settings);
     # the local engine's worker reuses this copy, Ray's driver loads one on CPU only to learn it
     probe = pr.get_model(cfg) if args.engine == "local" else mdl.load(cfg.model_id, "cpu", cfg.dtype, cfg.revision)

@@ -61,6 +61,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help="images per generate call (default: 8 on a GPU, 1 on CPU); answers and rows do not change")
     ap.add_argument("--workers", type=int, default=None,
                     help="decode + processor worker processes (default: none on CPU, up to 8 on a GPU)")
+    ap.add_argument(store.REPLACE_REFERENCE_FLAG, action="store_true",
+                    help="replace an output directory that holds a reference-format run (the reference project's "
+                         "decoded_tokens.npy + attentions_5/; refused without this flag)")
 
 
 def settings_from_args(args) -> Settings:
@@ -128,24 +131,26 @@ def fingerprint_config(loaded: mdl.Loaded, settings: Settings) -> dict:
                                                         settings.longest_edge, settings.store, settings.methods))
 
 
-def extract(loaded: mdl.Loaded, image_path, out_dir, settings: Settings, image=None) -> dict:
+def extract(loaded: mdl.Loaded, image_path, out_dir, settings: Settings, image=None,
+            replace_reference: bool = False) -> dict:
     """Run the model on one image and write the run to ``out_dir`` atomically. Returns a summary.
 
-    ``image``: an already opened ``(rgb, info)`` pair.
+    ``image``: an already opened ``(rgb, info)`` pair. ``replace_reference``: a reference-format run
+    at ``out_dir`` may be replaced (--replace-reference-run).
     """
     settings.check()
     check_longest_edge(settings.longest_edge, processor_settings(loaded, None)["tile_size"])
-    store.check_target(out_dir)     # before the model works: never a folder of the user's
+    store.check_target(out_dir, replace_reference)     # before the model works: never a folder of the user's
     t0 = time.perf_counter()
     rgb, info = image or open_image(image_path)
     prep = engine.prepare(loaded.processor, rgb, settings.prompt, settings.longest_edge, settings.keep, info)
     prep.seconds = time.perf_counter() - t0
-    return write(loaded, settings, prep, step(loaded, settings, [prep])[0], out_dir)
+    return write(loaded, settings, prep, step(loaded, settings, [prep])[0], out_dir, replace_reference)
 
 
 def extract_many(loaded: mdl.Loaded, jobs, settings: Settings, on_result, *, batch_size: int | None = None,
                  workers: int | None = None, writers: int | None = None, on_error=None,
-                 preparer: engine.Preparer | None = None) -> None:
+                 preparer: engine.Preparer | None = None, replace_reference: bool = False) -> None:
     """Extract many images through the pipeline: ``jobs`` are (image path, run directory, tag) triples;
     on_result(tag, summary) per finished run, on_error(tag, exception) -> summary for a failed one.
     ``preparer``: an engine.Preparer made for these settings, to reuse its worker processes."""
@@ -159,7 +164,7 @@ def extract_many(loaded: mdl.Loaded, jobs, settings: Settings, on_result, *, bat
         engine.pipeline(
             list(jobs), lambda job: prep.submit(job[0]),
             lambda batch: step(loaded, settings, batch),
-            lambda job, p, out: (job, write(loaded, settings, p, out, job[1])),
+            lambda job, p, out: (job, write(loaded, settings, p, out, job[1], replace_reference)),
             lambda res: on_result(res[0][2], res[1]),
             batch_size=batch_size, writers=writers,
             on_error=(lambda job, e: (job, on_error(job[2], e))) if on_error else None)
@@ -189,10 +194,11 @@ def step(loaded: mdl.Loaded, settings: Settings, batch: list[engine.Prepared]) -
 
 
 def write(loaded: mdl.Loaded, settings: Settings, prep: engine.Prepared, out: engine.Output, out_dir,
-          intervention: dict | None = None, extra_files: dict | None = None) -> dict:
+          replace_reference: bool = False, intervention: dict | None = None,
+          extra_files: dict | None = None) -> dict:
     """The run directory of one prepared image and its model output (atomically). Returns a summary.
     ``intervention``: meta.intervention of an intervened run; ``extra_files``: its effects.json."""
-    store.check_target(out_dir)     # never a folder of the user's
+    store.check_target(out_dir, replace_reference)     # never a folder of the user's
     t0 = time.perf_counter()
     tok = loaded.processor.tokenizer
     g, new, P = prep.geometry, out.new, len(prep.ids)
@@ -219,7 +225,7 @@ def write(loaded: mdl.Loaded, settings: Settings, prep: engine.Prepared, out: en
         meta["intervention"] = intervention
     store.write_run(out_dir, tokens=tokens, layers=layers, query_positions=query_positions,
                     store=settings.store, geometry=g, meta=meta, image=prep.image, image_name=image_name,
-                    methods=out.methods, extra_files=extra_files)
+                    methods=out.methods, replace_reference=replace_reference, extra_files=extra_files)
     timings["write_s"] = round(time.perf_counter() - t0, 4)
     return {"run": str(out_dir), "answer": meta["answer"], "new_tokens": len(new), "grid": [g.rows, g.cols],
             "timings": timings}

@@ -127,7 +127,7 @@ def report(arms: list[tuple[Arm, dict]], *, sources, config: dict | None, contro
     standin = any(r.get("standin") for _, r in arms)
     scores = {a.name: _scores(r) for a, r in arms}
     ctrl = [a for a, _ in arms if a.kind == "control"]
-    out = {"format": "smolattn-pope-arms", "version": 1, "standin": standin, "sources": sources, "config": config,
+    out = {"kind": "pope-arms", "standin": standin, "sources": sources, "config": config,
            "arms": {a.name: {**a.record(), "config_key": (r.get("config") or {}).get("key"),
                              "counts": r.get("counts"), "scores": scores[a.name]} for a, r in arms}}
     if ctrl:

@@ -27,6 +27,7 @@ from . import methods as mth
 from . import model as mdl
 from .errors import UserError
 from .images import open_image
+from .pope import load_boxes  # noqa: F401  (pope_runner.load_boxes: its old home)
 
 
 @dataclass(frozen=True)
@@ -176,7 +177,7 @@ def _answer_naive(loaded, im: dict, q, prompt, longest_edge, max_new_tokens, att
     _, inputs = mdl.encode(loaded, im["image"], prompt, longest_edge)
     full = inputs["input_ids"][0].tolist()
     g = geo.from_tokens(tok.convert_ids_to_tokens(full))
-    start = g.image_block[1] + 1
+    start = g.block_end
     recorder = offsets = None
     if attention_dir is not None:
         offsets = _object_offsets(tok, engine.split_chat(loaded, prompt)[2], full[start:], pope.object_of(q.text))
@@ -254,20 +255,6 @@ def _store_attention(loaded, q, root: Path, full, new, start, offsets, layers, g
     out["run"] = str(run)
     if out["has_boxes"] and q.label == "yes" and info.get("size"):
         out.update(localise(object_map(layers, len(offsets), g), info["size"], boxes[obj.lower()]))
-    return out
-
-
-def load_boxes(path) -> dict:
-    """COCO instances JSON -> {image file name: {category name (lower case): [[x, y, w, h], ...]}}."""
-    try:
-        coco = json.loads(Path(path).read_text())
-        names = {c["id"]: c["name"].lower() for c in coco["categories"]}
-        files = {im["id"]: im["file_name"] for im in coco["images"]}
-        out: dict = {}
-        for a in coco["annotations"]:
-            out.setdefault(files[a["image_id"]], {}).setdefault(names[a["category_id"]], []).append(a["bbox"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UserError(f"--annotations {path}: not a readable COCO instances file ({type(e).__name__}: {e})")
     return out
 
 
