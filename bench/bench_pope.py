@@ -87,7 +87,7 @@ def main():
 
     if args.ablate_heads:
         try:
-            return ablate_mode(args, loaded, qs, timed)
+            return ablate_mode(args, loaded, images, qs, timed)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -128,7 +128,7 @@ def main():
     return 0
 
 
-def ablate_mode(args, loaded, qs, timed):
+def ablate_mode(args, loaded, images, qs, timed):
     """benchmark.py --ablate-heads' ablated arm vs its base arm: the same cached path, same questions."""
     from smolattn import interventions as iv
 
@@ -144,8 +144,22 @@ def ablate_mode(args, loaded, qs, timed):
             print(f"{name}: {len(qs)} questions in {dt:.2f}s = {len(qs) / dt:.3f} q/s", flush=True)
     ratio = best["plain"] / best["ablated"]
     changed = sum(a["raw_answer"] != b["raw_answer"] for a, b in zip(rows["plain"], rows["ablated"]))
+    tokens = {k: sum(r["new_tokens"] for r in v) for k, v in rows.items()}
     print(f"ablated {len(spec.heads)} heads ({args.ablation}): paths {sorted({r['path'] for r in rows['ablated']})}; "
-          f"{changed} of {len(qs)} answers changed")
+          f"{changed} of {len(qs)} answers changed; new tokens plain {tokens['plain']}, ablated {tokens['ablated']}")
+    # the same forward with and without the spec: the machinery's own cost, whatever the answers' lengths
+    import torch
+    from smolattn import model as mdl
+    _, inputs = mdl.encode(loaded, images[0]["image"], qs[0].text + pope.DEFAULT_SUFFIX, args.longest_edge)
+    fwd = {"plain": float("inf"), "ablated": float("inf")}
+    for r in range(max(1, args.repeats) * 2):
+        for name in (("plain", "ablated") if r % 2 == 0 else ("ablated", "plain")):
+            with torch.inference_mode(), iv.applied(spec if name == "ablated" else iv.Spec()):
+                t0 = time.perf_counter()
+                loaded.model(**inputs, use_cache=False, logits_to_keep=1)
+                fwd[name] = min(fwd[name], time.perf_counter() - t0)
+    print(f"one prompt forward ({inputs['input_ids'].shape[1]} tokens): plain {fwd['plain']:.3f}s, ablated "
+          f"{fwd['ablated']:.3f}s: {fwd['plain'] / fwd['ablated']:.3f}x")
     print(f"questions/s ablated / plain (best of {args.repeats}): {ratio:.3f}x (goal >= 0.9x); "
           f"load average {os.getloadavg()[0]:.1f}")
     if args.json:
@@ -153,7 +167,8 @@ def ablate_mode(args, loaded, qs, timed):
         Path(args.json).write_text(json.dumps({
             "model": args.model_id, "standin": bool(loaded.standin), "questions": len(qs), "heads": args.ablate_heads,
             "ablation": args.ablation, "plain_s": best["plain"], "ablated_s": best["ablated"], "ratio": ratio,
-            "repeats": args.repeats, "threads": __import__("torch").get_num_threads(),
+            "repeats": args.repeats, "threads": __import__("torch").get_num_threads(), "new_tokens": tokens,
+            "forward_plain_s": fwd["plain"], "forward_ablated_s": fwd["ablated"],
             "load_average": os.getloadavg()[0]}, indent=1))
     return 0
 

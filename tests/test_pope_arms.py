@@ -316,3 +316,17 @@ def test_a_changed_spec_is_refused_and_overwrite_redoes_only_the_arms_it_changes
     assert list(res["arms"]) == ["base", "ablated", "control-0"] and res["arms"]["ablated"]["heads"] == [[0, 1]]
     assert {r["config"] for r in rows} == {res["arms"]["ablated"]["config_key"]}
     assert len(res["control"]["heads"][0]) == 1
+
+
+def test_a_file_of_the_users_under_arms_refuses_the_folder_untouched(arms_run, tiny_dir, data, tmp_path):
+    from smolattn.errors import UserError
+
+    out = tmp_path / "out"
+    shutil.copytree(arms_run, out)
+    (out / "arms" / "mine").mkdir()
+    (out / "arms" / "mine" / "notes.txt").write_text("mine")
+    before = (out / "results.json").read_bytes()
+    with pytest.raises(UserError, match="notes.txt|mine"):
+        benchmark.main(common(data, out, tiny_dir, "--ablate-heads", SPEC, "--control", "random",
+                              "--control-draws", "2", "--control-seed", "7"))
+    assert (out / "results.json").read_bytes() == before and (out / "arms" / "mine" / "notes.txt").read_text() == "mine"
