@@ -749,7 +749,7 @@ def check_sweep_target(out) -> None:
 def write_sweep(out, files: dict) -> None:
     """Write the sweep folder atomically: a temporary sibling, fsynced, renamed in; an earlier sweep
     folder of ours is set aside first and deleted after (only its own three files)."""
-    from . import store
+    from . import outputs             # the write protocol's helpers (moved there from store on main)
 
     out = Path(out)
     check_sweep_target(out)
@@ -759,15 +759,15 @@ def write_sweep(out, files: dict) -> None:
     tmp.mkdir()
     try:
         for name, data in files.items():
-            store.write_bytes_durably(tmp / name, data)
-        store.fsync_tree(tmp)
+            outputs.write_bytes_durably(tmp / name, data)
+        outputs.fsync_tree(tmp)
         check_sweep_target(out)
         old = None
         if out.exists() and os.listdir(out):
             old = out.parent / f".{out.name}.old-{tag}"
             os.rename(out, old)
         os.rename(tmp, out)
-        store._fsync_path(out.parent, directory=True)
+        outputs.fsync_path(out.parent, directory=True)
         if old is not None:
             for name in os.listdir(old):
                 if name in SWEEP_NAMES:
