@@ -45,7 +45,7 @@ IMAGE_NAMES = ("image.png", "image.jpg", "static/image.png")
 # ---------------------------------------------------------------------------------------------
 
 OUR_NAMES = {"meta.json", "decoded_tokens.npy", "image.jpg", "image.png", "summary.npz", "attention", "attentions_5",
-             "methods"}
+             "methods", "effects.json"}   # effects.json: an intervened run's (smolattn.interventions)
 OUR_FOLDERS = {"attention": re.compile(r"^layer_\d+(\.\w+\.b2|\.npz)$"),          # folder -> the only files it may hold
                "attentions_5": re.compile(r"^attention_fp16_rounded_layer_\d+\.npz$"),
                "methods": re.compile(r"^[A-Za-z0-9_-]+\.npz$")}
@@ -251,13 +251,14 @@ def image_name(info: dict) -> str:
 
 def write_run(out, *, tokens, layers, query_positions, store: str, geometry: geo.Geometry, meta: dict,
               image=None, image_name: str = "image.png", methods: dict | None = None,
-              replace_reference: bool = False) -> Path:
+              replace_reference: bool = False, extra_files: dict | None = None) -> Path:
     """Write a whole run directory atomically (temporary sibling, renamed when complete).
 
     ``layers``: per layer (H, Q, S) attention rows over all S keys for the Q ``query_positions``.
     ``meta``: everything else for meta.json; the format, geometry and attention sections are added here.
     ``methods``: derived maps from ``smolattn.methods.compute`` (written under methods/).
     ``replace_reference``: a reference-format run at ``out`` may be replaced (--replace-reference-run).
+    ``extra_files``: name -> bytes of more files of ours (each name in OUR_NAMES: effects.json).
     """
     if store not in STORES:
         raise UserError(f"unknown store {store!r}; choose one of {', '.join(STORES)}")
@@ -282,6 +283,10 @@ def write_run(out, *, tokens, layers, query_positions, store: str, geometry: geo
             "dtype": "uint8 codes x scale/255 (|error| <= row max/510)" if store == "compact8" else "float16",
         }
         meta["methods"] = write_methods(tmp, methods or {})
+        for name, data in (extra_files or {}).items():
+            if name not in OUR_NAMES:
+                raise ValueError(f"{name} is not a run file name of ours")
+            write_bytes_durably(tmp / name, data)
         # the viewer's summary, from the layers at the precision they are stored (what readers get)
         positions, keep = summary.kept(query_positions, geometry)
         keep = slice(None) if keep is None else keep
