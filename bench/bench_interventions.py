@@ -94,7 +94,7 @@ def main():
             print(f"round {r + 1}: " + ", ".join(f"{k} {times[k][-1]:.2f}s" for k in sides), flush=True)
         med = {k: statistics.median(v) for k, v in times.items()}
         print(f"\nmedian of {args.rounds} rounds:")
-        print(f"  intervene.py (ablate 2 heads: 2 teacher-forced passes + intervened generation + write) "
+        print(f"  intervene.py (ablate 2 heads: both teacher-forced passes + intervened generation + write) "
               f"{med['intervene']:.2f}s vs one extraction {med['extraction']:.2f}s: "
               f"{med['intervene'] / med['extraction']:.3f}x (goal <= 1.25x)")
         for w in p_sweeps:

@@ -194,8 +194,7 @@ def step(loaded: mdl.Loaded, settings: Settings, batch: list[engine.Prepared]) -
 
 
 def write(loaded: mdl.Loaded, settings: Settings, prep: engine.Prepared, out: engine.Output, out_dir,
-          replace_reference: bool = False, intervention: dict | None = None,
-          extra_files: dict | None = None) -> dict:
+          replace_reference: bool = False, intervention: dict | None = None, extra_files: dict | None = None) -> dict:
     """The run directory of one prepared image and its model output (atomically). Returns a summary.
     ``intervention``: meta.intervention of an intervened run; ``extra_files``: its effects.json."""
     store.check_target(out_dir, replace_reference)     # never a folder of the user's

@@ -22,7 +22,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from . import geometry as geo
+from . import outputs
 from . import model as mdl
 from .errors import UserError
 
@@ -40,6 +40,7 @@ ABLATIONS = ("zero", "mean")
 EFFECTS_FILE = "effects.json"
 SWEEP_FORMAT = "smolattn-sweep"
 SWEEP_NAMES = {"meta.json", "sweep.json", "sweep.png"}
+SWEEP = outputs.Kind("sweep folder", SWEEP_NAMES, marker=("meta.json", outputs.JsonField(SWEEP_FORMAT)))
 
 
 @dataclass(frozen=True)
@@ -723,59 +724,21 @@ def intervene(pl: Plan, device=None, loaded=None) -> dict:
 # -------------------------------------------------------------------------------- the sweep folder
 
 def is_sweep(path) -> bool:
+    """A sweep folder of ours: exactly meta.json (our format marker), sweep.json, sweep.png."""
     path = Path(path)
-    if path.is_symlink() or not path.is_dir():
-        return False
-    names = set(os.listdir(path))
-    if not names <= SWEEP_NAMES or "meta.json" not in names:
-        return False
-    if any((path / n).is_symlink() or not (path / n).is_file() for n in names):
-        return False
-    try:
-        return json.loads((path / "meta.json").read_text()).get("format") == SWEEP_FORMAT
-    except (OSError, ValueError, AttributeError):
-        return False
+    return path.is_dir() and not path.is_symlink() and (path / "meta.json").is_file() and SWEEP.owned(path)
 
 
 def check_sweep_target(out) -> None:
-    out = Path(out)
-    if out.is_symlink():
-        raise UserError(f"{out} is a symbolic link; give the folder itself")
-    if out.exists() and not (out.is_dir() and (not os.listdir(out) or is_sweep(out))):
-        raise UserError(f"{out} exists and is not a sweep folder written by intervene.py; it is left untouched: "
-                        "choose a new output folder")
+    outputs.check_target(out, SWEEP, "choose a new output folder")
 
 
 def write_sweep(out, files: dict) -> None:
-    """Write the sweep folder atomically: a temporary sibling, fsynced, renamed in; an earlier sweep
-    folder of ours is set aside first and deleted after (only its own three files)."""
-    from . import outputs             # the write protocol's helpers (moved there from store on main)
-
-    out = Path(out)
-    check_sweep_target(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tag = f"{os.getpid()}-{hashlib.sha256(os.urandom(8)).hexdigest()[:8]}"
-    tmp = out.parent / f".{out.name}.tmp-{tag}"
-    tmp.mkdir()
-    try:
+    """Write the sweep folder with the one writer (temporary sibling, fsynced, renamed in; an earlier
+    sweep folder of ours is set aside and deleted after; a crash leaves the old or the new one)."""
+    with outputs.atomic_dir(out, SWEEP, "choose a new output folder") as tmp:
         for name, data in files.items():
             outputs.write_bytes_durably(tmp / name, data)
-        outputs.fsync_tree(tmp)
-        check_sweep_target(out)
-        old = None
-        if out.exists() and os.listdir(out):
-            old = out.parent / f".{out.name}.old-{tag}"
-            os.rename(out, old)
-        os.rename(tmp, out)
-        outputs.fsync_path(out.parent, directory=True)
-        if old is not None:
-            for name in os.listdir(old):
-                if name in SWEEP_NAMES:
-                    (old / name).unlink()
-            old.rmdir()
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def sweep_png(sw: dict) -> bytes:
