@@ -172,7 +172,8 @@ def run_arms(out, cfg, arms, questions, sources, args, boxes, config) -> int:
     done, failed = [], 0
     for arm, acfg in zip(arms, cfgs):
         folder = out / pope_arms.ARMS_DIR / arm.name
-        print(f"arm {arm.name}: heads {pope_arms.fmt_heads(arm.heads)} ({arm.ablation})", file=sys.stderr)
+        print(f"arm {arm.name}: " + (f"heads {pope_arms.fmt_heads(arm.heads)} ablated ({arm.ablation})" if arm.heads
+                                     else "no head ablated"), file=sys.stderr)
         # --overwrite discards only the arms whose answers are another configuration's (a changed SPEC, draw)
         overwrite = args.overwrite and pope_arms.holds_other(folder / "answers.jsonl", acfg.key())
         rows = answer(folder, acfg, questions, args, boxes, desc=f"POPE {arm.name}", overwrite=overwrite)
