@@ -90,8 +90,8 @@ def parse_args(argv=None):
         ap.error("--control-draws and --control-seed go with --control random")
     args.control_draws = 3 if args.control_draws is None else args.control_draws
     args.control_seed = 0 if args.control_seed is None else args.control_seed
-    if args.control_draws < 1:
-        ap.error("--control-draws must be at least 1")
+    if args.control_draws < 1 or args.control_seed < 0:
+        ap.error("--control-draws must be at least 1 and --control-seed at least 0")
     if args.ablate_heads is not None and (args.answers or args.attention):
         ap.error("--ablate-heads scores answers (not with --answers) and stores no attention runs (not with --attention)")
     if not args.answers and not args.benchmark_file:

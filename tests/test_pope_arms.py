@@ -271,6 +271,7 @@ def test_plain_benchmark_keeps_its_layout_and_fingerprint(arms_run, tiny_dir, da
     (["--control", "random"], "go with --ablate-heads"),
     (["--ablate-heads", "1:0", "--control-draws", "2"], "go with --control random"),
     (["--ablate-heads", "1:0", "--attention"], "not with --attention"),
+    (["--ablate-heads", "1:0", "--control", "random", "--control-seed", "-1"], "--control-seed at least 0"),
 ])
 def test_bad_spec_is_one_line_before_the_model_loads(tiny_dir, data, tmp_path, extra, message):
     out = tmp_path / "out"
