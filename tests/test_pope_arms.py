@@ -309,7 +309,12 @@ def test_a_changed_spec_is_refused_and_overwrite_redoes_only_the_arms_it_changes
     with pytest.raises(UserError, match="another configuration"):
         benchmark.main(argv)
     assert (out / "arms" / "base" / "answers.jsonl").read_bytes() == before["base"]
+    capsys.readouterr()
     assert benchmark.main(argv + ["--overwrite"]) == 0
+    err = capsys.readouterr().err
+    n = len(read(out / "arms" / "base" / "answers.jsonl"))
+    assert err.count(f"{n} questions ({n} already answered)") == 1                          # base: not run again
+    assert err.count(f"{n} questions (0 already answered)") == 2                            # ablated, control-0
     assert (out / "arms" / "base" / "answers.jsonl").read_bytes() == before["base"]          # same configuration: kept
     assert (out / "arms" / "control-1" / "answers.jsonl").read_bytes() == before["control-1"]  # not an arm now: left
     rows = read(out / "arms" / "ablated" / "answers.jsonl")
