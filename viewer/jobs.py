@@ -50,7 +50,8 @@ class _Stream:
             self.prompt_seen = True
             return
         self.ids.extend(int(x) for x in value.reshape(-1).tolist())
-        self.send(("token", len(self.ids), self.tok.decode(self.ids, skip_special_tokens=True)))
+        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        self.send(("token", len(self.ids), text.rstrip("\ufffd")))   # a character's later bytes still to come
 
     def end(self):
         self.send(("phase", "writing"))
@@ -102,6 +103,14 @@ def worker_main(conn, model: dict, threads: int) -> None:
     """The worker process: load the model once, then run the jobs the server sends, one at a time."""
     import torch
 
+    parent = os.getppid()
+
+    def orphaned():   # the server died (killed, no atexit): leave too, also in the middle of a job
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=orphaned, daemon=True, name="orphan-watch").start()
     torch.set_num_threads(threads)
     send = conn.send
     try:

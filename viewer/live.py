@@ -160,7 +160,8 @@ def page_token():
 
 @bp.errorhandler(RequestEntityTooLarge)
 def too_large(e):
-    return jsonify(success=False, error=f"the upload is larger than {UPLOAD_MAX_BYTES >> 20} MiB"), 413
+    return jsonify(success=False, error=f"the request is larger than the server's limit of {size_words(REQUEST_MAX_BYTES)} "
+                   f"(uploads: {size_words(UPLOAD_MAX_BYTES)})"), 413
 
 
 # -- checking what the page sent --------------------------------------------------------------------
@@ -217,13 +218,17 @@ def new_run_dir(root: Path, stem: str) -> Path:
     raise ApiError("too many runs asked this second; try again")
 
 
+def size_words(n: int) -> str:
+    return f"{n / (1 << 20):g} MiB" if n >= 1 << 20 else f"{n / 1024:g} KiB"
+
+
 def read_upload(storage) -> tuple[bytes, str]:
     """(bytes, extension) of an uploaded image: size, format and pixel count checked (header only)."""
     from PIL import Image, UnidentifiedImageError
 
     data = storage.stream.read(UPLOAD_MAX_BYTES + 1)
     if len(data) > UPLOAD_MAX_BYTES:
-        raise ApiError(f"the upload is larger than {UPLOAD_MAX_BYTES >> 20} MiB", 413)
+        raise ApiError(f"the upload is larger than the limit of {size_words(UPLOAD_MAX_BYTES)}", 413)
     if not data:
         raise ApiError("the upload is empty")
     try:
