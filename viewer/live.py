@@ -297,7 +297,8 @@ def status():
     return jsonify(success=True, **snap, limits={
         "upload_bytes": UPLOAD_MAX_BYTES, "request_bytes": REQUEST_MAX_BYTES, "upload_pixels": UPLOAD_MAX_PIXELS,
         "formats": sorted(UPLOAD_FORMATS), "prompt_chars": MAX_PROMPT_CHARS, "max_new_tokens": MAX_NEW_TOKENS,
-        "default_new_tokens": DEFAULT_NEW_TOKENS}, methods=list(mth.names()))
+        "default_new_tokens": DEFAULT_NEW_TOKENS}, methods=list(mth.names()),
+        analysis=bool(current_app.extensions.get("analysis_dir")))
 
 
 @bp.get("/api/live/images")
@@ -380,3 +381,133 @@ def cancel():
     except KeyError:
         raise NotFound(f"unknown job {job_id!r}") from None
     return jsonify(success=True, job=job.id, status=job.status)
+
+
+# -- interventions (issue 18's core, run in the worker) ----------------------------------------------
+def intervention_base(body: dict):
+    """(name, run) of the run to rerun under an intervention: a run of ours, made with the loaded model."""
+    if not isinstance(body, dict):
+        raise ApiError("the request body must be a JSON object")
+    name = body.get("run")
+    if not isinstance(name, str) or not name:
+        raise ApiError("parameter 'run' is required")
+    run = registry().run(name)                     # NotFound (404) outside the root
+    meta = run.meta
+    if not meta or "token_ids" not in meta:
+        raise ApiError(f"run {name!r} records no configuration to rerun (a reference-format run?)")
+    if isinstance(meta.get("intervention"), dict):
+        raise ApiError(f"run {name!r} is itself an intervened run; intervene on its base run")
+    if not model_matches(meta):
+        raise ApiError(f"run {name!r} was made with {(meta.get('model') or {}).get('id')!r}; this server has "
+                       f"{(live().info or {}).get('model')!r} loaded")
+    return name, run
+
+
+def layer_span(value, name: str, num_layers: int) -> tuple[int, int]:
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        raise ApiError(f"{name} must be [first, last]")
+    lo, hi = (as_int(v, name, 0, num_layers - 1) for v in value)
+    if lo > hi:
+        raise ApiError(f"{name}: the first layer {lo} is after the last {hi}")
+    return lo, hi
+
+
+def box_words(value, size) -> str:
+    """box [x0, y0, x1, y1] in the original image's pixels, inside the image, non-empty -> 'x0,y0,x1,y1'."""
+    if not isinstance(value, (list, tuple)) or len(value) != 4:
+        raise ApiError("box must be [x0, y0, x1, y1] (pixels of the original image)")
+    x0, y0, x1, y1 = (as_number(v, "box") for v in value)
+    w, h = size
+    if not (0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h):
+        raise ApiError(f"the box {[round(v, 1) for v in (x0, y0, x1, y1)]} is not inside the {w}x{h} image "
+                       "(x0 < x1, y0 < y1)")
+    return ",".join(f"{v:g}" for v in (round(x0), round(y0), round(x1), round(y1)))
+
+
+def target_words(kind, box, size) -> str:
+    if kind not in KNOCKOUT_TO:
+        raise ApiError(f"to must be one of {', '.join(KNOCKOUT_TO)}, got {kind!r}")
+    return f"{kind}:{box_words(box, size)}" if kind in ("box", "outside") else kind
+
+
+def submit_intervention(kind: str, name: str, run, argv: list[str], label: str):
+    """Queue the core's intervene/sweep for ``argv`` (intervene.py's words) into <run>.<slug>."""
+    import argparse
+
+    try:
+        from smolattn import interventions as iv
+    except ImportError:
+        raise ApiError("this checkout has no interventions core (smolattn/interventions.py)", 501) from None
+    ap = argparse.ArgumentParser(add_help=False)
+    iv.add_arguments(ap)
+    out = run.path.parent / f"{run.path.name}.{iv.slug(ap.parse_args(['--run', str(run.path)] + argv))}"
+    if str(out) in live().reserved():
+        raise ApiError("this intervention of this run is queued already")
+    argv = ["--run", str(run.path), "--output-dir", str(out)] + argv
+    job = live().submit(kind, f"{name}: {label}", {"argv": argv, "out": str(out), "name": run_name(out)})
+    return jsonify(success=True, job=job.id, target=run_name(out), argv=argv)
+
+
+@bp.post("/api/live/intervene")
+def intervene():
+    """Rerun a run's configuration under heads ablated, a knockout and/or image blocked from a layer;
+    the result is <run>.<slug> with effects.json, opened with "compare with base"."""
+    body = request.get_json(silent=True)
+    name, run = intervention_base(body)
+    L, H = run.num_layers, run.num_heads
+    argv, words = [], []
+    heads, top = body.get("heads"), body.get("top")
+    if heads and top:
+        raise ApiError("give heads or top, not both")
+    if heads:
+        if not isinstance(heads, list) or len(heads) > L * H:
+            raise ApiError("heads must be a list of [layer, head] pairs")
+        if not all(isinstance(p, (list, tuple)) and len(p) == 2 for p in heads):
+            raise ApiError("heads must be a list of [layer, head] pairs")
+        pairs = sorted({(as_int(a, "layer", 0, L - 1), as_int(b, "head", 0, H - 1)) for a, b in heads})
+        argv += ["--ablate-heads", ",".join(f"{a}:{b}" for a, b in pairs)]
+        words.append(f"{len(pairs)} head(s) off")
+    elif top:
+        analysis = current_app.extensions.get("analysis_dir")
+        if not analysis:
+            raise ApiError("top N needs a head analysis (start the viewer with --analysis DIR)")
+        n = as_int(top, "top", 1, min(MAX_TOP_HEADS, L * H))
+        argv += ["--ablate-heads", f"top:{n}", "--analysis", str(analysis)]
+        words.append(f"top {n} localisation heads off")
+    if argv:
+        ablation = body.get("ablation", "zero")
+        if ablation not in ("zero", "mean"):
+            raise ApiError(f"ablation must be zero or mean, got {ablation!r}")
+        argv += ["--ablation", ablation]
+    ko = body.get("knockout")
+    if ko:
+        if not isinstance(ko, dict):
+            raise ApiError("knockout must be an object {from, to, box, layers}")
+        frm = ko.get("from")
+        if frm not in KNOCKOUT_FROM:
+            raise ApiError(f"knockout from must be one of {', '.join(KNOCKOUT_FROM)}, got {frm!r}")
+        to = target_words(ko.get("to"), ko.get("box"), run.image_size())
+        lo, hi = layer_span(ko.get("layers"), "knockout layers", L)
+        argv += ["--knockout", "--from", frm, "--to", to, "--layers", f"{lo}-{hi}"]
+        words.append(f"knockout {frm} → {to} layers {lo}-{hi}")
+    if body.get("block_from") is not None:
+        b = as_int(body["block_from"], "block_from", 0, L - 1)
+        argv += ["--block-image-from", str(b)]
+        words.append(f"image blocked from layer {b}")
+    if not words:
+        raise ApiError("choose an intervention: heads to switch off, a box to knock out, or a layer to block the image from")
+    return submit_intervention("intervene", name, run, argv, " + ".join(words))
+
+
+@bp.post("/api/live/sweep")
+def sweep():
+    """The layer-window knockout sweep of a run (for its first answer token): a sweep folder."""
+    body = request.get_json(silent=True)
+    name, run = intervention_base(body)
+    frm = body.get("from", "last")
+    if frm not in SWEEP_FROM:
+        raise ApiError(f"sweep from must be one of {', '.join(SWEEP_FROM)}, got {frm!r}")
+    to = target_words(body.get("to", "image"), body.get("box"), run.image_size())
+    window = as_int(body.get("window", 9), "window", 1, min(MAX_WINDOW, run.num_layers))
+    argv = ["--sweep", "--from", frm, "--to", to, "--window", str(window)]
+    return submit_intervention("sweep", name, run, argv, f"sweep {frm} → {to}, window {window}")
