@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
+import shutil
 import time
 from pathlib import Path
 
@@ -217,3 +219,81 @@ def test_cli_refuses_bad_combinations_before_loading(tmp_path):
     assert lv.start(p.parse_args(["--runs", str(tmp_path)])) is None
     with pytest.raises(UserError, match="model directory not found"):    # the worker's one line, at startup
         lv.start(p.parse_args(["--runs", str(tmp_path), "--model-id", str(tmp_path / "nope")]))
+
+
+# -- interventions through the worker (the interventions core) --------------------------------------
+@pytest.fixture
+def asked(client, worker, root):
+    """A run asked through the live worker (the tiny stand-in), its name."""
+    pytest.importorskip("smolattn.interventions", reason="the interventions core is not in this checkout")
+    r = ask(client, token(client), image=(io.BytesIO(png((320, 240))), "box.png"), max_new_tokens="5")
+    job = wait(worker, r.json["job"])
+    assert job.status == "done", job.error
+    return r.json["run"]
+
+
+def post(client, url, body):
+    return client.post(url, json=body, headers={**HOST, lv.TOKEN_HEADER: token(client)})
+
+
+def test_intervene_checks_every_value_against_the_run(client, asked, root):
+    bad = [
+        ({"heads": [[4, 0]]}, "layer must be between 0 and 3"),
+        ({"heads": [[0, 4]]}, "head must be between 0 and 3"),
+        ({"heads": [["a", 0]]}, "must be an integer"),
+        ({"heads": [[0]]}, "[layer, head] pairs"),
+        ({"top": 4}, "needs a head analysis"),
+        ({"heads": [[0, 0]], "ablation": "half"}, "zero or mean"),
+        ({"knockout": {"from": "last", "to": "box", "box": [0, 0, 321, 100], "layers": [0, 3]}}, "not inside the 320x240"),
+        ({"knockout": {"from": "last", "to": "box", "box": [50, 50, 10, 100], "layers": [0, 3]}}, "not inside"),
+        ({"knockout": {"from": "last", "to": "box", "box": [0, 0, float("nan"), 1], "layers": [0, 3]}}, "must be"),
+        ({"knockout": {"from": "everything", "to": "image", "layers": [0, 3]}}, "knockout from must be one of"),
+        ({"knockout": {"from": "last", "to": "image", "layers": [2, 1]}}, "after the last"),
+        ({"knockout": {"from": "last", "to": "image", "layers": [0, 9]}}, "between 0 and 3"),
+        ({"block_from": 4}, "block_from must be between 0 and 3"),
+        ({}, "choose an intervention"),
+    ]
+    for extra, words in bad:
+        r = post(client, "/api/live/intervene", {"run": asked, **extra})
+        assert r.status_code == 400 and words in r.json["error"], (extra, r.json)
+    assert post(client, "/api/live/intervene", {"run": "nope", "heads": [[0, 0]]}).status_code == 404
+    r = post(client, "/api/live/intervene", {"run": "photo", "heads": [[0, 0]]})      # a synthetic run
+    assert r.status_code == 400 and "records no configuration to rerun" in r.json["error"]
+    other = root / "other"                                  # the asked run, as if another model made it
+    shutil.copytree(root / asked, other)
+    meta = json.loads((other / "meta.json").read_text())
+    meta["model"]["id"] = "someone/else"
+    (other / "meta.json").write_text(json.dumps(meta))
+    r = post(client, "/api/live/intervene", {"run": "other", "heads": [[0, 0]]})
+    assert r.status_code == 400 and "made with 'someone/else'" in r.json["error"] and "this server has" in r.json["error"]
+    r = post(client, "/api/live/sweep", {"run": asked, "from": "answer"})
+    assert r.status_code == 400 and "sweep from must be one of" in r.json["error"]
+    r = post(client, "/api/live/sweep", {"run": asked, "window": 0})
+    assert r.status_code == 400 and "window must be between 1" in r.json["error"]
+
+
+def test_intervene_and_sweep_run_in_the_worker(client, worker, asked, root):
+    r = post(client, "/api/live/intervene", {"run": asked, "heads": [[0, 1], [2, 3]]})
+    assert r.status_code == 200, r.json
+    assert r.json["target"] == f"{asked}.ablate-0.1-2.3"
+    job = wait(worker, r.json["job"])
+    assert job.status == "done", job.error
+    cmp = client.get(f"/api/compare?run={r.json['target']}", headers=HOST).json
+    assert cmp["success"] and cmp["base"] == asked and cmp["effects"] is not None
+    assert cmp["intervention"]["heads"] == [[0, 1], [2, 3]]
+    # a knockout of a box plus image blocked from layer 2
+    r = post(client, "/api/live/intervene", {"run": asked, "knockout": {"from": "last", "to": "box",
+                                                                       "box": [0, 0, 160, 120], "layers": [1, 2]},
+                                            "block_from": 3})
+    job = wait(worker, r.json["job"])
+    assert job.status == "done", job.error
+    iv = store.Run(root / r.json["target"]).meta["intervention"]
+    assert iv["kind"] == ["knockout", "block-image"] and iv["spec"]["knockouts"][0]["to"] == "box:0,0,160,120"
+    r = post(client, "/api/live/sweep", {"run": asked, "from": "last", "to": "image", "window": 3})
+    job = wait(worker, r.json["job"])
+    assert job.status == "done", job.error
+    sw = client.get(f"/api/sweep?name={r.json['target']}", headers=HOST).json
+    assert sw["success"] and sw["sweep"]["window"] == 3 and len(sw["sweep"]["centres"]) == 4
+    # an intervened run is not intervened on again
+    r = post(client, "/api/live/intervene", {"run": f"{asked}.ablate-0.1-2.3", "heads": [[0, 0]]})
+    assert r.status_code == 400 and "itself an intervened run" in r.json["error"]

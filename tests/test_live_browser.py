@@ -159,3 +159,101 @@ def test_posts_without_the_token_or_from_another_origin_are_refused(page, server
     assert e.value.code == 403
     snap = page.evaluate("fetch('/api/live/status').then(r => r.json())")
     assert not [j for j in snap["jobs"] if j["label"].endswith((": hi", ": x"))]     # none of these became a job
+
+
+@pytest.fixture(scope="module")
+def base_run(server, worker, tmp_path_factory):
+    """A run of the live worker (the tiny stand-in), to intervene on: its name."""
+    pytest.importorskip("smolattn.interventions", reason="the interventions core is not in this checkout")
+    _, root = server
+    image = photo(tmp_path_factory.mktemp("base") / "field.png")
+    job = worker.submit("ask", "base", {"image": str(image), "prompt": "Is there a sun?", "max_new_tokens": 6,
+                                        "methods": ["raw"], "out": str(root / "live" / "base-field"),
+                                        "name": "live/base-field"})
+    import time
+    while not worker.job(job.id).done:
+        time.sleep(0.05)
+    assert worker.job(job.id).status == "done", worker.job(job.id).error
+    return "live/base-field"
+
+
+def open_base(page, url, name):
+    page.set_default_timeout(120_000)
+    page.goto(f"{url}/?run={name}")
+    page.wait_for_selector("#overlay[data-index]")
+    page.wait_for_selector("#lv-iv:not([hidden])")
+
+
+def test_toggle_two_heads_off_run_and_compare_with_base(page, server, base_run):
+    url, _ = server
+    open_base(page, url, base_run)
+    page.check("#lv-pick-heads")
+    for layer, head in ((0, 1), (2, 3)):
+        page.click(f'#overview .cell[data-layer="{layer}"][data-head="{head}"]')
+    off = page.eval_on_selector_all("#overview .cell.lv-off", "els => els.map(e => [+e.dataset.layer, +e.dataset.head])")
+    assert sorted(off) == [[0, 1], [2, 3]]
+    assert page.input_value("#layer-mode") == "range"        # picking heads did not change the view
+    assert page.inner_text("#lv-heads-count") == "2 heads off: 0:1, 2:3"
+    page.click('.token[data-index]:not(.special) >> nth=-1')  # another token: the grid is drawn again ...
+    page.wait_for_timeout(300)
+    assert page.locator("#overview .cell.lv-off").count() == 2   # ... and keeps the marks
+    shot(page, "live-intervene-heads.png")
+    page.click("#lv-iv-run")
+    page.wait_for_url("**compare_base=1**")
+    page.wait_for_selector("#iv-ov-base[data-index]")
+    page.wait_for_selector("#iv-ov-run[data-index]")
+    assert page.inner_text("#iv-badge") == "ablated 0:1, 2:3"
+    assert page.locator("#iv-chart svg rect.bar").count() >= 1
+    assert page.inner_text("#iv-answer-base") not in ("", "–")
+    shot(page, "live-compare-heads.png")
+
+
+def test_draw_a_box_and_run_a_knockout(page, server, base_run):
+    url, root = server
+    open_base(page, url, base_run)
+    page.click("#lv-draw")
+    box = page.locator("#image").bounding_box()
+    x0, y0 = box["x"] + box["width"] * 0.55, box["y"] + box["height"] * 0.05
+    x1, y1 = box["x"] + box["width"] * 0.85, box["y"] + box["height"] * 0.40
+    page.mouse.move(x0, y0)
+    page.mouse.down()
+    page.mouse.move(x1, y1, steps=6)
+    page.mouse.up()
+    assert page.locator("#lv-boxrect").is_visible()
+    got = [int(v) for v in page.inner_text("#lv-box").removeprefix("box ").removesuffix(" px").split(", ")]
+    assert all(abs(a - b) <= 2 for a, b in zip(got, [264, 18, 408, 144])), got   # 480 x 360 pixels
+    assert page.is_checked("#lv-ko-on") and page.inner_text("#reverse-list") == ""   # no reverse-view click
+    page.select_option("#lv-ko-from", "last")
+    page.select_option("#lv-ko-to", "box")
+    page.select_option("#lv-ko-lo", "1")
+    page.select_option("#lv-ko-hi", "3")
+    shot(page, "live-intervene-box.png")
+    page.click("#lv-iv-run")
+    page.wait_for_url("**compare_base=1**")
+    page.wait_for_selector("#iv-ov-base[data-index]")
+    badge = page.inner_text("#iv-badge")
+    assert badge.startswith("knockout last → box:") and badge.endswith("layers 1-3"), badge
+    shot(page, "live-compare-box.png")
+    # the box in a sweep: the curve opens
+    open_base(page, url, base_run)
+    page.select_option("#lv-ko-to", "image")
+    page.fill("#lv-window", "3")
+    page.click("#lv-iv-sweep")
+    page.wait_for_url("**/sweep?name=**")
+    page.wait_for_selector("#sw-picture:not([hidden])")
+    shot(page, "live-sweep.png")
+
+
+def test_a_bad_intervention_answers_one_line(page, server, base_run):
+    url, _ = server
+    open_base(page, url, base_run)
+    page.check("#lv-ko-on")
+    page.select_option("#lv-ko-to", "box")          # no box drawn
+    page.click("#lv-iv-run")
+    page.wait_for_selector("#lv-iv-error:not([hidden])")
+    assert page.inner_text("#lv-iv-error") == "draw a box on the photo first (or knock out the whole image)"
+    page.select_option("#lv-ko-to", "image")
+    page.uncheck("#lv-ko-on")
+    page.click("#lv-iv-run")                        # nothing chosen: the server's line
+    page.wait_for_function("() => document.getElementById('lv-iv-error').textContent.startsWith('choose')")
+    assert "\n" not in page.inner_text("#lv-iv-error")
