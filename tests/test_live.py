@@ -204,6 +204,20 @@ def test_cancel_kills_the_worker_and_leaves_nothing(client, worker, root):
     assert wait(worker, a.json["job"]).status == "done"
 
 
+def test_cancel_during_a_long_prefill(client, worker, root):
+    tok = token(client)
+    pid = worker.wait_ready(300)["pid"]
+    r = ask(client, tok, image=(io.BytesIO(png((2048, 1536))), "big.png"), max_new_tokens="4")
+    job_id = r.json["job"]
+    wait(worker, job_id, lambda j: j.status == "running")
+    assert client.post("/api/live/cancel", json={"job": job_id}, headers={**HOST, lv.TOKEN_HEADER: tok}).status_code == 200
+    job = wait(worker, job_id)
+    assert job.status == "cancelled" and job.tokens == 0 and "during prefill" in job.error
+    assert not (root / r.json["run"]).exists()
+    assert worker.wait_ready(300)["pid"] != pid      # started again, the model loaded
+    assert client.get("/api/live/status", headers=HOST).json["state"] == "ready"
+
+
 def test_cli_refuses_bad_combinations_before_loading(tmp_path):
     p = argparse.ArgumentParser()
     p.add_argument("--runs")
