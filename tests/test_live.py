@@ -311,3 +311,20 @@ def test_intervene_and_sweep_run_in_the_worker(client, worker, asked, root):
     # an intervened run is not intervened on again
     r = post(client, "/api/live/intervene", {"run": f"{asked}.ablate-0.1-2.3", "heads": [[0, 0]]})
     assert r.status_code == 400 and "itself an intervened run" in r.json["error"]
+
+
+def test_a_worker_killed_while_writing_leaves_nothing(make_app, root, monkeypatch):
+    monkeypatch.setenv(store.CRASH_ENV, "writing")       # the writer SIGKILLs its own process mid-run
+    w = Live({"id": str(standin.ensure("tiny")), "device": "cpu"}, threads=1)
+    try:
+        w.wait_ready(300)
+        c = make_app(RUNS=str(root), LIVE=w).test_client()
+        r = ask(c, token(c), image=(io.BytesIO(png()), "a.png"), max_new_tokens="3")
+        job = wait(w, r.json["job"])
+        assert job.status == "failed" and "the model worker died" in job.error
+        live_dir = root / "live"
+        assert not (root / r.json["run"]).exists()
+        assert [p.name for p in live_dir.iterdir()] == [lv.UPLOAD_DIR]      # no temporary folder left
+        assert not list((live_dir / lv.UPLOAD_DIR).iterdir())                # nor the upload
+    finally:
+        w.close()
