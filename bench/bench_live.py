@@ -35,7 +35,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from PIL import Image  # noqa: E402
-
 from smolattn import standin  # noqa: E402
 
 
@@ -114,6 +113,7 @@ def main():
     ap.add_argument("--tokens", type=int, default=32, help="max new tokens of the plain / intervened reruns")
     ap.add_argument("--requests", type=int, default=60, help="read-only requests per route and condition")
     args = ap.parse_args()
+    sys.stdout.reconfigure(line_buffering=True)      # each figure as it comes, also into a file
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     import torch
     from werkzeug.serving import make_server
