@@ -188,21 +188,43 @@ def main():
         except ImportError:
             have_core = False
         if have_core:
-            plain, iv = [], []
-            for k in range(args.rounds):
+            import argparse as _ap
+
+            from smolattn import interventions as ivc
+
+            def cli_intervene(k):   # intervene.py's path in this process, the model loaded: the same spec
+                p = _ap.ArgumentParser()
+                ivc.add_arguments(p)
+                argv = ["--run", str(root / name), "--ablate-heads", "0:0,1:1", "--output-dir", str(tmp / f"cli-iv{k}")]
                 t0 = time.perf_counter()
-                j = c.ask({"image_run": name, "prompt": prompt, "max_new_tokens": str(args.tokens)})["job"]
-                ev.wait("done", j)
-                plain.append(time.perf_counter() - t0)
+                pl = ivc.plan(p.parse_args(argv), argv)
+                ivc.check_output(pl)
+                ivc.intervene(pl, loaded=loaded)
+                return time.perf_counter() - t0
+
+            def live_intervene():
                 t0 = time.perf_counter()
                 j = c.post("/api/live/intervene", json.dumps({"run": name, "heads": [[0, 0], [1, 1]]}).encode(),
                            "application/json")["job"]
                 got = ev.wait("done", j)
                 assert got[1] == "done", got
-                iv.append(time.perf_counter() - t0)
+                return time.perf_counter() - t0
+
+            cli_intervene(-1)      # warm-ups: the first pass through the core's code in each process
+            live_intervene()
+            plain, iv, cli = [], [], []
+            for k in range(args.rounds):
+                cli.append(cli_intervene(k))
+                t0 = time.perf_counter()
+                j = c.ask({"image_run": name, "prompt": prompt, "max_new_tokens": str(args.tokens)})["job"]
+                ev.wait("done", j)
+                plain.append(time.perf_counter() - t0)
+                iv.append(live_intervene())
             print(f"[{args.shape}] intervention rerun (2 heads ablated) {statistics.median(iv):.3f}s vs plain rerun "
                   f"{statistics.median(plain):.3f}s ({args.tokens} max new tokens): "
                   f"{statistics.median(iv) / statistics.median(plain):.3f}x  (goal <= 1.15x; medians of {args.rounds})")
+            print(f"[{args.shape}] the same intervention in this process (intervene.py's path, model loaded) "
+                  f"{statistics.median(cli):.3f}s: the live job is {statistics.median(iv) / statistics.median(cli):.3f}x it")
         else:
             print(f"[{args.shape}] intervention rerun: skipped (no smolattn.interventions in this checkout)")
 
