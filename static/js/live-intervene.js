@@ -171,6 +171,7 @@
       if (!job) return;
       const s = byId("lv-iv-status");
       s.dataset.status = job.status;
+      byId("lv-iv-cancel").hidden = !["queued", "running"].includes(job.status);
       if (job.status === "done") {
         s.textContent = "Done: opening…";
         location.href = Live.where(job);
@@ -185,6 +186,7 @@
   }
 
   byId("lv-iv-run").addEventListener("click", () => submit("/api/live/intervene", body));
+  byId("lv-iv-cancel").addEventListener("click", () => Live.post("/api/live/cancel", {job: st.job}).catch((e) => error(e.message)));
   byId("lv-iv-sweep").addEventListener("click", () => submit("/api/live/sweep", () => {
     const frm = byId("lv-ko-from").value;
     if (frm === "answer") throw new Error("a sweep measures the first answer token: knock out from the last token, the question or all text");
