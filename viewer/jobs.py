@@ -265,7 +265,8 @@ class Live:
         with self.cond:
             queued = {j.id: k for k, j in enumerate(self.queue)}
             jobs = sorted(self.jobs.values(), key=lambda j: j.created, reverse=True)
-            return {"version": self.version, "state": self.state, "error": self.error, "model": self.info,
+            return {"version": self.version, "closed": self._closed, "state": self.state, "error": self.error,
+                    "model": self.info,
                     "restarts": self.restarts, "jobs": [j.to_json(queued.get(j.id)) for j in jobs]}
 
     def wait_change(self, version: int, timeout: float) -> dict:

@@ -303,7 +303,7 @@ def status():
 
 @bp.get("/api/live/images")
 def images():
-    """Runs under the root that hold an image, to ask about again (the newest first)."""
+    """Runs under the root (by name, at most 200; ``q`` filters), to ask about their stored image again."""
     reg = registry()
     q = str(request.args.get("q", "")).lower()
     out = []
@@ -328,6 +328,8 @@ def events():
         v = version
         while True:
             snap = w.wait_change(v, 15.0)
+            if snap["closed"]:
+                return
             if snap["version"] == v:
                 yield ": keep-alive\n\n"
                 continue
