@@ -14,9 +14,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-import re
 import secrets
-import shutil
 import threading
 import time
 import traceback
@@ -406,23 +404,13 @@ class Live:
 
     @staticmethod
     def _clean_partial(job: Job, pid: int) -> None:
-        """What a killed worker (``pid``) left of this job's output: temporary folders only."""
-        from smolattn import store
+        """What a killed worker left of this job's output: the one writer's temporary (or set-aside)
+        folders of dead processes (runs and sweep folders alike)."""
+        from smolattn import outputs
 
         out = job.args.get("out")
-        if not out:
-            return
-        out = Path(out)
-        store.recover(out.parent, [out.name])          # the run writer's temporaries of dead processes
-        if job.kind == "sweep" and out.parent.is_dir():  # the sweep writer's: .<name>.tmp-<pid>-<hex8>
-            pat = re.compile(rf"^\.{re.escape(out.name)}\.(tmp|old)-{pid}-[0-9a-f]{{8}}$")
-            for entry in os.scandir(out.parent):
-                m = pat.match(entry.name)
-                if m and entry.is_dir(follow_symlinks=False):
-                    if m.group(1) == "old" and not out.exists():
-                        os.rename(entry.path, out)           # killed between its two renames: the old one back
-                    else:
-                        shutil.rmtree(entry.path, ignore_errors=True)
+        if out:
+            outputs.recover(Path(out).parent, [Path(out).name])
 
     def close(self) -> None:
         with self.cond:
