@@ -161,7 +161,10 @@ def test_ask_streams_and_writes_a_normal_run(client, worker, root):
     tok = token(client)
     seen = []
     before = worker.version
-    r = ask(client, tok, image=(io.BytesIO(png((320, 240))), "red square.png"), max_new_tokens="8", methods="raw,rollout")
+    noisy = io.BytesIO()
+    Image.effect_noise((320, 240), 64).convert("RGB").save(noisy, "PNG")
+    assert noisy.tell() > 2 * (64 << 10)          # far above the read-only viewer's request limit (64 KiB)
+    r = ask(client, tok, image=(io.BytesIO(noisy.getvalue()), "red square.png"), max_new_tokens="8", methods="raw,rollout")
     assert r.status_code == 200, r.json
     name = r.json["run"]
     assert name.startswith("live/") and name.endswith("-red-square")
