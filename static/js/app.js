@@ -133,6 +133,7 @@ async function loadRun(name, wanted = null) {
   state.info = info;
   document.title = `${info.run} · ${TITLE}`;
   $("standin-banner").hidden = !info.standin;
+  $("export-html").href = `/export?run=${encodeURIComponent(info.run)}`;
   const g = info.geometry;
   $("run-meta").textContent = `${info.run} · ${info.model || "unknown model"} · ${g.image_size[0]}×${g.image_size[1]} px · `
     + (g.rows ? `${g.rows}×${g.cols} tiles` : "global tile only") + ` · ${info.num_layers} layers × ${info.num_heads} heads`;
