@@ -132,8 +132,9 @@ def call(app, endpoint: str, path: str, args: dict):
     return resp
 
 
-def payload(app, name: str) -> tuple[dict, str]:
-    """(the page's data, the encoded blob) for run ``name`` of ``app``'s registry."""
+def payload(app, name: str, start: str | None = None) -> tuple[dict, str]:
+    """(the page's data, the encoded blob) for run ``name`` of ``app``'s registry; ``start``: the
+    view the page opens at, as the viewer's URL query (token=...&layers=...), when its URL has none."""
     reg = app.extensions["runs"]
     run = reg.run(name)
     info = call(app, "api.initialize", "/api/initialize", {"run": name}).get_json()
@@ -175,7 +176,7 @@ def payload(app, name: str) -> tuple[dict, str]:
         "positions": [int(p) for p in positions],
         "text_keys": [int(p) for p in run.text_key_positions[:text_q.shape[-1]]],
         "shape": {"layers": L, "heads": H, "rows": Q, "image_keys": K, "text_keys": int(text_q.shape[-1])},
-        "methods": methods, "arrays": blob.manifest, "alphabet": B85,
+        "methods": methods, "arrays": blob.manifest, "alphabet": B85, "start": start or "",
     }
     text, data["packed_bytes"] = blob.encoded()
     return data, text
@@ -231,9 +232,9 @@ def inline(app, html: str, data: dict, blob: str) -> str:
     return html
 
 
-def render(app, name: str) -> str:
+def render(app, name: str, start: str | None = None) -> str:
     """The whole exported file for run ``name`` of ``app`` (a viewer app)."""
-    data, blob = payload(app, name)
+    data, blob = payload(app, name, start)
     return inline(app, page(app), data, blob)
 
 

@@ -729,7 +729,7 @@ function wire() {
 
 async function main() {
   wire();
-  const wanted = new URLSearchParams(location.search);
+  const wanted = new URLSearchParams(location.search || window.smolattnStart || "");   // exports: offline.js
   try {
     const runs = await listRuns();
     const name = wanted.get("run") || (runs.find((e) => !e.error) || {}).name;

@@ -340,6 +340,7 @@
     return new Response(JSON.stringify(body), { status, headers: { "Content-Type": "application/json" } });
   };
   window.smolattnExport = { data: DATA, ready, answer };
+  window.smolattnStart = DATA.start;   // the view to open at when the URL has none (app.js main)
 
   // A file:// page may not rewrite its own URL in some browsers: the URL state is then simply not kept.
   const replaceState = history.replaceState.bind(history);
