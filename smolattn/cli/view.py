@@ -6,7 +6,7 @@
     smolattn-view --runs runs/         # every run under runs/, with a searchable picker
     smolattn-view --export runs/cat cat.html   # the run as one HTML file that needs no server
 
-(``python app.py`` in a checkout is the same command.)
+Console command: ``smolattn-view`` (``python app.py`` in a checkout is the same).
 """
 from __future__ import annotations
 

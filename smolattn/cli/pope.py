@@ -1,0 +1,145 @@
+"""Run SmolVLM on POPE and score it under the official, lmms-eval and VLMEvalKit conventions.
+
+Console command: ``smolattn-pope`` (``python benchmark.py`` in a checkout is the same).
+
+    python benchmark.py --benchmark-file ../POPE/output/coco --image-root ../COCO/val2014
+    python benchmark.py --benchmark-file pope_subset_random.json --limit 60 --model-id models/tiny
+    python benchmark.py --answers benchmark_output/answers.jsonl        # re-score, no model
+
+Writes answers.jsonl (one row per question, appended as it goes: a rerun resumes), results.json and
+results.md to --output-dir and prints the table. Details: docs/pope.md.
+"""
+import argparse
+import functools
+import sys
+from pathlib import Path
+
+from smolattn import engine
+from smolattn import extract as ex
+from smolattn import model as mdl
+from smolattn import pope
+from smolattn import pope_runner as pr
+from smolattn.batch import run_engine
+from smolattn.errors import UserError, run_cli
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--benchmark-file", nargs="+", metavar="PATH",
+                    help="POPE JSON-lines file(s) (question_id, image, text, label), or a folder holding "
+                         "coco_pope_{random,popular,adversarial}.json")
+    ap.add_argument("--image-root", default="../COCO/val2014", help="folder of the COCO val2014 images")
+    ap.add_argument("--output-dir", default="benchmark_output")
+    ap.add_argument("--limit", type=int, default=0, help="only the first N questions, in file order (0: all)")
+    mdl.add_model_arguments(ap)
+    ap.add_argument("--longest-edge", type=int, default=None, help="processor resize of the longest edge "
+                    "(default: the checkpoint's own, 2048 for SmolVLM-256M: up to 4x4 tiles + global; "
+                    "512: global tile only, ~10x faster)")
+    ap.add_argument("--batch-size", type=int, default=None,
+                    help="images whose questions are answered in one generate call (default: 8 on a GPU, 1 on CPU)")
+    ap.add_argument("--prompt-suffix", default=pope.DEFAULT_SUFFIX,
+                    help="appended to each question; default lmms-eval's %(default)r, so a 256M model answers "
+                         "with one word (VLMEvalKit adds none: pass '' to match it)")
+    ap.add_argument("--max-new-tokens", type=int, default=8,
+                    help="greedy answer length cap; 'Yes'/'No' take 1-2 tokens, all three parsers look at the start")
+    ap.add_argument("--answers", metavar="FILE", help="re-score a saved answers.jsonl; loads no model")
+    ap.add_argument("--overwrite", action="store_true", help="discard answers made with another configuration")
+    ap.add_argument("--naive", action="store_true", help="encode the image again for every question (slow; for checks)")
+    ap.add_argument("--attention", action="store_true",
+                    help="also store each question's object-word attention run under OUTPUT_DIR/attention/")
+    ap.add_argument("--annotations", metavar="COCO_JSON",
+                    help="COCO instances JSON: score how well the attention localises the object (needs --attention)")
+    ap.add_argument("--engine", choices=("local", "ray"), default="local")
+    ap.add_argument("--num-workers", type=int, default=1)
+    ap.add_argument("--ray-address", default=None)
+    ap.add_argument("--cpus-per-worker", type=float, default=1, help="CPUs per Ray actor (= torch threads on CPU)")
+    ap.add_argument("--gpus-per-worker", type=float, default=0)
+    args = ap.parse_args(argv)
+    if args.engine == "local" and args.num_workers != 1:
+        ap.error("--num-workers > 1 needs --engine ray (the local engine runs one worker)")
+    if args.limit < 0 or args.max_new_tokens < 1 or (args.longest_edge or 1) < 1 or args.num_workers < 1 \
+            or (args.batch_size or 1) < 1:
+        ap.error("--limit must be >= 0; --max-new-tokens, --longest-edge, --batch-size and --num-workers >= 1")
+    if args.annotations and not args.attention:
+        ap.error("--annotations needs --attention")
+    if not args.answers and not args.benchmark_file:
+        ap.error("--benchmark-file is required (e.g. ../POPE/output/coco or coco_pope_popular.json), "
+                 "unless --answers re-scores saved answers")
+    return args
+
+
+def load_questions(paths, limit):
+    try:
+        questions = pope.load_questions(paths)
+        sources = pope.describe_sources(paths)
+    except pope.PopeInputError as e:
+        raise UserError(str(e))
+    return questions[:limit] if limit else questions, sources
+
+
+def finish(out_dir, rows, sources, config, expected=None) -> int:
+    results, md = pope.report(rows, sources=sources, config=config, expected=expected)
+    pope.write_report(out_dir, results, md)
+    print(md)
+    c = results["counts"]
+    if c["errors"]:
+        print(f"{c['errors']} questions failed ({c['images_missing']} images missing); see the error rows in "
+              f"{Path(out_dir) / 'answers.jsonl'}", file=sys.stderr)
+    return 1 if c["errors"] else 0
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    out = Path(args.output_dir)
+    if args.answers:   # re-score only
+        sources = load_questions(args.benchmark_file, 0)[1] if args.benchmark_file else None
+        out.mkdir(parents=True, exist_ok=True)
+        return finish(out, pope.read_answers(args.answers), sources, None)
+
+    questions, sources = load_questions(args.benchmark_file, args.limit)
+    boxes = pr.load_boxes(args.annotations) if args.annotations else None
+    device = args.device or ("cuda" if args.engine == "ray" and args.gpus_per_worker else mdl.default_device())
+    cfg = pr.Config(mdl.resolve_model_id(args.model_id), args.revision, device,
+                    args.dtype or mdl.default_dtype(device), args.prompt_suffix,
+                    args.longest_edge, args.max_new_tokens, args.naive,
+                    str(out / "attention") if args.attention else None,
+                    args.batch_size or engine.default_batch_size(device))
+    ex.check_longest_edge(args.longest_edge, ex.checkpoint_tile_size(args.model_id, args.revision))
+    answers = pope.AnswersFile(out / "answers.jsonl", cfg.key(), args.overwrite)
+    done = answers.done()
+    todo = [q for q in questions if q.key not in done]
+    print(f"{len(questions)} questions ({len(questions) - len(todo)} already answered), "
+          f"{len({q.image for q in todo})} images to run; config {cfg.key()}", file=sys.stderr)
+
+    if todo:
+        from tqdm import tqdm
+        bar = tqdm(total=len(todo), unit="q", desc="POPE", dynamic_ncols=True)
+
+        def on_result(rows):   # the worker answers all questions of one image: a list of rows
+            for row in rows:
+                answers.append(row)
+            bar.update(len(rows))
+
+        try:
+            run_engine(pr.make_items(todo, args.image_root, boxes, cfg.batch_size), functools.partial(pr.make_worker, cfg),
+                       engine=args.engine, num_workers=args.num_workers, gpus_per_worker=args.gpus_per_worker,
+                       cpus_per_worker=args.cpus_per_worker,
+                       ray_address=args.ray_address, prefetch=pr.prefetch, on_result=on_result,
+                       on_failure=functools.partial(pr.failed_rows, cfg))
+        finally:
+            bar.close()
+    answers.close()
+    keys = {q.key for q in questions}
+    rows = [r for r in answers.rows if (r["split"], r["question_id"]) in keys]
+    config = dict(cfg.fingerprint(), key=cfg.key(), device=cfg.device, naive=cfg.naive,
+                  image_root=args.image_root, limit=args.limit)
+    return finish(out, rows, sources, config, expected=len(questions))
+
+
+def cli() -> None:
+    """The console command smolattn-pope."""
+    run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()
