@@ -64,14 +64,19 @@ class Blob:
         """uint8 codes (..., Q, K) whose rows have scales (..., Q): each row is stored as its difference
         (mod 256) from a prediction, the row before rescaled to this row's scale, in integer
         arithmetic the page repeats exactly (``name``_ratio: 16.16 fixed point, capped)."""
-        c = codes.astype(np.int64)
-        s = scale.astype(np.float64)
+        s = scale.astype(np.float64).reshape(-1, scale.shape[-1])                # (A, Q)
         ratio = np.zeros(s.shape, np.int64)
-        ratio[..., 1:] = np.where(s[..., 1:] > 0, np.minimum(np.rint(s[..., :-1] / np.where(s[..., 1:] > 0, s[..., 1:], 1)
-                                                                        * 65536), RATIO_CAP), 0)
-        pred = np.zeros_like(c)
-        pred[..., 1:, :] = np.minimum(255, (c[..., :-1, :] * ratio[..., 1:, None] + 32768) >> 16)
-        self._put(name, ((c - pred) & 255).astype(np.uint8), predict=f"{name}_ratio")
+        ratio[:, 1:] = np.where(s[:, 1:] > 0, np.minimum(np.rint(s[:, :-1] / np.where(s[:, 1:] > 0, s[:, 1:], 1)
+                                                                 * 65536), RATIO_CAP), 0)
+        flat = codes.reshape(-1, *codes.shape[-2:])                                # (A, Q, K)
+        out = np.empty(flat.shape, np.uint8)
+        for a in range(len(flat)):            # one (layer, head) at a time: small temporaries
+            c = flat[a].astype(np.int64)
+            pred = np.zeros_like(c)
+            pred[1:] = np.minimum(255, (c[:-1] * ratio[a, 1:, None] + 32768) >> 16)
+            out[a] = (c - pred) & 255
+        self._put(name, out.reshape(codes.shape), predict=f"{name}_ratio")
+        ratio = ratio.reshape(scale.shape)
         self._put(f"{name}_ratio", ratio.astype(np.uint32))
 
     def encoded(self) -> tuple[str, int]:
