@@ -37,7 +37,7 @@ IMAGE_KEEP_BYTES = 1_500_000    # a smaller image file is embedded as it is
 PRECISION = ("8-bit codes with one scale per row, as the compact8 store: |error| <= row max / 510 "
              "(a compact8 run's values exactly); method maps: 8 bits over each row's min..max")
 GENERATOR = f'<meta name="generator" content="{FORMAT}">'   # marks our files (replaced, never a user's)
-MIME = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".webp": "image/webp"}
+MIME = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}   # embedded as they are
 
 
 class Blob:
@@ -111,19 +111,24 @@ def quantize_range(x: np.ndarray):
 
 
 def image_data_url(run) -> str | None:
-    """The run's image as a data: URL; large files are re-encoded at the viewer's display size."""
+    """The run's image as a data: URL, typed by its content (not its name); large files are
+    re-encoded at the viewer's display size. None when the run has no readable image."""
     path = run.image_path()
     if path is None:
         return None
-    data, mime = path.read_bytes(), MIME.get(path.suffix.lower())
-    with Image.open(io.BytesIO(data)) as im:
-        w, h = im.size
-        if mime is None or len(data) > IMAGE_KEEP_BYTES or max(w, h) > IMAGE_MAX_SIDE:
-            scale = min(1.0, IMAGE_MAX_SIDE / max(w, h))
-            buf = io.BytesIO()
-            im.convert("RGB").resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.LANCZOS) \
-                .save(buf, "JPEG", quality=90)
-            data, mime = buf.getvalue(), "image/jpeg"
+    data = path.read_bytes()
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            mime = MIME.get(im.format)
+            w, h = im.size
+            if mime is None or len(data) > IMAGE_KEEP_BYTES or max(w, h) > IMAGE_MAX_SIDE:
+                scale = min(1.0, IMAGE_MAX_SIDE / max(w, h))
+                buf = io.BytesIO()
+                im.convert("RGB").resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.LANCZOS) \
+                    .save(buf, "JPEG", quality=90)
+                data, mime = buf.getvalue(), "image/jpeg"
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
     return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
 
 
