@@ -11,12 +11,10 @@
 * POPE's shared prefix (:func:`prefill`, :func:`suffix_ids`, :func:`answer_cached`): an image's
   vision features and prompt prefix are computed once (``logits_to_keep=1``), and the questions of
   several images are answered together in one batch on top of their stacked, left-padded caches.
-* :func:`config_hash` - the one hash of a configuration (batch manifest, POPE answers).
+* :func:`config_hash` (smolattn.runmeta's) - the one hash of a configuration (batch manifest, POPE answers).
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import threading
 import time
@@ -28,11 +26,7 @@ import numpy as np
 
 from . import geometry as geo
 from . import model as mdl
-
-
-def config_hash(config: dict) -> str:
-    """12 hex digits of the sha256 of a configuration's canonical JSON."""
-    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
+from .runmeta import config_hash  # noqa: F401  (engine.config_hash: its old home)
 
 
 def default_batch_size(device: str) -> int:
@@ -74,8 +68,8 @@ def prepare(processor, rgb, prompt: str, longest_edge=None, keep: str = "text", 
     text, inputs = mdl.process(processor, rgb, prompt, longest_edge)
     ids = inputs["input_ids"][0].tolist()
     g = geo.from_tokens(processor.tokenizer.convert_ids_to_tokens(ids))
-    first, last = g.image_block
-    rows = np.arange(len(ids)) if keep == "all" else np.array([i for i in range(len(ids)) if not first <= i <= last])
+    rows = np.arange(len(ids))
+    rows = rows if keep == "all" else rows[g.outside_image(rows)]
     mask = inputs.get("pixel_attention_mask")
     return Prepared(text, ids, inputs["pixel_values"][0], None if mask is None else mask[0], g, rows, rgb,
                     dict(info or {}), time.perf_counter() - t0 + (info or {}).get("decode_s", 0.0))
@@ -171,17 +165,24 @@ class Output:
     methods_s: float = 0.0
 
 
-def run(loaded: mdl.Loaded, prepared: list[Prepared], max_new_tokens: int, capture: bool = True) -> list[Output]:
+def run(loaded: mdl.Loaded, prepared: list[Prepared], max_new_tokens: int, capture: bool = True,
+        features=None, keep: dict | None = None) -> list[Output]:
     """One ``generate`` call for the whole batch; with ``capture``, each image's rows over its own
-    keys (its padding dropped), copied to the host once per image after generation."""
+    keys (its padding dropped), copied to the host once per image after generation. ``features``:
+    the batch's image features (``get_image_features`` output) computed already: no vision pass.
+    ``keep``: see model.generate_batch (the generation's cache and first-step logits)."""
     import torch
 
     t0 = time.perf_counter()
     inputs, pads = collate(prepared, loaded.processor.tokenizer.pad_token_id, loaded.device)
-    if loaded.dtype != "float32":
+    extra = {}
+    if features is not None:
+        inputs = {k: inputs[k] for k in ("input_ids", "attention_mask")}
+        extra["mm_encoder_outputs"] = {"image": features}
+    elif loaded.dtype != "float32":
         inputs["pixel_values"] = inputs["pixel_values"].to(getattr(torch, loaded.dtype))
     recorder = mdl.Recorder([p.rows + n for p, n in zip(prepared, pads)]) if capture else None
-    news = mdl.generate_batch(loaded, inputs, max_new_tokens, recorder)
+    news = mdl.generate_batch(loaded, inputs, max_new_tokens, recorder, keep, **extra)
     P = inputs["input_ids"].shape[1]
     layers = [None] * len(prepared)
     if capture:
@@ -297,7 +298,7 @@ def prefill(loaded, image, prompt: str, longest_edge=None) -> tuple[Prefix, list
     _, inputs = mdl.encode(loaded, image, prompt, longest_edge)
     ids = inputs["input_ids"][0].tolist()
     g = geo.from_tokens(loaded.processor.tokenizer.convert_ids_to_tokens(ids))
-    end = g.image_block[1] + 1
+    end = g.block_end
     with torch.inference_mode():
         out = loaded.model(input_ids=inputs["input_ids"][:, :end], attention_mask=inputs["attention_mask"][:, :end],
                            pixel_values=inputs["pixel_values"], pixel_attention_mask=inputs.get("pixel_attention_mask"),

@@ -4,10 +4,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -15,19 +14,18 @@ import numpy as np
 from . import engine
 from . import methods as mth
 from . import model as mdl
-from . import store
+from . import runmeta, store
 from .errors import UserError
 from .images import open_image
-
-DEFAULT_PROMPT = "Can you describe this image?"
+from .runmeta import DEFAULT_PROMPT, processor_settings, versions  # noqa: F401  (extract.X: their old home)
 
 
 @dataclass(frozen=True)
 class Settings:
     prompt: str = DEFAULT_PROMPT
-    max_new_tokens: int = 128
+    max_new_tokens: int = runmeta.DEFAULT_MAX_NEW_TOKENS
     longest_edge: int | None = None     # None: the checkpoint's own processor setting
-    store: str = "compact"
+    store: str = runmeta.DEFAULT_STORE
     methods: tuple = (mth.RAW,)     # raw attention, plus any of smolattn.methods.METHODS
 
     def check(self):
@@ -51,10 +49,11 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     """The extraction flags shared by every script that runs the model on images."""
     ap.add_argument("--prompt", default=DEFAULT_PROMPT)
     mdl.add_model_arguments(ap)
-    ap.add_argument("--max-new-tokens", type=int, default=128, help="greedy decoding, stops at end of utterance")
+    ap.add_argument("--max-new-tokens", type=int, default=runmeta.DEFAULT_MAX_NEW_TOKENS,
+                    help="greedy decoding, stops at end of utterance")
     ap.add_argument("--longest-edge", type=int, default=None,
                     help="processor resize of the longest edge (default: the checkpoint's own processor setting)")
-    ap.add_argument("--store", choices=store.STORES, default="compact",
+    ap.add_argument("--store", choices=store.STORES, default=runmeta.DEFAULT_STORE,
                     help="compact: text/answer rows, fp16; compact8: same, 8-bit; full: reference (1,H,S,S) npz")
     ap.add_argument("--methods", default=mth.RAW, help=f"comma list of {', '.join(mth.names())} (default raw; "
                     "the others are stored next to it, see docs/run-format.md)")
@@ -62,6 +61,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help="images per generate call (default: 8 on a GPU, 1 on CPU); answers and rows do not change")
     ap.add_argument("--workers", type=int, default=None,
                     help="decode + processor worker processes (default: none on CPU, up to 8 on a GPU)")
+    ap.add_argument(store.REPLACE_REFERENCE_FLAG, action="store_true",
+                    help="replace an output directory that holds a reference-format run (the reference project's "
+                         "decoded_tokens.npy + attentions_5/; refused without this flag)")
 
 
 def settings_from_args(args) -> Settings:
@@ -121,46 +123,34 @@ def checkpoint_tile_size(model_id: str, revision: str | None = None) -> int | No
     return None
 
 
-def versions() -> dict:
-    import PIL
-    import torch
-    import transformers
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "numpy": np.__version__, "pillow": PIL.__version__}
-
-
-def processor_settings(loaded: mdl.Loaded, longest_edge: int | None) -> dict:
-    ip = loaded.processor.image_processor
-    return {"longest_edge": longest_edge or ip.size["longest_edge"], "tile_size": ip.max_image_size["longest_edge"],
-            "image_seq_len": loaded.processor.image_seq_len, "do_image_splitting": ip.do_image_splitting,
-            "resample": int(ip.resample), "image_processor": type(ip).__name__}
-
-
 def fingerprint_config(loaded: mdl.Loaded, settings: Settings) -> dict:
-    """Everything that changes a run's content (the batch manifest refuses to mix these)."""
-    return {"model": loaded.model_id, "revision": loaded.revision, "standin": bool(loaded.standin),
-            "dtype": loaded.dtype, "processor": processor_settings(loaded, settings.longest_edge),
-            **asdict(settings), "greedy": True, "format_version": store.FORMAT_VERSION}
+    """Everything that changes a run's content (the batch manifest refuses to mix these; each run
+    records it as meta.config)."""
+    return runmeta.fingerprint(loaded.model_id, loaded.dtype, runmeta.model_info(loaded, settings.longest_edge),
+                               runmeta.extract_settings(settings.prompt, settings.max_new_tokens,
+                                                        settings.longest_edge, settings.store, settings.methods))
 
 
-def extract(loaded: mdl.Loaded, image_path, out_dir, settings: Settings, image=None) -> dict:
+def extract(loaded: mdl.Loaded, image_path, out_dir, settings: Settings, image=None,
+            replace_reference: bool = False) -> dict:
     """Run the model on one image and write the run to ``out_dir`` atomically. Returns a summary.
 
-    ``image``: an already opened ``(rgb, info)`` pair.
+    ``image``: an already opened ``(rgb, info)`` pair. ``replace_reference``: a reference-format run
+    at ``out_dir`` may be replaced (--replace-reference-run).
     """
     settings.check()
     check_longest_edge(settings.longest_edge, processor_settings(loaded, None)["tile_size"])
-    store.check_target(out_dir)     # before the model works: never a folder of the user's
+    store.check_target(out_dir, replace_reference)     # before the model works: never a folder of the user's
     t0 = time.perf_counter()
     rgb, info = image or open_image(image_path)
     prep = engine.prepare(loaded.processor, rgb, settings.prompt, settings.longest_edge, settings.keep, info)
     prep.seconds = time.perf_counter() - t0
-    return write(loaded, settings, prep, step(loaded, settings, [prep])[0], out_dir)
+    return write(loaded, settings, prep, step(loaded, settings, [prep])[0], out_dir, replace_reference)
 
 
 def extract_many(loaded: mdl.Loaded, jobs, settings: Settings, on_result, *, batch_size: int | None = None,
                  workers: int | None = None, writers: int | None = None, on_error=None,
-                 preparer: engine.Preparer | None = None) -> None:
+                 preparer: engine.Preparer | None = None, replace_reference: bool = False) -> None:
     """Extract many images through the pipeline: ``jobs`` are (image path, run directory, tag) triples;
     on_result(tag, summary) per finished run, on_error(tag, exception) -> summary for a failed one.
     ``preparer``: an engine.Preparer made for these settings, to reuse its worker processes."""
@@ -174,7 +164,7 @@ def extract_many(loaded: mdl.Loaded, jobs, settings: Settings, on_result, *, bat
         engine.pipeline(
             list(jobs), lambda job: prep.submit(job[0]),
             lambda batch: step(loaded, settings, batch),
-            lambda job, p, out: (job, write(loaded, settings, p, out, job[1])),
+            lambda job, p, out: (job, write(loaded, settings, p, out, job[1], replace_reference)),
             lambda res: on_result(res[0][2], res[1]),
             batch_size=batch_size, writers=writers,
             on_error=(lambda job, e: (job, on_error(job[2], e))) if on_error else None)
@@ -203,9 +193,11 @@ def step(loaded: mdl.Loaded, settings: Settings, batch: list[engine.Prepared]) -
     return outs
 
 
-def write(loaded: mdl.Loaded, settings: Settings, prep: engine.Prepared, out: engine.Output, out_dir) -> dict:
-    """The run directory of one prepared image and its model output (atomically). Returns a summary."""
-    store.check_target(out_dir)     # never a folder of the user's
+def write(loaded: mdl.Loaded, settings: Settings, prep: engine.Prepared, out: engine.Output, out_dir,
+          replace_reference: bool = False, intervention: dict | None = None, extra_files: dict | None = None) -> dict:
+    """The run directory of one prepared image and its model output (atomically). Returns a summary.
+    ``intervention``: meta.intervention of an intervened run; ``extra_files``: its effects.json."""
+    store.check_target(out_dir, replace_reference)     # never a folder of the user's
     t0 = time.perf_counter()
     tok = loaded.processor.tokenizer
     g, new, P = prep.geometry, out.new, len(prep.ids)
@@ -215,30 +207,24 @@ def write(loaded: mdl.Loaded, settings: Settings, prep: engine.Prepared, out: en
     query_positions = query_rows(prep, new)
     eos = set(mdl.generation_kwargs(loaded, 1)["eos_token_id"])
     proc = processor_settings(loaded, settings.longest_edge)
-    info = {k: v for k, v in prep.info.items() if k != "decode_s"}
-    meta = {
-        "model": {"id": loaded.model_id, "revision": loaded.revision, "standin": bool(loaded.standin),
-                  "standin_info": loaded.standin, "dtype": loaded.dtype, "device": loaded.device,
-                  "num_layers": len(layers), "num_heads": int(layers[0].shape[0])},
-        "prompt": settings.prompt, "chat_text": prep.text,
-        "answer": tok.decode(new, skip_special_tokens=True).strip(),
-        "token_ids": ids, "prompt_length": P,
-        "generation": {"greedy": True, "max_new_tokens": settings.max_new_tokens, "new_tokens": len(new),
-                       "stopped_at_eos": bool(new) and new[-1] in eos, "batch_size": out.batch},
-        "image": info,
-        "processor": proc,
-        "tiles": {"rows": g.rows, "cols": g.cols, "global_last": True,
-                  "resized_size": [max(g.cols, 1) * proc["tile_size"], max(g.rows, 1) * proc["tile_size"]],
-                  "tokens_per_tile_side": g.side},
-        "versions": versions(),
-    }
+    info = prep.info
+    meta = runmeta.run_meta(
+        loaded, fingerprint_config(loaded, settings), prompt=settings.prompt, chat_text=prep.text,
+        answer=tok.decode(new, skip_special_tokens=True).strip(), token_ids=ids, prompt_length=P, layers=layers,
+        generation={"new_tokens": len(new), "stopped_at_eos": bool(new) and new[-1] in eos, "batch_size": out.batch},
+        image=info, processor=proc,
+        tiles={"rows": g.rows, "cols": g.cols, "global_last": True,
+               "resized_size": [max(g.cols, 1) * proc["tile_size"], max(g.rows, 1) * proc["tile_size"]],
+               "tokens_per_tile_side": g.side})
     image_name = store.image_name(info)
     timings = {"preprocess_s": round(prep.seconds, 4), "generate_s": round(out.generate_s, 4), "batch": out.batch,
                "methods_s": round(out.methods_s, 4)}
     meta["timings"] = timings
+    if intervention is not None:
+        meta["intervention"] = intervention
     store.write_run(out_dir, tokens=tokens, layers=layers, query_positions=query_positions,
                     store=settings.store, geometry=g, meta=meta, image=prep.image, image_name=image_name,
-                    methods=out.methods)
+                    methods=out.methods, replace_reference=replace_reference, extra_files=extra_files)
     timings["write_s"] = round(time.perf_counter() - t0, 4)
     return {"run": str(out_dir), "answer": meta["answer"], "new_tokens": len(new), "grid": [g.rows, g.cols],
             "timings": timings}

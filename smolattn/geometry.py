@@ -45,6 +45,20 @@ class Geometry:
         return np.concatenate([np.arange(s, s + self.per_tile) for s in starts])
 
     @property
+    def block_end(self) -> int:
+        """The first position after the image block (where the question's text starts)."""
+        return self.image_block[1] + 1
+
+    def outside_image(self, positions) -> np.ndarray:
+        """Boolean mask over ``positions``: True where a position lies outside the image block (its
+        ``<image>`` tokens and markers): the text before it, the question after it, the chat template,
+        the answer. These are the query rows the compact stores keep and the viewer shows; the one
+        definition of them."""
+        first, last = self.image_block
+        q = np.asarray(positions)
+        return (q < first) | (q > last)
+
+    @property
     def num_keys(self) -> int:
         return (self.rows * self.cols + 1) * self.per_tile
 

@@ -22,6 +22,7 @@ import numpy as np
 
 from . import heatmap as hm
 from . import methods as mth
+from . import runmeta
 from . import store
 from . import tokens as tok
 from .errors import UserError
@@ -174,7 +175,7 @@ class AttentionRun:
         if method not in self.methods:
             if method in mth.METHODS:
                 raise UserError(f"this run has no {method!r} maps; add them with: "
-                                f"{mth.command(self.meta, self.path, [*self.methods[1:], method])}")
+                                f"{runmeta.command(self.meta, self.path, [*self.methods[1:], method])}")
             raise UserError(f"unknown method {method!r}; this run has {', '.join(self.methods)}")
         if method == mth.RAW:
             if heads not in hm.HEAD_REDUCTIONS and not (isinstance(heads, (int, np.integer))

@@ -160,7 +160,7 @@ def test_export_never_overwrites_a_users_file(exported, tmp_path):
     run, ours, _, _ = exported
     theirs = tmp_path / "notes.html"
     theirs.write_text("<p>my notes</p>")
-    with pytest.raises(UserError, match="not an export of ours"):
+    with pytest.raises(UserError, match="not written by smolattn"):
         ex.export(run, theirs)
     assert theirs.read_text() == "<p>my notes</p>"
     with pytest.raises(UserError, match="must end in .html"):

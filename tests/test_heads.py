@@ -171,13 +171,39 @@ def test_cli_refuses_a_folder_it_did_not_make_and_bad_input(pope_root, tmp_path)
     keep = tmp_path / "mine"
     keep.mkdir()
     (keep / "notes.txt").write_text("precious")
-    for args, msg in ((["--runs", str(root), "--output-dir", str(keep)], "not an earlier head analysis"),
+    for args, msg in ((["--runs", str(root), "--output-dir", str(keep)], "not a head analysis written by smolattn"),
                       (["--runs", str(tmp_path / "nope")], "not a directory"),
                       (["--runs", str(keep)], "no runs under")):
         p = subprocess.run([sys.executable, ROOT / "analyze_heads.py", *args], capture_output=True, text=True,
                            cwd=tmp_path, timeout=120)
         assert p.returncode == 2 and msg in p.stderr and "Traceback" not in p.stderr, p.stderr
     assert (keep / "notes.txt").read_text() == "precious"
+
+
+def test_rerun_replaces_our_analysis_but_never_a_users_file_in_it(pope_root, tmp_path):
+    """ROOT/analysis (the default): our earlier analysis is replaced; once a user saved notes.md in it,
+    the rerun is refused in one line naming that file, before any work, and the folder stays byte-identical."""
+    import shutil
+    root = tmp_path / "attention"
+    shutil.copytree(pope_root[0], root)
+    out = root / "analysis"
+
+    def cli():
+        return subprocess.run([sys.executable, ROOT / "analyze_heads.py", "--runs", str(root), "--workers", "1",
+                               "--top-heads", "1"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    p = cli()
+    assert p.returncode == 0 and (out / "analysis.json").is_file(), p.stderr
+    first = out.stat().st_ino
+    p = cli()                                          # our own earlier analysis: replaced (a new folder)
+    assert p.returncode == 0 and out.stat().st_ino != first and (out / "analysis.json").is_file(), p.stderr
+    (out / "notes.md").write_text("my reading of the heads\n")
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    p = cli()
+    lines = [line for line in p.stderr.splitlines() if line.strip()]
+    assert p.returncode == 2 and len(lines) == 1 and "Traceback" not in p.stderr, p.stderr
+    assert str(out / "notes.md") in lines[0] and "left untouched" in lines[0] and "runs under" not in p.stderr
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+    assert not [f for f in root.iterdir() if f.name.startswith(".analysis.")]
 
 
 def test_a_present_object_without_a_box_is_not_scored(pope_root):
@@ -221,6 +247,8 @@ def test_dataset_api(served):
     h = client.get(f"/api/dataset/head?layer={BOX_HEAD[0]}&head={BOX_HEAD[1]}&score=mass&n=2").get_json()
     assert [e["label"] for e in h["best"]] == ["yes", "yes"] and h["values"]["hit"] == 1.0
     assert h["best"][0]["boxes"] == [[0.5, 0.5, 0.25, 0.25]]                 # DOG on 640 x 480
+    absent = [e for e in h["worst"] if e["label"] == "no"]                   # scored against every category's boxes
+    assert absent and all(e["boxes"] == [[0.5, 0.5, 0.25, 0.25], [0, 0, 0.25, 0.25]] for e in absent)
     ex = h["best"][0]
     tokens = np.load(Path(served.extensions["runs"].root) / ex["run"] / "decoded_tokens.npy")
     assert tokens[ex["position"]] == ":" and tokens[ex["position"] + 1] in ("Yes", "No")  # the last prompt token
@@ -229,6 +257,46 @@ def test_dataset_api(served):
     assert client.get("/api/dataset/head?layer=9&head=0").status_code == 404
     assert client.get("/api/dataset/head?layer=0&head=0&score=nope").status_code == 400
     assert client.get("/dataset").status_code == 200
+
+
+def test_dataset_head_with_a_missing_run_is_404_json(pope_root, served, tmp_path):
+    """A run of the analysis that the served root lacks (deleted, or the analysis of another root) is
+    a 404 JSON error that names it, not a 500."""
+    import shutil
+    from viewer import create_app
+    root, _ = pope_root
+    copy = tmp_path / "attention"
+    shutil.copytree(root, copy, ignore=shutil.ignore_patterns("analysis"))
+    url = f"/api/dataset/head?layer={BOX_HEAD[0]}&head={BOX_HEAD[1]}&score=mass&n=2"
+    best = served.test_client().get(url).get_json()["best"][0]["run"]
+    shutil.rmtree(copy / best)
+    r = create_app({"RUNS": str(copy), "ANALYSIS": str(root / "analysis"), "CACHE_DIR": str(tmp_path / "c")}
+                   ).test_client().get(url)
+    assert r.status_code == 404 and r.mimetype == "application/json", r.data[:300]
+    body = r.get_json()
+    assert body["success"] is False and best in body["error"] and "made for" in body["error"]
+
+
+def test_dataset_draws_the_scored_boxes_on_batch_runs(pope_root, tmp_path):
+    """A batch run names no object: the analysis scores it against every annotated box of its image,
+    and the dataset page draws those boxes on its example."""
+    from smolattn import head_report, pope
+    from viewer import create_app
+    _, ann = pope_root
+    root = tmp_path / "batch"
+    for k, image in enumerate(["a.jpg", "b.jpg"]):
+        _, plen = synthetic.make_tokens(2, 2)
+        synthetic.make_run(root / f"photo{k}", 2, 2, layers=LAYERS, heads=HEADS, image_size=SIZE, seed=k,
+                           plant=planter(plen, True), meta_extra={"image": {"source": f"/photos/{image}"}})
+    boxes = pope.load_boxes(ann)
+    ds = an.analyse_root(root, an.Params(), boxes, workers=1, progress=False)
+    assert all(r["boxed"] and r["label"] is None for r in ds.runs)
+    head_report.write(root / "analysis", ds, 2, ann, boxes, top=1)
+    client = create_app({"RUNS": str(root), "CACHE_DIR": str(tmp_path / "c")}).test_client()
+    h = client.get(f"/api/dataset/head?layer={BOX_HEAD[0]}&head={BOX_HEAD[1]}&score=mass&n=2").get_json()
+    assert h["success"] and len(h["best"]) == 2
+    for e in h["best"]:                                                      # DOG and CAT on 640 x 480
+        assert e["boxes"] == [[0.5, 0.5, 0.25, 0.25], [0, 0, 0.25, 0.25]], e
 
 
 def test_dataset_page_without_an_analysis(pope_root, tmp_path):

@@ -17,7 +17,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMANDS = ("smolattn-extract", "smolattn-batch", "smolattn-view", "smolattn-pope", "smolattn-heatmap",
-            "smolattn-heads")
+            "smolattn-heads", "smolattn-intervene")
 
 
 def run(cmd, **kw):

@@ -14,6 +14,7 @@ from PIL import Image
 
 from smolattn import heatmap as hm
 from smolattn import methods as mth
+from smolattn import runmeta
 from smolattn import tokens as tok
 from smolattn.errors import UserError
 from smolattn.store import Run, token_table
@@ -167,7 +168,7 @@ def method_info(run: Run, name: str) -> dict:
     if name in stored:
         info["positions"] = stored[name].get("positions", [])
     else:
-        info["command"] = mth.command(run.meta, run.path, [*stored, name])
+        info["command"] = runmeta.command(run.meta, run.path, [*stored, name])
     return info
 
 
@@ -218,7 +219,9 @@ def display_size(run: Run) -> tuple[int, int]:
 # -- routes ----------------------------------------------------------------------------------
 @bp.get("/runs")
 def runs():
-    """One page of the run index: search (name, answer or image), sort, paging."""
+    """One page of the run index: search (name, answer or image), sort, paging. ``complete`` is False
+    while the runs' answers and grids are still being read (``pending`` of them; a large root without
+    manifests): every run is listed and counted by name, searches by answer see what is read so far."""
     args = params()
     limit = as_int(args.get("limit", "200"), "limit")
     if not 1 <= limit <= 1000:
@@ -230,8 +233,8 @@ def runs():
     desc = choice(args, "desc", ("0", "1"), "0") == "1"
     reg = registry()
     total, page = reg.index.query(str(args.get("q", "")), sort, desc, offset, limit)
-    return jsonify(success=True, total=total, offset=offset, limit=limit, sort=sort, desc=desc,
-                   single=reg.single, runs=[e.to_json() for e in page])
+    return jsonify(success=True, total=total, offset=offset, limit=limit, sort=sort, desc=desc, single=reg.single,
+                   complete=reg.index.complete, pending=reg.index.pending, runs=[e.to_json() for e in page])
 
 
 @bp.get("/health")
@@ -242,6 +245,7 @@ def health():
 
 @bp.get("/initialize")
 def initialize():
+    from . import interventions   # its blueprint imports this module
     name, run = get_run(params())
     tokens = table(run)
     g = run.geometry
@@ -258,21 +262,37 @@ def initialize():
         image_url=f"/api/image?run={quote(name)}", standin=run.standin,
         model=run.meta.get("model", {}).get("id"),
         prompt_length=run.prompt_length,
+        **interventions.run_fields(name, run),     # intervention (null for an ordinary run), sweeps
         geometry={"rows": g.rows, "cols": g.cols, "side": g.side, "grid": list(g.grid_shape),
                   "num_keys": g.num_keys, "image_block": list(g.image_block), "image_size": list(run.image_size())},
         token_table=tokens, methods=[method_info(run, m) for m in METHODS],
-        methods_command=mth.command(run.meta, run.path, list(mth.METHODS)),
+        methods_command=runmeta.command(run.meta, run.path, list(mth.METHODS)),
         query_semantics=run.meta["attention"].get(
             "query_semantics", "row for token t = position t as the query (the reference viewer's convention)"))
 
 
+IMAGE_TYPES = ((b"\x89PNG\r\n\x1a\n", "image/png"), (b"\xff\xd8\xff", "image/jpeg"))
+
+
 @bp.get("/image")
 def image():
+    """The run's image file (one of the names the writer uses, inside the root), served as PNG or JPEG
+    by its content, whatever its name says; anything else is 404."""
     name, run = get_run(params())
     path = run.image_path()
     if path is None or not registry().inside(path):
         raise NotFound(f"run {name!r} has no image")
-    return send_file(path)
+    f = open(path, "rb")      # one open file: what is checked is what is sent
+    try:
+        head = f.read(8)
+        mimetype = next((t for magic, t in IMAGE_TYPES if head.startswith(magic)), None)
+        if mimetype is None:
+            raise NotFound(f"run {name!r} has no image: {path.name} is not a PNG or JPEG file")
+        f.seek(0)
+        return send_file(f, mimetype=mimetype, etag=False, max_age=0)
+    except BaseException:
+        f.close()
+        raise
 
 
 @bp.post("/generate_attention_map")

@@ -24,7 +24,7 @@ import numpy as np
 from flask import Blueprint, Response, current_app, request
 from PIL import Image
 
-from smolattn import store
+from smolattn import outputs, store
 from smolattn.errors import UserError
 
 from .runs import text_rows
@@ -36,7 +36,8 @@ IMAGE_MAX_SIDE = 1024           # as the viewer's PNG renders (api.PNG_MAX_SIDE)
 IMAGE_KEEP_BYTES = 1_500_000    # a smaller image file is embedded as it is
 PRECISION = ("8-bit codes with one scale per row, as the compact8 store: |error| <= row max / 510 "
              "(a compact8 run's values exactly); method maps: 8 bits over each row's min..max")
-GENERATOR = f'<meta name="generator" content="{FORMAT}">'   # marks our files (replaced, never a user's)
+GENERATOR = f'<meta name="generator" content="{FORMAT}">'
+MARKER = outputs.LastLine(f"<!-- {FORMAT} -->")     # the file's last line: ours (replaced), never a user's
 MIME = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}   # embedded as they are
 
 
@@ -235,7 +236,7 @@ def inline(app, html: str, data: dict, blob: str) -> str:
         out += [html[last:m.start()], head if i == 0 else "", f"<script>\n{read(m.group(1))}\n</script>"]
         last = m.end()
     out.append(html[last:])
-    html = "".join(out).replace("<head>", f'<head>\n  {GENERATOR}', 1)
+    html = "".join(out).replace("<head>", f'<head>\n  {GENERATOR}', 1).rstrip("\n") + f"\n{MARKER.text}\n"
     for s in re.findall(r"<script>\n(.*?)\n</script>", html, flags=re.S):
         if "</script" in s.lower():
             raise UserError("cannot export: a script contains '</script'")
@@ -259,23 +260,17 @@ def export(run_dir, out, *, allow_pickle: bool = False, cache_dir=None) -> dict:
         raise UserError(f"{out}: the exported file's name must end in .html")
     if not out.parent.is_dir():
         raise UserError(f"cannot write {out}: {out.parent} is not a directory")
-    if out.exists() and not ours(out):
-        raise UserError(f"{out} exists and is not an export of ours; not overwritten (choose another name)")
+    outputs.check_file(out, MARKER)                # a file of the user's: refused before any work
     app = create_app({"RUN": str(run_dir), "ALLOW_PICKLE": allow_pickle, "CACHE_DIR": cache_dir})
     reg = app.extensions["runs"]
-    html = render(app, reg.single_name)
-    store.atomic_write_text(out, html)
-    return {"path": str(out), "bytes": len(html.encode("utf-8"))}
+    html = render(app, reg.single_name).encode("utf-8")
+    outputs.replace_file(out, html, MARKER)
+    return {"path": str(out), "bytes": len(html)}
 
 
-def ours(path: Path) -> bool:
-    """True for a file this module wrote (its generator tag at the start)."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(1 << 16)
-    except OSError:
-        return False
-    return path.is_file() and GENERATOR.encode() in head
+def ours(path) -> bool:
+    """True for a file this module wrote (its last line)."""
+    return Path(path).is_file() and MARKER.on(path)
 
 
 @bp.get("/export")

@@ -26,10 +26,11 @@ def main(argv=None):
     settings = ex.settings_from_args(args)
     image = ex.open_image(args.image)             # bad images fail before the model loads
     ex.check_writable(args.output_dir)
-    store.check_target(args.output_dir)            # never a folder of the user's, never the current one
+    store.check_target(args.output_dir, args.replace_reference_run)   # never a folder of the user's, nor the current one
     ex.check_longest_edge(settings.longest_edge, ex.checkpoint_tile_size(args.model_id, args.revision))
     loaded = mdl.load(args.model_id, args.device, args.dtype, args.revision)
-    summary = ex.extract(loaded, args.image, args.output_dir, settings, image=image)
+    summary = ex.extract(loaded, args.image, args.output_dir, settings, image=image,
+                         replace_reference=args.replace_reference_run)
     banner = " [STAND-IN MODEL, random weights]" if loaded.standin else ""
     print(f"answer{banner}: {summary['answer']}")
     rows, cols = summary["grid"]

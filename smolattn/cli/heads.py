@@ -3,7 +3,7 @@
 Console command: ``smolattn-heads`` (``python analyze_heads.py`` in a checkout is the same).
 
     python analyze_heads.py --runs smol_outputs --output-dir heads
-    python analyze_heads.py --runs pope_out/attention --annotations ../shared/data/coco/pope_val2014_instances.json
+    python analyze_heads.py --runs pope_out/attention --annotations samples/coco/subset_instances.json
 
 Reads every run under --runs (a batch output root or a POPE attention root; no model is loaded), scores
 every layer x head (image-attention sum, spatial entropy, pointing game and mass in the COCO boxes,
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from smolattn import analysis as an
 from smolattn import head_report
-from smolattn import pope_runner as pr
+from smolattn import pope
 from smolattn.errors import UserError, run_cli
 
 
@@ -49,7 +49,7 @@ def main(argv=None):
         raise UserError(f"--runs {root}: not a directory")
     out = Path(args.output_dir) if args.output_dir else root / "analysis"
     head_report.check_output(out)
-    boxes = pr.load_boxes(args.annotations) if args.annotations else None
+    boxes = pope.load_boxes(args.annotations) if args.annotations else None
     names = an.find_runs(root)
     if not names:
         raise UserError(f"no runs under {root} (a run is a directory with decoded_tokens.npy)")
