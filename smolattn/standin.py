@@ -229,8 +229,18 @@ def build(shape: str, out: str | os.PathLike, seed: int = 0, tokenizer: str | No
     return Path(out)
 
 
+def default_root() -> Path:
+    """models/ of the checkout; once installed (pip install), the cache: $SMOLATTN_CACHE/models or
+    ~/.cache/smolattn/models (never inside site-packages)."""
+    checkout = Path(__file__).resolve().parent.parent
+    if (checkout / "pyproject.toml").is_file():
+        return checkout / "models"
+    from .summary import default_cache_dir
+    return default_cache_dir() / "models"
+
+
 def ensure(shape: str = "tiny", root=None) -> Path:
-    """A stand-in model directory, built once and reused (``$SMOLATTN_MODELS`` or ``models/``).
+    """A stand-in model directory, built once and reused (``$SMOLATTN_MODELS``, else :func:`default_root`).
 
     The directory name carries the transformers version, so a library upgrade rebuilds it. A shape
     with the real SmolLM2 tokenizer falls back to the padded one (its own directory, ``-padded``)
@@ -238,7 +248,7 @@ def ensure(shape: str = "tiny", root=None) -> Path:
     """
     import transformers
 
-    root = Path(root or os.environ.get("SMOLATTN_MODELS") or Path(__file__).resolve().parent.parent / "models")
+    root = Path(root or os.environ.get("SMOLATTN_MODELS") or default_root())
     kind = SHAPES[shape]["tokenizer"] if shape in SHAPES else None
     if kind == "gguf" and not gguf_available():
         kind = "padded"

@@ -40,12 +40,13 @@ def create_app(config: dict) -> Flask:
         registry.run(registry.single_name)  # fail now, with one clear line, if the run is unreadable
     app.extensions["runs"] = registry
 
-    from . import api, dataset, interventions, pages
+    from . import api, dataset, export, interventions, pages
     app.extensions["analysis_dir"] = dataset.analysis_dir(app.config, registry.root)
     app.register_blueprint(api.bp)
     app.register_blueprint(pages.bp)
     app.register_blueprint(dataset.bp)
     app.register_blueprint(interventions.bp)
+    app.register_blueprint(export.bp)
     if app.config.get("LIVE") is not None:     # live mode (app.py --model-id): viewer/live.py, else no such routes
         from . import live
         app.extensions["live"] = app.config["LIVE"]

@@ -141,6 +141,7 @@ async function loadRun(name, wanted = null) {
   emit("viewer:run", { info, wanted });
   document.title = `${info.run} · ${TITLE}`;
   $("standin-banner").hidden = !info.standin;
+  $("export-html").href = `/export?run=${encodeURIComponent(info.run)}`;
   const g = info.geometry;
   $("run-meta").textContent = `${info.run} · ${info.model || "unknown model"} · ${g.image_size[0]}×${g.image_size[1]} px · `
     + (g.rows ? `${g.rows}×${g.cols} tiles` : "global tile only") + ` · ${info.num_layers} layers × ${info.num_heads} heads`;
@@ -747,7 +748,7 @@ function wire() {
 
 async function main() {
   wire();
-  const wanted = new URLSearchParams(location.search);
+  const wanted = new URLSearchParams(location.search || window.smolattnStart || "");   // exports: offline.js
   try {
     const runs = await listRuns();
     const name = wanted.get("run") || (runs.find((e) => !e.error) || {}).name;
