@@ -27,8 +27,8 @@ from .errors import UserError
 from .tokens import SPECIAL, display_token, piece, units  # noqa: F401  (display_token: re-exported)
 
 FORMAT = "smolattn-run"
-FORMAT_VERSION = 2      # 2: blosc2 layer files, optional derived-method maps (methods/NAME.npz), the completeness
-READ_VERSIONS = (1, 2)  # record (meta.files); v1 runs still open
+FORMAT_VERSION = 3      # 2: blosc2 layer files, optional derived-method maps (methods/NAME.npz), the completeness
+READ_VERSIONS = (1, 2, 3)  # record (meta.files); v1 runs still open. 3: an image list (several images, video frames)
 DEFAULT_RUN_DIR = "smolattn_run"   # the single-image default output directory (README, "Your files are safe")
 STORES = ("compact", "compact8", "full")
 LAYER_FILE = "attention/layer_{:02d}.{}.b2"            # one blosc2 chunk per array (meta.attention.arrays)
@@ -39,6 +39,7 @@ METHOD_FILE = "methods/{}.npz"
 CODEC = {"codec": "ZSTD", "clevel": 1, "filter": "SHUFFLE"}
 FULL_FILE = "attentions_5/attention_fp16_rounded_layer_{}.npz"   # the reference project's name
 IMAGE_NAMES = ("image.png", "image.jpg", "static/image.png")
+IMAGES_FILE = "images/{:02d}.{}"                        # v3: every image / video frame of the prompt, in order
 
 
 # ---------------------------------------------------------------------------------------------
@@ -48,10 +49,11 @@ IMAGE_NAMES = ("image.png", "image.jpg", "static/image.png")
 CRASH_ENV = "SMOLATTN_CRASH_AT"   # tests: SIGKILL this process at the named step of the protocol
 CRASH_STEPS = ("writing", "written", "aside", "swapped", "deleting")
 OUR_NAMES = {"meta.json", "decoded_tokens.npy", "image.jpg", "image.png", "summary.npz", "attention", "attentions_5",
-             "methods"}
+             "methods", "images"}
 OUR_FOLDERS = {"attention": re.compile(r"^layer_\d+(\.\w+\.b2|\.npz)$"),          # folder -> the only files it may hold
                "attentions_5": re.compile(r"^attention_fp16_rounded_layer_\d+\.npz$"),
-               "methods": re.compile(r"^[A-Za-z0-9_-]+\.npz$")}
+               "methods": re.compile(r"^[A-Za-z0-9_-]+\.npz$"),
+               "images": re.compile(r"^\d{2,}\.(jpg|png)$")}
 REFERENCE_NAMES = {"decoded_tokens.npy", "attention_array.npy", "attentions_5", "image.png"}
 _TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-[0-9a-f]{8}-(?P<host>.*)-(?P<pid>\d+)$")
 _HOST = socket.gethostname().replace("/", "_")
@@ -345,12 +347,15 @@ def image_name(info: dict) -> str:
 
 
 def write_run(out, *, tokens, layers, query_positions, store: str, geometry: geo.Geometry, meta: dict,
-              image=None, image_name: str = "image.png", methods: dict | None = None) -> Path:
+              image=None, image_name: str = "image.png", methods: dict | None = None, images=None) -> Path:
     """Write a whole run directory atomically (temporary sibling, renamed when complete).
 
     ``layers``: per layer (H, Q, S) attention rows over all S keys for the Q ``query_positions``.
+    ``geometry``: a Geometry (one image) or a geo.Layout (several images, a video's frames).
     ``meta``: everything else for meta.json; the format, geometry and attention sections are added here.
     ``methods``: derived maps from ``smolattn.methods.compute`` (written under methods/).
+    ``images``: (v3) every image / frame of the prompt, in order, as (PIL image, "jpg" or "png"):
+    written as images/NN.EXT; ``meta["images"][k]["file"]`` names each.
     """
     if store not in STORES:
         raise UserError(f"unknown store {store!r}; choose one of {', '.join(STORES)}")
@@ -360,8 +365,14 @@ def write_run(out, *, tokens, layers, query_positions, store: str, geometry: geo
         crash_point("writing")
         if image is not None:
             image.save(tmp / image_name, quality=95) if image_name.endswith(".jpg") else image.save(tmp / image_name)
-        text_keys, arrays = write_layers(tmp, layers, store, query_positions, geometry, S)
         meta = dict(meta)
+        if images:
+            (tmp / "images").mkdir()
+            entries = meta["images"] = [dict(e) for e in meta.get("images") or [{} for _ in images]]
+            for k, ((im, ext), entry) in enumerate(zip(images, entries)):
+                entry["file"] = IMAGES_FILE.format(k, ext)
+                im.save(tmp / entry["file"], quality=95) if ext == "jpg" else im.save(tmp / entry["file"])
+        text_keys, arrays = write_layers(tmp, layers, store, query_positions, geometry, S)
         meta.update(format=FORMAT, format_version=FORMAT_VERSION, seq_len=S, geometry=geometry.to_json())
         meta.setdefault("image", {})["file"] = image_name if image is not None else None
         meta["attention"] = {
@@ -442,13 +453,17 @@ class Run:
             self.meta = json.loads(meta_path.read_text())
             if self.meta.get("format") != FORMAT or self.meta.get("format_version", 0) not in READ_VERSIONS:
                 raise UserError(f"{meta_path}: not a {FORMAT} run of version {' or '.join(map(str, READ_VERSIONS))}")
-            self.geometry = geo.Geometry.from_json(self.meta["geometry"])
+            self.layout = geo.Layout.from_json(self.meta["geometry"])
+            # one image: its Geometry (the single-image API); several: the Layout (say which image)
+            self.geometry = self.layout.images[0] if len(self.layout) == 1 else self.layout
         else:
             self.meta = self._reference_meta()
             try:
                 self.geometry = geo.from_tokens(self.tokens)
             except ValueError as e:
                 raise UserError(f"{self.path}: cannot read the image layout from the tokens: {e}")
+        if not hasattr(self, "layout"):
+            self.layout = geo.Layout.single(self.geometry)
         att = self.meta["attention"]
         self.store = att["store"]
         self.query_positions = np.asarray(att["query_positions"], dtype=np.int64)
@@ -503,7 +518,22 @@ class Run:
     def prompt_length(self) -> int:
         return int(self.meta.get("prompt_length", len(self.tokens)))
 
-    def image_path(self) -> Path | None:
+    @property
+    def images(self) -> list[dict]:
+        """(v3) One entry per image / video frame of the prompt, in order (meta.images); older runs:
+        their one image."""
+        return self.meta.get("images") or [dict(self.meta.get("image") or {}, kind=geo.IMAGE)]
+
+    def image_path(self, k: int | None = None) -> Path | None:
+        """The file of image (or frame) ``k`` (default: the run's image; the first of several)."""
+        if self.meta.get("images"):
+            k = 0 if k is None else k
+            if not 0 <= k < len(self.meta["images"]):
+                raise UserError(f"image {k} out of range 0..{len(self.meta['images']) - 1}")
+            p = self.path / self.meta["images"][k]["file"]
+            return p if p.is_file() else None
+        if k not in (None, 0):
+            raise UserError(f"image {k} out of range: this run has one image (0)")
         name = self.meta.get("image", {}).get("file")
         for cand in ([name] if name else []) + list(IMAGE_NAMES):
             p = self.path / cand
@@ -511,7 +541,10 @@ class Run:
                 return p
         return None
 
-    def image_size(self) -> tuple[int, int]:
+    def image_size(self, k: int | None = None) -> tuple[int, int]:
+        """(W, H) of image (or frame) ``k`` as the source had it (default: the run's first image)."""
+        if self.meta.get("images"):
+            return tuple(int(v) for v in self.meta["images"][k or 0]["size"])
         size = self.meta.get("image", {}).get("size")
         if size:
             return int(size[0]), int(size[1])
@@ -611,14 +644,14 @@ def token_table(run: Run) -> list[dict]:
     the characters; ``text`` is then the token's own piece (split characters as ``\\xNN``).
     """
     keys = set(run.geometry.key_positions.tolist())
-    first, last = run.geometry.image_block
+    blocks = run.layout.blocks
     out = []
     for u in units(run.tokens):
         for i in range(u.start, u.stop):
             raw = run.tokens[i]
             if i in keys:
                 kind = "image"
-            elif first <= i <= last:
+            elif any(first <= i <= last for first, last in blocks):
                 kind = "marker"
             elif SPECIAL.match(raw):
                 kind = "special"
