@@ -10,6 +10,12 @@ Because every resize stretches the whole image, the R*side x C*side token cells 
 uniform grid over the ORIGINAL image, and the global tile's side x side cells form another one. The
 geometry is always read from the token stream (the ``<row_r_col_c>`` and ``<global-img>`` markers and the
 runs of ``<image>`` tokens), never assumed.
+
+A prompt may hold several images (each its own block with its own tiles and global tile, in order) or
+the frames of a video (SmolVLM2: each frame one block with the global tile only, the frame squashed to
+a square). :class:`Geometry` is one image; :class:`Layout` is every image of a prompt, with the offsets
+of each image's keys on the stored key axis, and maps any ``<image>`` token back to its image (or
+frame) and its pixels in that original image (:meth:`Layout.locate`, :meth:`Layout.pixel_box`).
 """
 from __future__ import annotations
 

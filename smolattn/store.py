@@ -574,6 +574,10 @@ class Run:
                 raise UserError(f"{self.path}: cannot read {info['file']}: {e}")
         return self._methods[name]
 
+    def image_view(self, k: int) -> "ImageView":
+        """Image (or frame) ``k`` read as a one-image run (:class:`ImageView`)."""
+        return ImageView(self, k)
+
     def row_of(self, position: int) -> int | None:
         """Index of the stored row for token ``position`` (token t attending), or None."""
         return self._row.get(int(position))
@@ -615,6 +619,55 @@ class Run:
         out[:, self.geometry.key_positions] = layer.image[:, row]
         out[:, self.text_key_positions[: layer.text.shape[-1]]] = layer.text[:, row]
         return out
+
+
+class ImageView:
+    """Image (or frame) ``k`` of a several-image or video run, read as a one-image run: its Geometry;
+    its keys are the image keys, every other key (the other images' included) a text key, so a full
+    row, its sums and every single-image aggregation stay the whole row's. ``Run.image_view(k)``."""
+
+    def __init__(self, run: "Run", k: int):
+        layout = run.layout
+        if not 0 <= k < len(layout):
+            raise UserError(f"image {k} out of range: this run has {len(layout)} image(s), 0..{len(layout) - 1}")
+        self.run, self.k, self.geometry = run, k, layout.images[k]
+        self.layout = geo.Layout((self.geometry,), (layout.kinds[k],), (layout.timestamps[k],))
+        for name in ("path", "tokens", "meta", "store", "query_positions", "num_layers", "num_heads", "_row"):
+            setattr(self, name, getattr(run, name))
+        self.text_key_positions = np.setdiff1d(np.arange(len(run.tokens)), self.geometry.key_positions)
+        self._keys = layout.keys_of(k)
+        self._text_cache = {}
+
+    standin = Run.standin
+    prompt_length = Run.prompt_length
+    row_of = Run.row_of
+    full_row = Run.full_row
+
+    @property
+    def methods(self) -> list[str]:
+        return ["raw"]
+
+    def method(self, name: str):
+        raise UserError(f"derived maps ({name}) are stored for single-image runs only")
+
+    def image_path(self, k: int | None = None):
+        return self.run.image_path(self.k)
+
+    def image_size(self, k: int | None = None):
+        return self.run.image_size(self.k)
+
+    def layer(self, i: int) -> Layer:
+        lay = self.run.layer(i)
+        T = lay.text.shape[-1]
+        order = self._text_cache.get(T)
+        if order is None:    # view text keys (ascending) <- where each one is in [image | text] of the run
+            pos = np.concatenate([self.run.layout.key_positions, self.run.text_key_positions[:T]])
+            mine = np.zeros(len(pos), bool)
+            mine[self._keys] = True
+            rest = np.flatnonzero(~mine)
+            order = self._text_cache[T] = rest[np.argsort(pos[rest], kind="stable")]
+        both = np.concatenate([lay.image, lay.text], axis=-1)
+        return Layer(np.ascontiguousarray(lay.image[..., self._keys]), np.ascontiguousarray(both[..., order]))
 
 
 def _npz_shape(path, key) -> tuple:
