@@ -532,3 +532,41 @@ def test_heatmap_cli_takes_an_image_index_or_a_frame(family_runs, tmp_path):
                           (["--run", two.path, "--image-index", 2, "--index", 3], "image 2 out of range")]:
         r = _heatmap(*args, "--output", out, "--overlay", "")
         assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+# ------------------------------------------------------------------------------- the batch over videos
+
+def test_batch_video_dir_resumes_and_records_bad_videos(smol, tmp_path, capsys):
+    import extract_smolvlm_batch as cli
+    from smolattn.errors import run_cli
+
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    encode_mp4(clips / "a.mp4", 8, 4)
+    encode_mp4(clips / "b.mp4", 12, 4)
+    (clips / "broken.mp4").write_bytes(b"no video here")
+    (clips / "photo.jpg").write_bytes(b"not a video extension: ignored")
+    root = tmp_path / "out"
+    argv = ["--video-dir", clips, "--output-root", root, "--model-id", smol.source, "--device", "cpu",
+            "--max-new-tokens", 2, "--max-frames", 2]
+
+    def batch_status(extra=()):
+        with pytest.raises(SystemExit) as e:
+            run_cli(cli.main, [str(a) for a in argv + list(extra)])
+        return e.value.code
+
+    assert batch_status() == 1                                      # broken.mp4 failed
+    rows = [json.loads(line) for line in (root / "manifest.jsonl").read_text().splitlines()]
+    status = {r["image"]: r["status"] for r in rows}
+    assert status == {"a.mp4": "ok", "b.mp4": "ok", "broken.mp4": "error"}
+    assert "not a video PyAV can read" in next(r["error"] for r in rows if r["image"] == "broken.mp4")
+    for name, frames in (("a", 2), ("b", 2)):
+        run = store.Run(root / name)
+        assert run.layout.is_video and len(run.layout) == frames and run.meta["video"]["max_frames"] == 2
+    assert batch_status() == 1                                      # resumed: nothing redone
+    assert len((root / "manifest.jsonl").read_text().splitlines()) == len(rows)
+    # other frame settings are another configuration: refused without --overwrite
+    argv[-1] = 3
+    capsys.readouterr()
+    assert batch_status() == 2
+    assert "configuration" in capsys.readouterr().err
