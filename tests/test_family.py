@@ -570,3 +570,36 @@ def test_batch_video_dir_resumes_and_records_bad_videos(smol, tmp_path, capsys):
     capsys.readouterr()
     assert batch_status() == 2
     assert "configuration" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------- the viewer (API)
+
+def test_viewer_api_serves_each_image_and_the_per_frame_timeline(family_runs, make_app, tmp_path):
+    import shutil
+
+    root = tmp_path / "served"
+    root.mkdir()
+    for name in ("two", "video"):
+        shutil.copytree(family_runs[name].path, root / name)
+    client = make_app(RUNS=str(root)).test_client()
+    for name in ("two", "video"):
+        run = store.Run(root / name)
+        info = client.get(f"/api/initialize?run={name}").get_json()
+        assert info["success"] and info["video"] == run.layout.is_video and len(info["images"]) == len(run.layout)
+        assert [m["name"] for m in info["methods"]] == ["raw"]        # derived maps: single-image runs only
+        pos = run.query_positions[-1]
+        row = run.row_of(pos)
+        values = np.mean([run.layer(i).image[:, row].mean(0) for i in range(run.num_layers)], axis=0)
+        for k in range(len(run.layout)):
+            d = client.get(f"/api/attention?run={name}&index={pos}&image={k}").get_json()
+            assert d["success"] and d["image"] == k
+            tiles, glob = run.layout.split(values, k)
+            np.testing.assert_allclose(d["global"], glob, rtol=1e-4, atol=1e-7)
+            assert (d["grid"] is None) == (tiles is None)
+            np.testing.assert_allclose(d["image_masses"], run.layout.mass(values), rtol=1e-4, atol=1e-7)
+            assert client.get(f"/api/image?run={name}&image={k}").data == run.image_path(k).read_bytes()
+            cell = "0,0"
+            r = client.get(f"/api/reverse?run={name}&cell={cell}&view=global&image={k}").get_json()
+            assert r["success"] and r["key"] == run.layout.key_offsets[k] + run.layout.images[k].rows * \
+                run.layout.images[k].cols * 64
+        assert client.get(f"/api/attention?run={name}&index={pos}&image=9").status_code == 404
