@@ -144,6 +144,9 @@ def probe(path, fps: float | None = None, max_frames: int | None = None) -> tupl
 
 def read(path, fps: float = DEFAULT_FPS, max_frames: int = DEFAULT_MAX_FRAMES) -> Frames:
     """Decode a video and keep the frames SmolVLM would sample (PyAV; FFmpeg is inside its wheel)."""
+    import time
+
+    t0 = time.perf_counter()
     path = _check(path, fps, max_frames)
     av = _av()
     try:
@@ -168,7 +171,8 @@ def read(path, fps: float = DEFAULT_FPS, max_frames: int = DEFAULT_MAX_FRAMES) -
     images = [frames[i] for i in kept]
     size = images[0].size
     info = {"source": str(path), "format": fmt, "fps": rate, "total_frames": total, "duration": duration,
-            "size": list(size), "sample_fps": fps, "max_frames": max_frames}
+            "size": list(size), "sample_fps": fps, "max_frames": max_frames,
+            "decode_s": round(time.perf_counter() - t0, 4)}
     return Frames(images, kept, rate, total, duration, size, info)
 
 
