@@ -1,7 +1,7 @@
 """Which heads localise, over a whole dataset of runs, and where the model looks on POPE.
 
     python analyze_heads.py --runs smol_outputs --output-dir heads
-    python analyze_heads.py --runs pope_out/attention --annotations ../shared/data/coco/pope_val2014_instances.json
+    python analyze_heads.py --runs pope_out/attention --annotations samples/coco/subset_instances.json
 
 Reads every run under --runs (a batch output root or a POPE attention root; no model is loaded), scores
 every layer x head (image-attention sum, spatial entropy, pointing game and mass in the COCO boxes,

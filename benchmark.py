@@ -1,23 +1,28 @@
 """Run SmolVLM on POPE and score it under the official, lmms-eval and VLMEvalKit conventions.
 
-    python benchmark.py --benchmark-file ../POPE/output/coco --image-root ../COCO/val2014
-    python benchmark.py --benchmark-file pope_subset_random.json --limit 60 --model-id models/tiny
+    python benchmark.py --benchmark-file samples/pope --image-root coco/val2014   # scripts/get_coco_val2014.py
+    python benchmark.py --benchmark-file samples/pope/pope_subset_random.json --image-root samples/coco_val2014
     python benchmark.py --answers benchmark_output/answers.jsonl        # re-score, no model
 
 Writes answers.jsonl (one row per question, appended as it goes: a rerun resumes), results.json and
-results.md to --output-dir and prints the table. Details: docs/pope.md.
+results.md to --output-dir and prints the table; a folder holding anything else is refused, untouched.
+Details: docs/pope.md.
 """
 import argparse
+import dataclasses
 import functools
+import os
 import sys
 from pathlib import Path
 
 from smolattn import engine
 from smolattn import extract as ex
+from smolattn import methods as mth
 from smolattn import model as mdl
 from smolattn import pope
 from smolattn import pope_runner as pr
-from smolattn.batch import run_engine
+from smolattn import runmeta
+from smolattn.scheduler import run_engine
 from smolattn.errors import UserError, run_cli
 
 
@@ -26,7 +31,8 @@ def parse_args(argv=None):
     ap.add_argument("--benchmark-file", nargs="+", metavar="PATH",
                     help="POPE JSON-lines file(s) (question_id, image, text, label), or a folder holding "
                          "coco_pope_{random,popular,adversarial}.json")
-    ap.add_argument("--image-root", default="../COCO/val2014", help="folder of the COCO val2014 images")
+    ap.add_argument("--image-root", default="coco/val2014",
+                    help="folder of the COCO val2014 images (scripts/get_coco_val2014.py puts them here)")
     ap.add_argument("--output-dir", default="benchmark_output")
     ap.add_argument("--limit", type=int, default=0, help="only the first N questions, in file order (0: all)")
     mdl.add_model_arguments(ap)
@@ -38,13 +44,15 @@ def parse_args(argv=None):
     ap.add_argument("--prompt-suffix", default=pope.DEFAULT_SUFFIX,
                     help="appended to each question; default lmms-eval's %(default)r, so a 256M model answers "
                          "with one word (VLMEvalKit adds none: pass '' to match it)")
-    ap.add_argument("--max-new-tokens", type=int, default=8,
+    ap.add_argument("--max-new-tokens", type=int, default=runmeta.POPE_MAX_NEW_TOKENS,
                     help="greedy answer length cap; 'Yes'/'No' take 1-2 tokens, all three parsers look at the start")
     ap.add_argument("--answers", metavar="FILE", help="re-score a saved answers.jsonl; loads no model")
     ap.add_argument("--overwrite", action="store_true", help="discard answers made with another configuration")
     ap.add_argument("--naive", action="store_true", help="encode the image again for every question (slow; for checks)")
     ap.add_argument("--attention", action="store_true",
                     help="also store each question's object-word attention run under OUTPUT_DIR/attention/")
+    ap.add_argument("--methods", default=mth.RAW, help=f"with --attention: comma list of {', '.join(mth.names())} "
+                    "stored in each attention run (default raw; see docs/run-format.md)")
     ap.add_argument("--annotations", metavar="COCO_JSON",
                     help="COCO instances JSON: score how well the attention localises the object (needs --attention)")
     ap.add_argument("--engine", choices=("local", "ray"), default="local")
@@ -60,8 +68,10 @@ def parse_args(argv=None):
         ap.error("--limit must be >= 0; --max-new-tokens, --longest-edge, --batch-size and --num-workers >= 1")
     if args.annotations and not args.attention:
         ap.error("--annotations needs --attention")
+    if args.methods != mth.RAW and not args.attention:
+        ap.error("--methods needs --attention")
     if not args.answers and not args.benchmark_file:
-        ap.error("--benchmark-file is required (e.g. ../POPE/output/coco or coco_pope_popular.json), "
+        ap.error("--benchmark-file is required (e.g. samples/pope or samples/pope/coco_pope_popular.json), "
                  "unless --answers re-scores saved answers")
     return args
 
@@ -91,19 +101,34 @@ def main(argv=None):
     out = Path(args.output_dir)
     if args.answers:   # re-score only
         sources = load_questions(args.benchmark_file, 0)[1] if args.benchmark_file else None
+        pope.check_output(out)                  # never a file of the user's (one line, before anything)
         out.mkdir(parents=True, exist_ok=True)
         return finish(out, pope.read_answers(args.answers), sources, None)
 
     questions, sources = load_questions(args.benchmark_file, args.limit)
+    methods = tuple(mth.parse(args.methods))
     boxes = pr.load_boxes(args.annotations) if args.annotations else None
     device = args.device or ("cuda" if args.engine == "ray" and args.gpus_per_worker else mdl.default_device())
+    benchmark = {"benchmark_file": [os.path.abspath(p) for p in args.benchmark_file],
+                 "image_root": os.path.abspath(args.image_root), "limit": args.limit,
+                 "annotations": os.path.abspath(args.annotations) if args.annotations else None}
     cfg = pr.Config(mdl.resolve_model_id(args.model_id), args.revision, device,
                     args.dtype or mdl.default_dtype(device), args.prompt_suffix,
                     args.longest_edge, args.max_new_tokens, args.naive,
                     str(out / "attention") if args.attention else None,
-                    args.batch_size or engine.default_batch_size(device))
+                    args.batch_size or engine.default_batch_size(device), methods, benchmark=benchmark)
     ex.check_longest_edge(args.longest_edge, ex.checkpoint_tile_size(args.model_id, args.revision))
+    pope.check_output(out, [out / "attention" / q.split / str(q.question_id) for q in questions] if args.attention else ())
+    # the configuration includes what only the loaded model knows (resolved revision, processor settings);
+    # the local engine's worker reuses this copy, Ray's driver loads one on CPU only to learn it
+    probe = pr.get_model(cfg) if args.engine == "local" else mdl.load(cfg.model_id, "cpu", cfg.dtype, cfg.revision)
+    cfg = dataclasses.replace(cfg, info=runmeta.model_info(probe, cfg.longest_edge))
+    del probe
     answers = pope.AnswersFile(out / "answers.jsonl", cfg.key(), args.overwrite)
+    if args.overwrite:   # our attention runs of another configuration go too (nothing else under attention/)
+        removed = pr.remove_other_runs(out / "attention", cfg.key())
+        if removed:
+            print(f"removed {removed} attention runs of another configuration", file=sys.stderr)
     done = answers.done()
     todo = [q for q in questions if q.key not in done]
     print(f"{len(questions)} questions ({len(questions) - len(todo)} already answered), "

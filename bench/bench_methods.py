@@ -18,8 +18,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-PHOTO = "shared/data/images/coco_val2014/COCO_val2014_000000265719.jpg"                          # 640 x 480
-DEFAULT_IMAGE = next((p / PHOTO for p in (ROOT.parent, ROOT.parent.parent) if (p / PHOTO).is_file()), ROOT.parent / PHOTO)
+from sample_data import IMAGES, PHOTO_4_3  # noqa: E402  (bench/ is on sys.path: the script's folder)
+DEFAULT_IMAGE = IMAGES / PHOTO_4_3
 CONFIGS = {"raw": ("raw",), "rollout": ("raw", "rollout"), "relative": ("raw", "relative"),
            "relevancy": ("raw", "relevancy")}
 GOALS = {"rollout": 1.3, "relative": 1.3, "relevancy": 8.0}

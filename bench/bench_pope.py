@@ -25,15 +25,15 @@ from smolattn import pope, standin  # noqa: E402
 from smolattn import pope_runner as pr  # noqa: E402
 from smolattn.images import open_image  # noqa: E402
 
-DATA = next((d for d in (ROOT / "shared/data", ROOT.parent / "shared/data") if d.is_dir()), ROOT.parent / "shared/data")
+from sample_data import IMAGES, PHOTO, POPE_SUBSET  # noqa: E402  (bench/ is on sys.path: the script's folder)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model-id", default=None, help="default: the smolvlm-256m stand-in (built under models/)")
-    ap.add_argument("--image", default="COCO_val2014_000000001171.jpg")
-    ap.add_argument("--questions", default=str(DATA / "pope" / "pope_subset.jsonl"))
-    ap.add_argument("--image-root", default=str(DATA / "images" / "coco_val2014"))
+    ap.add_argument("--image", default=PHOTO)
+    ap.add_argument("--questions", default=str(POPE_SUBSET))
+    ap.add_argument("--image-root", default=str(IMAGES))
     ap.add_argument("--longest-edge", type=int, default=None, help="default: the checkpoint's own (2048)")
     ap.add_argument("--batch-images", type=int, default=1,
                     help="cached path: the questions of this many images (from --image on, in file order) in one batch")

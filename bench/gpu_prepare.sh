@@ -4,12 +4,15 @@
 #   .gpu/whl   wheels for its Python 3.12 (it has torch 2.11 + CUDA, transformers 5.17, huggingface_hub 1.33):
 #              our pins of transformers and tokenizers, and the store codec blosc2 with the two
 #              dependencies it lacks (ndindex, numexpr); everything else is already there
-#   .gpu/data  the 13 COCO photos and the POPE subset (2 MB)
+#   .gpu/data  the COCO photos and the POPE subset: the 13 of ../shared/data where it exists
+#              (SMOLATTN_DATA), else the 3 shipped in samples/ (2 MB)
 # Then, with the device tool:  run(command="bash bench/gpu_run.sh", carry=[".gpu"], timeout_s=480)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 DATA=${SMOLATTN_DATA:-../shared/data}
+if [ -d "$DATA/images/coco_val2014" ]; then IMAGES=$DATA/images/coco_val2014 POPE=$DATA/pope/pope_subset.jsonl
+else IMAGES=samples/coco_val2014 POPE=samples/pope/pope_subset.jsonl; echo "note: no $DATA: using the photos in samples/"; fi
 PYVER=${GPU_PYTHON_VERSION:-3.12}
 WHL=${GPU_WHEELS:-.gpu/whl}
 mkdir -p "$WHL" .gpu/data/pope
@@ -20,8 +23,7 @@ done
 "$PY" -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: --python-version "$PYVER" \
   --implementation cp "${platforms[@]}" -d "$WHL" \
   transformers==5.24.0 tokenizers==0.23.3 blosc2==4.14.1 ndindex==1.10.1 numexpr==2.14.2
-mkdir -p .gpu/data/images
-cp -r "$DATA/images/coco_val2014" .gpu/data/images/
-cp "$DATA/pope/pope_subset.jsonl" .gpu/data/pope/
+mkdir -p .gpu/data/images/coco_val2014 && cp "$IMAGES"/*.jpg .gpu/data/images/coco_val2014/
+cp "$POPE" .gpu/data/pope/pope_subset.jsonl
 ls "$WHL"
 du -sh .gpu

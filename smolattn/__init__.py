@@ -14,6 +14,7 @@ Modules, one per concern:
   pope      POPE question files, answer parsers, scoring and the report
   pope_runner  running POPE on the engine (cached image prefix, questions of several images per batch)
   batch     resumable, sharded batch runner (local pipeline or Ray)
+  scheduler the generic scheduler: a worker per process or Ray actor, retries (batch and POPE run on it)
   jsonl     the one JSONL reader/writer (fsynced rows, torn last line only)
   analysis  dataset-level head scores (spatial entropy, elbow, pointing game, AUROC); head_report: its reports
   standin   offline stand-in models with SmolVLM's shapes

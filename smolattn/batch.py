@@ -1,12 +1,8 @@
-"""Batch extraction over an image folder (resumable, sharded, local or Ray) and the generic engine.
+"""Batch extraction over an image folder (resumable, sharded, local or Ray).
 
-Two layers:
-
-* :func:`run_engine` - generic: load a worker once per process (local) or per Ray actor, feed it
-  items, decode the next item in the background, hand every result row to the driver. The POPE
-  benchmark uses it too.
-* :func:`run` - the image-folder batch behind ``extract_smolvlm_batch.py``: discovery, sharding,
-  output names, the manifest, resume and the configuration fingerprint. See docs/batch.md.
+:func:`run` - the image-folder batch behind ``extract_smolvlm_batch.py``: discovery, sharding,
+output names, the manifest, resume and the configuration fingerprint. See docs/batch.md. The generic
+scheduler it runs on (local or a Ray actor pool) is smolattn.scheduler's :func:`run_engine`.
 """
 from __future__ import annotations
 
@@ -18,8 +14,8 @@ import re
 import sys
 import threading
 import time
-from collections import Counter, deque
-from concurrent.futures import ThreadPoolExecutor
+from collections import Counter
+from contextlib import ExitStack
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path, PurePosixPath
@@ -30,209 +26,16 @@ from . import engine as eng
 from . import extract as ex
 from .engine import config_hash
 from . import model as mdl
-from . import jsonl, store
+from . import jsonl, outputs, store
 from .errors import DeviceError, UserError, is_device_error
 from .images import EXTENSIONS
+from .scheduler import chunks, run_engine, split_chunk
 from .video import EXTENSIONS as VIDEO_EXTENSIONS
-from .store import atomic_write_text
 
 CONFIG = "batch_config.json"
+CONFIG_MARKER = outputs.JsonField("smolattn-batch-config",   # before the field: {"fingerprint", "config"}
+                                  legacy=lambda obj: {"fingerprint", "config"} <= set(obj))
 CHUNK_BATCHES = 4      # Ray: batches per call to an actor (the unit of work and of retry)
-
-
-# ---------------------------------------------------------------------------------------------
-# Engine layer (generic)
-# ---------------------------------------------------------------------------------------------
-def run_engine(items: list, make_worker, *, engine: str = "local", num_workers: int = 1,
-               gpus_per_worker: float = 0, ray_address: str | None = None, prefetch=None,
-               on_result=None, progress: str | None = None, cpus_per_worker: float = 1,
-               on_failure=None, retries: int = 2, size=None, split=None) -> None:
-    """Run make_worker() once per process/actor (it loads the model), then worker(item, prefetched) for
-    every item; on_result(result) is called in the driver, in completion order, with each item's
-    return value as is (JSON-serialisable: a row dict, or a list of rows for POPE's per-image items).
-    prefetch(item) (e.g. image decoding) runs one item ahead in a
-    background thread (local) so it overlaps the model work; its exceptions are passed to the worker
-    as the prefetched value (an Exception instance) so it can turn them into error rows.
-    engine="ray": a Ray actor pool of num_workers actors (each calls make_worker once),
-    ray.init(address=ray_address) (local if None), gpus_per_worker per actor. make_worker must be
-    picklable (a top-level function or functools.partial). cpus_per_worker: Ray CPUs per actor; Ray
-    sets OMP_NUM_THREADS to it, so it is also torch's thread count in a CPU actor.
-    Ray: an actor whose process dies is restarted by Ray; the items it had in flight are tried again,
-    each alone on an actor (so an innocent item is not failed with the one that kills the process), at
-    most ``retries`` more times; then on_failure(item, message) gives the item's result (an error row)
-    and the batch goes on (without on_failure: the error is raised). A DeviceError (CUDA error) stops
-    that actor with one line on stderr; its items go to the others; when none is left it is raised.
-    An item may be a chunk of work (a batch of images): split(item) -> its parts, or None for a single
-    one; when a worker process dies on a chunk, its parts are retried alone (so one image that kills
-    the process fails alone). progress: a tqdm description; shows rate and ETA, counting size(item)
-    units per item (default 1)."""
-    if not items:
-        return
-    size = size or (lambda item: 1)
-    with tqdm(total=sum(map(size, items)), desc=progress, unit="item", disable=progress is None,
-              dynamic_ncols=True) as bar:
-        def emit(item, row):
-            bar.update(size(item))
-            if on_result is not None:
-                on_result(row)
-
-        if engine == "local":
-            if num_workers != 1:
-                raise ValueError("the local engine runs one worker in this process; use engine='ray' for more")
-            _run_local(items, make_worker, prefetch, emit)
-        elif engine == "ray":
-            _run_ray(items, make_worker, num_workers, cpus_per_worker, gpus_per_worker, ray_address, prefetch, emit,
-                     on_failure, retries, split)
-        else:
-            raise ValueError(f"unknown engine {engine!r}")
-
-
-def _prefetched(prefetch, item):
-    if prefetch is None:
-        return None
-    try:
-        return prefetch(item)
-    except Exception as e:  # noqa: BLE001 - handed to the worker, which makes an error row of it
-        return e
-
-
-def _run_local(items, make_worker, prefetch, emit):
-    worker = make_worker()
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") as pool:
-        upcoming = pool.submit(_prefetched, prefetch, items[0])
-        for i, item in enumerate(items):
-            current = upcoming
-            if i + 1 < len(items):   # decode the next item while the model works on this one
-                upcoming = pool.submit(_prefetched, prefetch, items[i + 1])
-            emit(item, worker(item, current.result()))
-
-
-class _RayWorker:
-    """One actor: the worker is made once; two calls in flight per actor, so one call decodes its item
-    while the other holds the model (the lock keeps model work one at a time). A failure to make the
-    worker is raised by every call, so the driver gets the original exception, not a dead actor."""
-
-    def __init__(self, make_worker, prefetch):
-        self.prefetch, self.lock, self.failed = prefetch, threading.Lock(), None
-        try:
-            self.worker = make_worker()
-        except Exception as e:  # noqa: BLE001 - re-raised in run()
-            self.failed = e
-
-    def ping(self):
-        return True
-
-    def run(self, item):
-        if self.failed is not None:
-            raise self.failed
-        value = _prefetched(self.prefetch, item)
-        with self.lock:
-            return self.worker(item, value)
-
-
-def _run_ray(items, make_worker, num_workers, cpus_per_worker, gpus_per_worker, ray_address, prefetch, emit,
-             on_failure=None, retries: int = 2, split=None):
-    import ray
-
-    items = list(items)   # the parts of a split chunk are appended
-
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address=ray_address, **({} if ray_address else {"include_dashboard": False}))
-    actors = []
-    try:   # Ray restarts a dead actor (max_restarts=-1); the driver retries its items (see run_engine)
-        actor_cls = ray.remote(_RayWorker).options(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker,
-                                                   max_concurrency=2, max_restarts=-1, max_task_retries=0)
-        actors = [actor_cls.remote(make_worker, prefetch) for _ in range(min(num_workers, len(items)))]
-        queue, suspects, tries = deque(range(len(items))), deque(), Counter()
-        busy, alone, waking = {a: 0 for a in actors}, set(), set()   # busy: usable actor -> items in flight
-        pending = {}   # ref -> (actor, item index, or None for a ping to an actor that is restarting)
-
-        def submit(actor, i, isolated=False):
-            pending[actor.run.remote(items[i])] = (actor, i)
-            busy[actor] += 1
-            if isolated:
-                alone.add(actor)
-
-        def fill():   # items that were in flight when a process died run alone, on an actor that is up
-            for slot in (1, 2):   # breadth first: every idle actor gets work before any gets a second item
-                for actor in busy:
-                    if actor in alone or actor in waking:
-                        continue
-                    if suspects:
-                        if busy[actor] == 0:
-                            submit(actor, suspects.popleft(), isolated=True)
-                        continue
-                    if queue and busy[actor] < slot:
-                        submit(actor, queue.popleft())
-
-        def ping(actor):
-            waking.add(actor)
-            pending[actor.ping.remote()] = (actor, None)
-
-        fill()
-        while pending:
-            (ref,), _ = ray.wait(list(pending), num_returns=1)
-            actor, i = pending.pop(ref)
-            if i is None:                            # is the restarted actor up again?
-                try:
-                    ray.get(ref)
-                    waking.discard(actor)
-                except ray.exceptions.ActorUnavailableError:
-                    time.sleep(0.2)
-                    ping(actor)
-                except ray.exceptions.RayError:      # gone for good
-                    busy.pop(actor, None)
-                    waking.discard(actor)
-                    if not busy:
-                        raise UserError("every Ray worker is gone; rerun to resume") from None
-                fill()
-                continue
-            if actor in busy:
-                busy[actor] -= 1
-                alone.discard(actor)
-            try:
-                emit(items[i], ray.get(ref))
-            except ray.exceptions.RayTaskError as e:   # the worker's own exception
-                if not isinstance(e.cause, DeviceError):
-                    raise e.cause from e             # e.g. the model could not be loaded: stop the batch
-                if actor in busy:                    # a CUDA error: this actor stops, the others go on
-                    print(f"error: Ray worker {actors.index(actor)} stopped: {e.cause}", file=sys.stderr)
-                    del busy[actor]
-                    alone.discard(actor)
-                    ray.kill(actor, no_restart=True)
-                if not busy:
-                    raise e.cause from e
-                suspects.append(i)
-            except ray.exceptions.RayError as e:     # the actor's process died with the item in flight
-                if actor not in busy:                # an actor stopped by us above: not this item's fault
-                    queue.appendleft(i)
-                    fill()
-                    continue
-                if actor not in waking:
-                    ping(actor)                      # Ray restarts it; nothing goes to it until it answers
-                parts = split(items[i]) if split is not None else None
-                if parts is not None and len(parts) > 1:   # a chunk: which of its items was it? each alone,
-                    for part in parts:                     # this death counted as each one's first try
-                        tries[len(items)] = tries[i] + 1
-                        suspects.append(len(items))
-                        items.append(part)
-                    fill()
-                    continue
-                tries[i] += 1
-                if tries[i] <= retries:
-                    suspects.append(i)
-                elif on_failure is None:
-                    raise
-                else:
-                    emit(items[i], on_failure(items[i], f"the worker process died on this item {tries[i]} times "
-                                                        f"(retries exhausted): {type(e).__name__}"))
-            fill()
-    finally:
-        for actor in actors:
-            ray.kill(actor)
-        if started:
-            ray.shutdown()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,7 +86,7 @@ def discover(image_dir, extensions, recursive: bool = False, exclude=None) -> li
     for folder, dirs, files in os.walk(root):
         dirs[:] = [d for d in dirs if recursive and not d.startswith(".")
                    and (exclude is None or (Path(folder) / d).resolve() != exclude)
-                   and not store.owned_run(Path(folder) / d)]     # our runs (output root = image folder)
+                   and not store.owned_run(Path(folder) / d) and not store.reference_run(Path(folder) / d)]   # runs
         rel = Path(folder).relative_to(root)
         found += [(rel / f).as_posix() for f in files
                   if not f.startswith(".") and os.path.splitext(f)[1].lower() in extensions]
@@ -360,22 +163,84 @@ def open_manifest(path: Path) -> jsonl.Writer:
                                               f"{path.name}); wait for it to finish, or use another --output-root")
 
 
-def check_config(root: Path, config: dict, overwrite: bool) -> None:
-    """Write batch_config.json, or refuse to mix runs made with another configuration."""
+def manifest_layout(path: Path) -> int:
+    """The ``--shards`` count a manifest's name says (manifest.jsonl: 1)."""
+    m = re.fullmatch(r"manifest\.shard-\d+-of-(\d+)\.jsonl", path.name)
+    return int(m.group(1)) if m else 1
+
+
+def recorded_layout(root: Path) -> int | None:
+    """The shard layout of the batch on ``root``: the ``shards`` its batch_config.json records (the
+    first batch on the root records it), or for a root of an older version without it the one count
+    its manifests name; None for a fresh root (or manifests of several counts)."""
+    path = root / CONFIG
+    try:
+        old = json.loads(path.read_text())
+    except FileNotFoundError:
+        old = {}
+    except (OSError, ValueError):
+        raise UserError(f"{path} is not valid JSON, so not ours; it is left untouched: move it away or "
+                        "choose another --output-root")
+    if isinstance(old, dict) and isinstance(old.get("shards"), int):
+        return old["shards"]
+    counts = {manifest_layout(p) for p in manifests(root)} if root.is_dir() else set()
+    return counts.pop() if len(counts) == 1 else None
+
+
+def check_layout(root: Path, shards: int, overwrite: bool) -> None:
+    """Refuse a batch whose ``--shards`` differs from the layout recorded on ``root`` (its shards would
+    write the same runs as the other layout's), in one line, before anything is written."""
+    old = None if overwrite else recorded_layout(root)
+    if old is not None and old != shards:
+        raise UserError(f"{root} is filled by a batch with --shards {old} (recorded in {CONFIG}); run every shard "
+                        f"with --shards {old}, or pass --overwrite to start it over with --shards {shards}, "
+                        f"or choose another --output-root")
+
+
+def _create_exclusive(path: Path, text: str) -> bool:
+    """Create ``path`` with ``text`` atomically, only if it does not exist (complete or not at all; a
+    hard link of a fsynced temporary file, atomic also on NFS). False: it exists."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.uname().nodename}-{os.getpid()}-{threading.get_ident()}")
+    outputs.write_bytes_durably(tmp, text.encode())
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        return False
+    finally:
+        tmp.unlink()
+    outputs.fsync_path(path.parent, directory=True)
+    return True
+
+
+def check_config(root: Path, config: dict, overwrite: bool, shards: int = 1) -> None:
+    """Record the configuration and the shard layout in batch_config.json, or refuse to mix runs made
+    with another configuration or another ``--shards`` count. The first batch on a root creates the
+    file atomically, so shards of one layout starting at once all pass, and of two layouts only one."""
     path, fp = root / CONFIG, fingerprint_hash(config)
-    if path.is_file() and not overwrite:
-        try:
-            old = json.loads(path.read_text())
-        except ValueError:
-            raise UserError(f"{path} is not valid JSON; remove it or pass --overwrite")
-        if old.get("fingerprint") == fp:
-            return
-        before = old.get("config", {})
-        changed = [f"{k}: {before.get(k)!r} -> {config.get(k)!r}" for k in sorted(set(before) | set(config))
-                   if before.get(k) != config.get(k)]
-        raise UserError(f"{root} holds runs made with another configuration ({'; '.join(changed) or 'unknown'}). "
-                        f"Pass --overwrite to recompute them, or choose another --output-root")
-    atomic_write_text(path, json.dumps({"fingerprint": fp, "config": config}, indent=1))
+    outputs.check_file(path, CONFIG_MARKER)          # a batch_config.json of the user's: one line, untouched
+    text = json.dumps({"format": CONFIG_MARKER.value, "fingerprint": fp, "config": config, "shards": shards},
+                      indent=1)
+    if overwrite:
+        outputs.replace_file(path, text.encode(), CONFIG_MARKER)    # never a file of the user's
+        return
+    check_layout(root, shards, overwrite)
+    if not path.is_file() and _create_exclusive(path, text):
+        return
+    try:
+        old = json.loads(path.read_text())
+    except ValueError:
+        raise UserError(f"{path} is not valid JSON, so not ours; it is left untouched: move it away or "
+                        "choose another --output-root")
+    check_layout(root, shards, overwrite)      # again: another layout may have created it meanwhile
+    if old.get("fingerprint") == fp:
+        if old.get("shards") is None:          # a root of an older version: record the layout now
+            outputs.replace_file(path, text.encode(), CONFIG_MARKER)
+        return
+    before = old.get("config", {})
+    changed = [f"{k}: {before.get(k)!r} -> {config.get(k)!r}" for k in sorted(set(before) | set(config))
+               if before.get(k) != config.get(k)]
+    raise UserError(f"{root} holds runs made with another configuration ({'; '.join(changed) or 'unknown'}). "
+                    f"Pass --overwrite to recompute them, or choose another --output-root")
 
 
 def remove_stale(root: Path, names) -> int:
@@ -416,7 +281,7 @@ def error_row(item: dict, fingerprint: str, error: Exception, seconds: float | N
 
 
 def extract_items(loaded, settings: ex.Settings, root: Path, fingerprint: str, items: list, on_result, *,
-                  batch_size=None, workers=None, preparer=None) -> None:
+                  batch_size=None, workers=None, preparer=None, replace_reference: bool = False) -> None:
     """Images through the engine's pipeline (batched generate, decode ahead, writes in writer threads);
     on_result(manifest row) per image as it completes. A bad image is its error row; a CUDA error
     stops the worker (DeviceError)."""
@@ -429,36 +294,27 @@ def extract_items(loaded, settings: ex.Settings, root: Path, fingerprint: str, i
             try:
                 v = it["video"]
                 summary = ex.extract_video(loaded, it["path"], Path(root) / it["run"], settings, v["fps"],
-                                           v["max_frames"], v["keep_frame_rows"])
+                                           v["max_frames"], v["keep_frame_rows"], replace_reference=replace_reference)
             except Exception as e:  # noqa: BLE001 - a bad video is its error row (a CUDA error stops: DeviceError)
                 on_result(error_row(it, fingerprint, e, time.perf_counter() - t0))
                 continue
             done(it, summary)
         return
     ex.extract_many(loaded, [(it["path"], Path(root) / it["run"], it) for it in items], settings, done,
-                    batch_size=batch_size, workers=workers, preparer=preparer,
+                    batch_size=batch_size, workers=workers, preparer=preparer, replace_reference=replace_reference,
                     on_error=lambda item, e: error_row(item, fingerprint, e))
 
 
 def run_local(loaded, settings: ex.Settings, root: Path, fingerprint: str, items: list, on_result, *,
-              batch_size=None, workers=None) -> None:
+              batch_size=None, workers=None, replace_reference: bool = False) -> None:
     """Every item through the engine's pipeline, in this process, with a progress bar."""
     with tqdm(total=len(items), desc="images", unit="item", dynamic_ncols=True) as bar:
         def done(row):
             bar.update()
             on_result(row)
 
-        extract_items(loaded, settings, root, fingerprint, items, done, batch_size=batch_size, workers=workers)
-
-
-def chunks(items: list, size: int) -> list[list[dict]]:
-    """The Ray work items: chunks of ``size`` images (each one call to an actor's pipeline)."""
-    return [items[i:i + size] for i in range(0, len(items), max(1, size))]
-
-
-def split_chunk(chunk: list) -> list[list[dict]] | None:
-    """A chunk's parts, to retry one image at a time after its worker process died."""
-    return [[item] for item in chunk]
+        extract_items(loaded, settings, root, fingerprint, items, done, batch_size=batch_size, workers=workers,
+                      replace_reference=replace_reference)
 
 
 def failed_rows(fingerprint: str, chunk: list, message: str) -> list[dict]:
@@ -468,7 +324,7 @@ def failed_rows(fingerprint: str, chunk: list, message: str) -> list[dict]:
 
 
 def make_ray_worker(model_args: dict, settings: ex.Settings, root: str, config: dict, batch_size: int | None = None,
-                    workers: int | None = None):
+                    workers: int | None = None, replace_reference: bool = False):
     """Runs in each Ray actor: load the model once, check it gives the driver's configuration, and
     return worker(chunk, _) -> the chunk's manifest rows (the engine's pipeline over the chunk: batched
     generate, decode ahead in this actor's own decode workers, made once, writes in writer threads)."""
@@ -484,7 +340,7 @@ def make_ray_worker(model_args: dict, settings: ex.Settings, root: str, config: 
     def worker(chunk, _prefetched=None):
         rows = []
         extract_items(loaded, settings, Path(root), fingerprint, chunk, rows.append, batch_size=batch_size,
-                      preparer=preparer)
+                      preparer=preparer, replace_reference=replace_reference)
         return rows
 
     return worker
@@ -557,8 +413,11 @@ def run(args, loaded: mdl.Loaded | None = None) -> int:
     items = plan(args)
     root = Path(args.output_root)
     ex.check_writable(root)
+    if not args.replace_reference_run:   # the reference project's runs: replaced only on request
+        store.refuse_reference_runs(root / it["run"] for it in items)
     if loaded is None:   # bad settings fail before the model loads (when its config files are here)
         ex.check_longest_edge(settings.longest_edge, ex.checkpoint_tile_size(args.model_id, args.revision))
+    check_layout(root, args.shards, args.overwrite)   # before the model loads; recorded in check_config
     created = not root.exists()
     root.mkdir(parents=True, exist_ok=True)
     manifest = open_manifest(manifest_path(root, args.shards, args.shard_index))
@@ -588,7 +447,8 @@ def _run_locked(args, loaded, settings, items, root: Path, manifest: jsonl.Write
         batch_size = args.batch_size or eng.default_batch_size(device)
         workers = args.workers if args.workers is not None else min(eng.default_workers(device),
                                                                     max(0, int(args.cpus_per_worker) - 1))
-        make_worker = partial(make_ray_worker, model_args, settings, str(root), config, batch_size, workers)
+        make_worker = partial(make_ray_worker, model_args, settings, str(root), config, batch_size, workers,
+                              args.replace_reference_run)
         del probe
     else:
         loaded = loaded or mdl.load(args.model_id, args.device, args.dtype, args.revision)
@@ -596,7 +456,12 @@ def _run_locked(args, loaded, settings, items, root: Path, manifest: jsonl.Write
         config = ex.fingerprint_config(loaded, settings)
     if _video_args(args):    # frame settings change a video run's content (image batches: unchanged)
         config["video"] = _video_args(args)
-    check_config(root, config, args.overwrite)
+    with ExitStack() as held:   # --overwrite: the manifests of another layout go, unless a live batch holds one
+        others = [held.enter_context(open_manifest(p)) for p in (manifests(root) if args.overwrite else [])
+                  if manifest_layout(p) != args.shards]
+        check_config(root, config, args.overwrite, args.shards)
+        for other in others:
+            other.path.unlink()
     fp = fingerprint_hash(config)
 
     latest = {} if args.overwrite else read_manifests(root)
@@ -613,11 +478,6 @@ def _run_locked(args, loaded, settings, items, root: Path, manifest: jsonl.Write
             todo.append(it)
 
     if args.overwrite:
-        if args.shards == 1:   # the other shards' manifests go too, unless a live batch holds one
-            for old in manifests(root):
-                if old != manifest.path:
-                    with open_manifest(old):
-                        old.unlink()
         manifest.truncate()
     counts = Counter()
 
@@ -637,7 +497,8 @@ def _run_locked(args, loaded, settings, items, root: Path, manifest: jsonl.Write
                    gpus_per_worker=args.gpus_per_worker, ray_address=args.ray_address, on_result=on_result,
                    progress="images", on_failure=partial(failed_rows, fp), size=len, split=split_chunk)
     elif todo:
-        run_local(loaded, settings, root, fp, todo, on_result, batch_size=args.batch_size, workers=args.workers)
+        run_local(loaded, settings, root, fp, todo, on_result, batch_size=args.batch_size, workers=args.workers,
+                  replace_reference=args.replace_reference_run)
     elapsed = time.perf_counter() - t0
     n = counts["ok"] + counts["error"]
     print(f"done {counts['ok']}, skipped {skipped} (finished earlier), failed {counts['error']}"

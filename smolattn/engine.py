@@ -11,12 +11,10 @@
 * POPE's shared prefix (:func:`prefill`, :func:`suffix_ids`, :func:`answer_cached`): an image's
   vision features and prompt prefix are computed once (``logits_to_keep=1``), and the questions of
   several images are answered together in one batch on top of their stacked, left-padded caches.
-* :func:`config_hash` - the one hash of a configuration (batch manifest, POPE answers).
+* :func:`config_hash` (smolattn.runmeta's) - the one hash of a configuration (batch manifest, POPE answers).
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import threading
 import time
@@ -28,11 +26,7 @@ import numpy as np
 
 from . import geometry as geo
 from . import model as mdl
-
-
-def config_hash(config: dict) -> str:
-    """12 hex digits of the sha256 of a configuration's canonical JSON."""
-    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
+from .runmeta import config_hash  # noqa: F401  (engine.config_hash: its old home)
 
 
 def default_batch_size(device: str) -> int:
@@ -87,8 +81,8 @@ def prepare(processor, rgb, prompt: str, longest_edge=None, keep: str = "text", 
     text, inputs = mdl.process(processor, rgb, prompt, longest_edge)
     ids = inputs["input_ids"][0].tolist()
     g = geo.from_tokens(processor.tokenizer.convert_ids_to_tokens(ids))
-    first, last = g.image_block
-    rows = np.arange(len(ids)) if keep == "all" else np.array([i for i in range(len(ids)) if not first <= i <= last])
+    rows = np.arange(len(ids))
+    rows = rows if keep == "all" else rows[g.outside_image(rows)]
     mask = inputs.get("pixel_attention_mask")
     return Prepared(text, ids, inputs["pixel_values"][0], None if mask is None else mask[0], g, rows, rgb,
                     dict(info or {}), time.perf_counter() - t0 + (info or {}).get("decode_s", 0.0))
@@ -356,7 +350,7 @@ def prefill(loaded, image, prompt: str, longest_edge=None) -> tuple[Prefix, list
     _, inputs = mdl.encode(loaded, image, prompt, longest_edge)
     ids = inputs["input_ids"][0].tolist()
     g = geo.from_tokens(loaded.processor.tokenizer.convert_ids_to_tokens(ids))
-    end = g.image_block[1] + 1
+    end = g.block_end
     with torch.inference_mode():
         out = loaded.model(input_ids=inputs["input_ids"][:, :end], attention_mask=inputs["attention_mask"][:, :end],
                            pixel_values=inputs["pixel_values"], pixel_attention_mask=inputs.get("pixel_attention_mask"),

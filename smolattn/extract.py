@@ -4,10 +4,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -15,19 +14,18 @@ import numpy as np
 from . import engine
 from . import methods as mth
 from . import model as mdl
-from . import store
+from . import runmeta, store
 from .errors import UserError
 from .images import open_image
-
-DEFAULT_PROMPT = "Can you describe this image?"
+from .runmeta import DEFAULT_PROMPT, processor_settings, versions  # noqa: F401  (extract.X: their old home)
 
 
 @dataclass(frozen=True)
 class Settings:
     prompt: str = DEFAULT_PROMPT
-    max_new_tokens: int = 128
+    max_new_tokens: int = runmeta.DEFAULT_MAX_NEW_TOKENS
     longest_edge: int | None = None     # None: the checkpoint's own processor setting
-    store: str = "compact"
+    store: str = runmeta.DEFAULT_STORE
     methods: tuple = (mth.RAW,)     # raw attention, plus any of smolattn.methods.METHODS
 
     def check(self):
@@ -51,10 +49,11 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     """The extraction flags shared by every script that runs the model on images."""
     ap.add_argument("--prompt", default=DEFAULT_PROMPT)
     mdl.add_model_arguments(ap)
-    ap.add_argument("--max-new-tokens", type=int, default=128, help="greedy decoding, stops at end of utterance")
+    ap.add_argument("--max-new-tokens", type=int, default=runmeta.DEFAULT_MAX_NEW_TOKENS,
+                    help="greedy decoding, stops at end of utterance")
     ap.add_argument("--longest-edge", type=int, default=None,
                     help="processor resize of the longest edge (default: the checkpoint's own processor setting)")
-    ap.add_argument("--store", choices=store.STORES, default="compact",
+    ap.add_argument("--store", choices=store.STORES, default=runmeta.DEFAULT_STORE,
                     help="compact: text/answer rows, fp16; compact8: same, 8-bit; full: reference (1,H,S,S) npz")
     ap.add_argument("--methods", default=mth.RAW, help=f"comma list of {', '.join(mth.names())} (default raw; "
                     "the others are stored next to it, see docs/run-format.md)")
@@ -62,6 +61,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help="images per generate call (default: 8 on a GPU, 1 on CPU); answers and rows do not change")
     ap.add_argument("--workers", type=int, default=None,
                     help="decode + processor worker processes (default: none on CPU, up to 8 on a GPU)")
+    ap.add_argument(store.REPLACE_REFERENCE_FLAG, action="store_true",
+                    help="replace an output directory that holds a reference-format run (the reference project's "
+                         "decoded_tokens.npy + attentions_5/; refused without this flag)")
 
 
 def settings_from_args(args) -> Settings:
@@ -121,46 +123,34 @@ def checkpoint_tile_size(model_id: str, revision: str | None = None) -> int | No
     return None
 
 
-def versions() -> dict:
-    import PIL
-    import torch
-    import transformers
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "numpy": np.__version__, "pillow": PIL.__version__}
-
-
-def processor_settings(loaded: mdl.Loaded, longest_edge: int | None) -> dict:
-    ip = loaded.processor.image_processor
-    return {"longest_edge": longest_edge or ip.size["longest_edge"], "tile_size": ip.max_image_size["longest_edge"],
-            "image_seq_len": loaded.processor.image_seq_len, "do_image_splitting": ip.do_image_splitting,
-            "resample": int(ip.resample), "image_processor": type(ip).__name__}
-
-
 def fingerprint_config(loaded: mdl.Loaded, settings: Settings) -> dict:
-    """Everything that changes a run's content (the batch manifest refuses to mix these)."""
-    return {"model": loaded.model_id, "revision": loaded.revision, "standin": bool(loaded.standin),
-            "dtype": loaded.dtype, "processor": processor_settings(loaded, settings.longest_edge),
-            **asdict(settings), "greedy": True, "format_version": store.FORMAT_VERSION}
+    """Everything that changes a run's content (the batch manifest refuses to mix these; each run
+    records it as meta.config)."""
+    return runmeta.fingerprint(loaded.model_id, loaded.dtype, runmeta.model_info(loaded, settings.longest_edge),
+                               runmeta.extract_settings(settings.prompt, settings.max_new_tokens,
+                                                        settings.longest_edge, settings.store, settings.methods))
 
 
-def extract(loaded: mdl.Loaded, image_path, out_dir, settings: Settings, image=None) -> dict:
+def extract(loaded: mdl.Loaded, image_path, out_dir, settings: Settings, image=None,
+            replace_reference: bool = False) -> dict:
     """Run the model on one image and write the run to ``out_dir`` atomically. Returns a summary.
 
-    ``image``: an already opened ``(rgb, info)`` pair.
+    ``image``: an already opened ``(rgb, info)`` pair. ``replace_reference``: a reference-format run
+    at ``out_dir`` may be replaced (--replace-reference-run).
     """
     settings.check()
     check_longest_edge(settings.longest_edge, processor_settings(loaded, None)["tile_size"])
-    store.check_target(out_dir)     # before the model works: never a folder of the user's
+    store.check_target(out_dir, replace_reference)     # before the model works: never a folder of the user's
     t0 = time.perf_counter()
     rgb, info = image or open_image(image_path)
     prep = engine.prepare(loaded.processor, rgb, settings.prompt, settings.longest_edge, settings.keep, info)
     prep.seconds = time.perf_counter() - t0
-    return write(loaded, settings, prep, step(loaded, settings, [prep])[0], out_dir)
+    return write(loaded, settings, prep, step(loaded, settings, [prep])[0], out_dir, replace_reference)
 
 
 def extract_many(loaded: mdl.Loaded, jobs, settings: Settings, on_result, *, batch_size: int | None = None,
                  workers: int | None = None, writers: int | None = None, on_error=None,
-                 preparer: engine.Preparer | None = None) -> None:
+                 preparer: engine.Preparer | None = None, replace_reference: bool = False) -> None:
     """Extract many images through the pipeline: ``jobs`` are (image path, run directory, tag) triples;
     on_result(tag, summary) per finished run, on_error(tag, exception) -> summary for a failed one.
     ``preparer``: an engine.Preparer made for these settings, to reuse its worker processes."""
@@ -174,7 +164,7 @@ def extract_many(loaded: mdl.Loaded, jobs, settings: Settings, on_result, *, bat
         engine.pipeline(
             list(jobs), lambda job: prep.submit(job[0]),
             lambda batch: step(loaded, settings, batch),
-            lambda job, p, out: (job, write(loaded, settings, p, out, job[1])),
+            lambda job, p, out: (job, write(loaded, settings, p, out, job[1], replace_reference)),
             lambda res: on_result(res[0][2], res[1]),
             batch_size=batch_size, writers=writers,
             on_error=(lambda job, e: (job, on_error(job[2], e))) if on_error else None)
@@ -188,26 +178,28 @@ def _check_family(settings: Settings, n_images: int) -> None:
         raise UserError("--methods other than raw work on single-image runs only (several images or a video: raw)")
 
 
-def extract_images(loaded: mdl.Loaded, image_paths, out_dir, settings: Settings, images=None) -> dict:
+def extract_images(loaded: mdl.Loaded, image_paths, out_dir, settings: Settings, images=None,
+                   replace_reference: bool = False) -> dict:
     """Several images in ONE prompt, in order (each with its own tiles and global tile): one run.
     ``images``: already opened ``(rgb, info)`` pairs."""
     settings.check()
     image_paths = list(image_paths)
     if len(image_paths) == 1 and images is None:
-        return extract(loaded, image_paths[0], out_dir, settings)
+        return extract(loaded, image_paths[0], out_dir, settings, replace_reference=replace_reference)
     _check_family(settings, len(image_paths))
     check_longest_edge(settings.longest_edge, processor_settings(loaded, None)["tile_size"])
-    store.check_target(out_dir)
+    store.check_target(out_dir, replace_reference)
     t0 = time.perf_counter()
     opened = images or [open_image(p) for p in image_paths]
     prep = engine.prepare_images(loaded.processor, [im for im, _ in opened], settings.prompt, settings.longest_edge,
                                  settings.keep, [info for _, info in opened])
     prep.seconds = time.perf_counter() - t0
-    return write(loaded, settings, prep, step(loaded, settings, [prep])[0], out_dir)
+    return write(loaded, settings, prep, step(loaded, settings, [prep])[0], out_dir, replace_reference)
 
 
 def extract_video(loaded: mdl.Loaded, video_path, out_dir, settings: Settings, fps: float | None = None,
-                  max_frames: int | None = None, keep_frame_rows: bool = False, frames=None) -> dict:
+                  max_frames: int | None = None, keep_frame_rows: bool = False, frames=None,
+                  replace_reference: bool = False) -> dict:
     """A video's sampled frames + prompt (SmolVLM2 checkpoints): one run, the frames stored in it.
     ``fps`` / ``max_frames`` None: the checkpoint's ``video_sampling``. ``frames``: already read."""
     from . import video
@@ -215,12 +207,12 @@ def extract_video(loaded: mdl.Loaded, video_path, out_dir, settings: Settings, f
     settings.check()
     _check_family(settings, 2)
     cfg = video.settings(loaded.processor)      # refuses models without video support
-    store.check_target(out_dir)
+    store.check_target(out_dir, replace_reference)
     t0 = time.perf_counter()
     frames = frames or video.read(video_path, fps or cfg["fps"], max_frames or cfg["max_frames"])
     prep = engine.prepare_video(loaded.processor, frames, settings.prompt, settings.keep, keep_frame_rows)
     prep.seconds = time.perf_counter() - t0
-    return write(loaded, settings, prep, step(loaded, settings, [prep])[0], out_dir)
+    return write(loaded, settings, prep, step(loaded, settings, [prep])[0], out_dir, replace_reference)
 
 
 def query_rows(prep: engine.Prepared, new: list[int]) -> np.ndarray:
@@ -243,9 +235,10 @@ def step(loaded: mdl.Loaded, settings: Settings, batch: list[engine.Prepared]) -
     return outs
 
 
-def write(loaded: mdl.Loaded, settings: Settings, prep: engine.Prepared, out: engine.Output, out_dir) -> dict:
+def write(loaded: mdl.Loaded, settings: Settings, prep: engine.Prepared, out: engine.Output, out_dir,
+          replace_reference: bool = False) -> dict:
     """The run directory of one prepared image and its model output (atomically). Returns a summary."""
-    store.check_target(out_dir)     # never a folder of the user's
+    store.check_target(out_dir, replace_reference)     # never a folder of the user's
     t0 = time.perf_counter()
     tok = loaded.processor.tokenizer
     g, new, P = prep.geometry, out.new, len(prep.ids)
@@ -255,25 +248,21 @@ def write(loaded: mdl.Loaded, settings: Settings, prep: engine.Prepared, out: en
     query_positions = query_rows(prep, new)
     eos = set(mdl.generation_kwargs(loaded, 1)["eos_token_id"])
     proc = processor_settings(loaded, settings.longest_edge)
-    info = {k: v for k, v in prep.info.items() if k != "decode_s"}
+    info = prep.info
     layout = prep.layout
     several = len(layout) > 1 or layout.is_video
-    meta = {
-        "model": {"id": loaded.model_id, "revision": loaded.revision, "standin": bool(loaded.standin),
-                  "standin_info": loaded.standin, "dtype": loaded.dtype, "device": loaded.device,
-                  "num_layers": len(layers), "num_heads": int(layers[0].shape[0])},
-        "prompt": settings.prompt, "chat_text": prep.text,
-        "answer": tok.decode(new, skip_special_tokens=True).strip(),
-        "token_ids": ids, "prompt_length": P,
-        "generation": {"greedy": True, "max_new_tokens": settings.max_new_tokens, "new_tokens": len(new),
-                       "stopped_at_eos": bool(new) and new[-1] in eos, "batch_size": out.batch},
-        "image": info,
-        "processor": proc,
-        "versions": versions(),
-    }
     tiles = [{"rows": a.rows, "cols": a.cols, "global_last": True,
               "resized_size": [max(a.cols, 1) * proc["tile_size"], max(a.rows, 1) * proc["tile_size"]],
               "tokens_per_tile_side": a.side} for a in layout.images]
+    if layout.is_video:     # meta.image: the video (meta.video has the rest, meta.images every frame)
+        image_section = {"source": info.get("source"), "size": list(prep.images[0].size), "kind": "video"}
+    else:
+        image_section = info
+    meta = runmeta.run_meta(
+        loaded, fingerprint_config(loaded, settings), prompt=settings.prompt, chat_text=prep.text,
+        answer=tok.decode(new, skip_special_tokens=True).strip(), token_ids=ids, prompt_length=P, layers=layers,
+        generation={"new_tokens": len(new), "stopped_at_eos": bool(new) and new[-1] in eos, "batch_size": out.batch},
+        image=image_section, processor=proc, **({} if several else {"tiles": tiles[0]}))
     images = None
     if several:      # v3: every image / frame in images/NN.jpg|png, described in meta.images
         meta["images"] = [dict({k: v for k, v in i.items() if k != "decode_s"}, kind=kind, timestamp=ts, tiles=t)
@@ -281,16 +270,14 @@ def write(loaded: mdl.Loaded, settings: Settings, prep: engine.Prepared, out: en
         images = [(im, "jpg" if i.get("format") == "JPEG" else "png") for im, i in zip(prep.images, prep.infos)]
         if layout.is_video:
             meta["video"] = {k: v for k, v in info.items() if k != "decode_s"}
-            meta["image"] = {"source": info.get("source"), "size": list(prep.images[0].size), "kind": "video"}
-    else:
-        meta["tiles"] = tiles[0]
     image_name = store.image_name(info)
     timings = {"preprocess_s": round(prep.seconds, 4), "generate_s": round(out.generate_s, 4), "batch": out.batch,
                "methods_s": round(out.methods_s, 4)}
     meta["timings"] = timings
     store.write_run(out_dir, tokens=tokens, layers=layers, query_positions=query_positions,
                     store=settings.store, geometry=layout if several else g, meta=meta,
-                    image=None if several else prep.image, image_name=image_name, methods=out.methods, images=images)
+                    image=None if several else prep.image, image_name=image_name, methods=out.methods,
+                    images=images, replace_reference=replace_reference)
     timings["write_s"] = round(time.perf_counter() - t0, 4)
     first = layout.images[0]
     return {"run": str(out_dir), "answer": meta["answer"], "new_tokens": len(new), "grid": [first.rows, first.cols],

@@ -51,6 +51,20 @@ class Geometry:
         return np.concatenate([np.arange(s, s + self.per_tile) for s in starts])
 
     @property
+    def block_end(self) -> int:
+        """The first position after the image block (where the question's text starts)."""
+        return self.image_block[1] + 1
+
+    def outside_image(self, positions) -> np.ndarray:
+        """Boolean mask over ``positions``: True where a position lies outside the image block (its
+        ``<image>`` tokens and markers): the text before it, the question after it, the chat template,
+        the answer. These are the query rows the compact stores keep and the viewer shows; the one
+        definition of them."""
+        first, last = self.image_block
+        q = np.asarray(positions)
+        return (q < first) | (q > last)
+
+    @property
     def num_keys(self) -> int:
         return (self.rows * self.cols + 1) * self.per_tile
 
@@ -251,14 +265,25 @@ class Layout:
         if not 0 <= k < len(self.images):
             raise IndexError(f"image {k} out of range 0..{len(self.images) - 1}")
 
-    def outside(self, positions, between: bool = True) -> np.ndarray:
-        """The positions among ``positions`` outside every image block; ``between`` False: outside the
-        whole span, so the text between blocks (a video's per-frame timestamps) is left out too."""
+    @property
+    def block_end(self) -> int:
+        """The first position after the last image block."""
+        return self.image_block[1] + 1
+
+    def outside_image(self, positions, between: bool = True) -> np.ndarray:
+        """:meth:`Geometry.outside_image` for every image: True where a position lies outside every
+        image block (the text between two images or two frames included); ``between`` False: outside
+        the whole span from the first block to the last."""
         q = np.asarray(positions)
         inside = np.zeros(q.shape, bool)
         for first, last in (self.blocks if between else [self.image_block]):
             inside |= (q >= first) & (q <= last)
-        return q[~inside]
+        return ~inside
+
+    def outside(self, positions, between: bool = True) -> np.ndarray:
+        """The positions among ``positions`` that :meth:`outside_image` keeps."""
+        q = np.asarray(positions)
+        return q[self.outside_image(q, between)]
 
     def image_of_position(self, position: int) -> int | None:
         """The image whose block holds token ``position`` (markers included), or None."""

@@ -9,21 +9,23 @@ dataset page reads.
     OUT/runs.json       per-run labels (split, question, label, prediction, object, answer)
     OUT/grid_<score>.png   layer x head heatmaps         OUT/top_heads.png   top heads on example images
 
-The folder is written under a temporary name and renamed when complete; an existing folder is replaced
-only if it is an earlier analysis (its analysis.json says so).
+The folder is written under a temporary name and renamed when complete (smolattn.outputs); an existing
+folder is replaced only if it is an earlier analysis and holds nothing else: its analysis.json says so
+and every entry is one of the names above.
 """
 from __future__ import annotations
 
 import csv
 import io
 import json
+import re
 import time
 from pathlib import Path
 
 import numpy as np
 
 from . import analysis as an
-from . import heatmap, pope, store
+from . import heatmap, outputs, pope, store
 from .errors import UserError
 
 FORMAT = "smolattn-head-analysis"
@@ -31,22 +33,24 @@ CSV_COLUMNS = ("frequency", "above_elbow", "image_sum", "se", "se_global", "hit"
 TOP_ROWS = 20
 
 
+# The exact names an analysis writes (grid_<score>.png per score); an existing folder is replaced only
+# if it holds nothing else and its analysis.json is ours (smolattn.outputs).
+KIND = outputs.Kind("head analysis", ("analysis.json", "report.md", "heads.csv", "scores.npz", "runs.json",
+                                      "top_heads.png"),
+                    each=[(re.compile(r"^grid_(%s)\.png$" % "|".join(map(re.escape, an.SCORES))), None)],
+                    marker=("analysis.json", outputs.JsonField(FORMAT)))
+
+
 def is_analysis(out: Path) -> bool:
-    """An earlier head analysis (the only folder ``write`` may replace)."""
-    try:
-        return out.is_dir() and json.loads((out / "analysis.json").read_text()).get("format") == FORMAT
-    except (OSError, ValueError, AttributeError):
-        return False
+    """An earlier head analysis and nothing else (the only folder ``write`` may replace)."""
+    out = Path(out)
+    return out.is_dir() and any(out.iterdir()) and KIND.owned(out)
 
 
 def check_output(out: Path) -> None:
-    """Refuse to replace a folder that is not an earlier analysis (never delete what we did not make)."""
-    if not out.exists():
-        return
-    if out.is_dir() and not any(out.iterdir()):
-        return
-    if not is_analysis(out):
-        raise UserError(f"--output-dir {out} exists and is not an earlier head analysis; choose another folder")
+    """Refuse, in one line naming the first file that is not ours, to replace a folder that is not an
+    earlier analysis and nothing else (never delete what we did not make). Creates nothing."""
+    outputs.check_target(out, KIND, "move it away or choose another --output-dir")
 
 
 def number(x):
@@ -214,7 +218,7 @@ def write(out, ds: an.Dataset, found: int, annotations=None, boxes=None, top: in
               "top": {k: [[l, h, number(v)] for l, h, v in ds.ranked(k, table)[:TOP_ROWS]] for k in an.SCORES} if table else {},
               "lens": lens}
     md = "\n".join(header(info, ds.params))
-    with store.atomic_dir(out, owned=is_analysis) as tmp:
+    with outputs.atomic_dir(out, KIND, "move it away or choose another --output-dir") as tmp:
         if table is not None:
             md += "\n### Heads ranked by localisation-head frequency\n\n" + ranked_markdown(ds, table)
             if lens:

@@ -13,11 +13,30 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import outputs
 from .errors import UserError
 from . import tokens as tok
 from .store import Layer, Run
 
 HEAD_REDUCTIONS = ("mean", "max")
+
+# compute_token_heatmap.py's files carry this marker (a PNG tEXt chunk, a JSON field), and an existing
+# file is replaced only if it carries it (smolattn.outputs): never a picture or a JSON of the user's.
+FORMAT = "smolattn-heatmap"
+PNG_MARKER = outputs.PngText(FORMAT)
+JSON_MARKER = outputs.JsonField(FORMAT)
+
+
+def png_bytes(image) -> bytes:
+    """A PIL image as PNG bytes carrying our marker (a tEXt chunk ``smolattn`` = ``smolattn-heatmap``)."""
+    import io
+
+    from PIL.PngImagePlugin import PngInfo
+    info = PngInfo()
+    info.add_text(PNG_MARKER.key, PNG_MARKER.value)
+    buf = io.BytesIO()
+    image.save(buf, "PNG", pnginfo=info)
+    return buf.getvalue()
 
 
 def token_rows(run: Run, layers, position: int, cache=None) -> np.ndarray:

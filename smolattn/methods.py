@@ -227,8 +227,7 @@ def prompt_ids(loaded, ids, geometry: geo.Geometry, prompt: str) -> list[int]:
 
     text = mdl.chat_text(loaded.processor, prompt)
     tail = text.split("<image>", 1)[1]
-    last = geometry.image_block[1]
-    return list(ids[:last + 1]) + loaded.processor.tokenizer(tail, add_special_tokens=False)["input_ids"]
+    return list(ids[:geometry.block_end]) + loaded.processor.tokenizer(tail, add_special_tokens=False)["input_ids"]
 
 
 # -- the methods ---------------------------------------------------------------------------------
@@ -250,7 +249,7 @@ class Context:
         return self.geometry.key_positions
 
     def after_image(self) -> np.ndarray:
-        return self.rows[self.rows > self.geometry.image_block[1]]
+        return self.rows[self.rows >= self.geometry.block_end]
 
 
 @register("rollout", axis="start_layer", dtype="float16", params={"head_fusion": "mean", "residual": 0.5},
@@ -310,32 +309,13 @@ def relative(ctx: Context):
     p = ctx.params["relative"]
     rows, P = ctx.after_image(), ctx.prompt_length
     generic = prompt_ids(ctx.loaded, ctx.ids, ctx.geometry, p["generic_prompt"])
-    Pg, start = len(generic), ctx.geometry.image_block[1] + 1    # the same up to the image block's end
+    Pg, start = len(generic), ctx.geometry.block_end    # the same up to the image block's end
     den_rows = np.where(rows >= P - 1, rows - P + Pg, Pg - 1)
     tape = Tape(rows=den_rows - start, prefix=ctx.tape.kv)
     forward(ctx.loaded, generic + list(ctx.ids[P:]), None, tape, start=start)
     num, den = ctx.tape.layers(ctx.tape.mean_rows), tape.layers(tape.mean_rows)
     maps = np.stack([(n[:, ctx.keys] / (d[:, ctx.keys] + p["eps"])).cpu().numpy() for n, d in zip(num, den)])
     return rows, rows, maps.astype(np.float32)
-
-
-def command(meta: dict, run_dir, names) -> str:
-    """The extraction command that (re)writes a run with the derived ``names`` (a UI's hint for a
-    method a run lacks): same image, prompt, model and length; the run is replaced atomically."""
-    import shlex
-
-    from . import extract as ex
-    gen, proc = meta.get("generation", {}), meta.get("processor", {})
-    words = ["python", "extract_smolvlm_attn.py", "--image", str(meta.get("image", {}).get("source") or "IMAGE"),
-             "--output-dir", str(run_dir)]
-    for flag, value, default in [("--model-id", meta.get("model", {}).get("id"), None),
-                                 ("--prompt", meta.get("prompt"), ex.DEFAULT_PROMPT),
-                                 ("--max-new-tokens", gen.get("max_new_tokens"), None),
-                                 ("--longest-edge", proc.get("longest_edge"), 2048),
-                                 ("--store", meta.get("attention", {}).get("store"), "compact")]:
-        if value is not None and value != default:
-            words += [flag, str(value)]
-    return " ".join(shlex.quote(w) for w in words + ["--methods", ",".join(parse(",".join(names)))])
 
 
 # -- entry point ---------------------------------------------------------------------------------
@@ -364,7 +344,7 @@ def compute(loaded, ids, prompt_length: int, geometry: geo.Geometry, rows, metho
         grad = any(m.grad for m in todo)
         rel = any(m.mean_rows for m in todo)
         ctx.tape = Tape(probs=grad, fusion=fusion if any(m.fused for m in todo) else None,
-                        rows=ctx.after_image() if rel else None, keep_kv=geometry.image_block[1] + 1 if rel else 0)
+                        rows=ctx.after_image() if rel else None, keep_kv=geometry.block_end if rel else 0)
         t0 = time.perf_counter()
         ctx.hidden = forward(loaded, ids, features, ctx.tape, grad)
         shared = time.perf_counter() - t0

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import jsonl, store
+from . import jsonl, outputs, store
 from .errors import UserError
 
 SPLITS = ("random", "popular", "adversarial")
@@ -335,11 +335,83 @@ def report(rows: list[dict], *, sources, config: dict | None, expected: int | No
     return results, md
 
 
+# ============================================================================ the output folder
+
+RESULTS_FORMAT = "smolattn-pope-results"
+REPORT_LAST_LINE = "<!-- written by smolattn benchmark.py (smolattn-pope-report) -->"
+
+
+class _AnswersMarker:
+    """answers.jsonl is ours: every row is an answers row (a torn last line is ignored)."""
+
+    def on(self, path) -> bool:
+        try:
+            jsonl.read(path, _check_answer, quiet=True)
+            return True
+        except (OSError, UserError):
+            return False
+
+    def __repr__(self):
+        return "answers rows (split, question_id, label, status)"
+
+
+# results.json written before the "format" field: our exact parser table and the counts
+RESULTS_MARKER = outputs.JsonField(RESULTS_FORMAT, legacy=lambda obj: obj.get("parsers") == PARSER_NAMES
+                                   and "counts" in obj)
+class _ReportMarker(outputs.LastLine):
+    """results.md is ours: its last line is our comment, or (written before it existed) it starts
+    with our banner or our heading."""
+    FIRST = (b"## POPE results\n", b"**STAND-IN MODEL (random weights): these numbers say nothing about SmolVLM.**\n")
+
+    def carried(self, data: bytes) -> bool:
+        return super().carried(data) or data.startswith(self.FIRST)
+
+    def on(self, path) -> bool:
+        try:
+            with open(path, "rb") as f:
+                if f.read(max(map(len, self.FIRST))).startswith(self.FIRST):
+                    return True
+        except OSError:
+            return False
+        return super().on(path)
+
+
+REPORT_MARKER = _ReportMarker(REPORT_LAST_LINE)
+class _HeadAnalysis:
+    """A sub-folder that must be a head analysis (analyze_heads.py --output-dir pope_out/heads, or the
+    default ROOT/analysis); head_report imports this module, so its kind is looked up when used."""
+
+    def foreign(self, path):
+        from .head_report import KIND as HEADS
+        return HEADS.foreign(path)
+
+
+# OUTPUT_DIR/attention/SPLIT/QUESTION_ID/ runs (each one checked as a run before it is written) and head
+# analyses (attention/analysis/, or any other sub-folder of OUTPUT_DIR)
+_SPLIT = outputs.Kind("POPE attention split folder", each=[(r"^[^.]", outputs.DIR)])
+ATTENTION_KIND = outputs.Kind("POPE attention folder", folders={"analysis": _HeadAnalysis()},
+                              each=[(r"^[^.]", _SPLIT)])
+KIND = outputs.Kind("POPE output folder", ("answers.jsonl", "results.json", "results.md"),
+                    {"attention": ATTENTION_KIND}, each=[(r"^[^.]", _HeadAnalysis())],
+                    markers={"answers.jsonl": _AnswersMarker(), "results.json": RESULTS_MARKER,
+                             "results.md": REPORT_MARKER})
+
+
+def check_output(out_dir, runs=()) -> None:
+    """Refuse (UserError, one line naming the file), before any work, an --output-dir that holds
+    anything but our answers.jsonl, results.json, results.md, attention/ and head analyses, and any
+    attention run in ``runs`` that is not ours to replace. Creates nothing."""
+    outputs.check_target(out_dir, KIND, "move it away or choose another --output-dir", whole=False)
+    for run in runs:
+        store.check_target(run)
+
+
 def write_report(out_dir, results: dict, md: str) -> None:
+    """results.json and results.md, each replaced atomically only where nothing or a file of ours is."""
     out_dir = Path(out_dir)
-    results = dict(results, written=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    store.atomic_write_text(out_dir / "results.json", json.dumps(results, indent=1))
-    store.atomic_write_text(out_dir / "results.md", md)
+    results = {"format": RESULTS_FORMAT, **results, "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    outputs.replace_file(out_dir / "results.json", json.dumps(results, indent=1).encode(), RESULTS_MARKER)
+    outputs.replace_file(out_dir / "results.md", (md.rstrip("\n") + "\n\n" + REPORT_LAST_LINE + "\n").encode(), REPORT_MARKER)
 
 
 # ============================================================================ answers.jsonl
@@ -369,8 +441,9 @@ class AnswersFile:
         other = sorted({r.get("config") for r in self.rows} - {key}, key=str)
         if other:
             raise UserError(f"{self.path} holds answers made with another configuration (config {', '.join(map(str, other))}"
-                            f"; now {key}: model, revision, dtype, prompt suffix, longest edge and max new tokens "
-                            "must all match to resume); pass --overwrite to start afresh, or another --output-dir")
+                            f"; now {key}: model, revision, dtype, processor settings, prompt suffix, longest edge, max new "
+                            "tokens, --attention and --methods must all match to resume); pass --overwrite to start "
+                            "afresh, or another --output-dir")
         self.writer = jsonl.Writer(self.path, truncate=overwrite, lock=True, check=_check_answer,
                                    busy=f"{self.path} is in use by another benchmark run")
 

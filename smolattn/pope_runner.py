@@ -20,8 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import engine, heatmap, pope, store
+from . import engine, heatmap, pope, runmeta, store
 from . import geometry as geo
+from . import methods as mth
 from . import model as mdl
 from .errors import UserError
 from .images import open_image
@@ -35,18 +36,27 @@ class Config:
     dtype: str | None = None
     suffix: str = pope.DEFAULT_SUFFIX
     longest_edge: int | None = None      # None: the checkpoint's own processor setting
-    max_new_tokens: int = 8
+    max_new_tokens: int = runmeta.POPE_MAX_NEW_TOKENS
     naive: bool = False
     attention_dir: str | None = None     # store object-word attention runs under this folder
     batch_size: int | None = None        # images whose questions share one generate call (None: per device)
+    methods: tuple = (mth.RAW,)          # of the attention runs
+    info: dict | None = None             # runmeta.model_info of the loaded model (the driver's; workers check it)
+    benchmark: dict | None = None        # where the questions came from, for the runs' rebuild command (meta.pope)
 
     def fingerprint(self) -> dict:
-        """What changes the answers; answers.jsonl refuses to mix fingerprints."""
-        return {"model": self.model_id, "revision": self.revision, "dtype": self.dtype, "suffix": self.suffix,
-                "longest_edge": self.longest_edge, "max_new_tokens": self.max_new_tokens}
+        """What changes the answers and the attention runs (runmeta.fingerprint); answers.jsonl refuses
+        to mix fingerprints."""
+        return runmeta.fingerprint(self.model_id, self.dtype, self.info, runmeta.pope_settings(
+            self.suffix, self.longest_edge, self.max_new_tokens, self.attention_dir is not None, self.methods),
+            runs=self.attention_dir is not None)
 
     def key(self) -> str:
-        return engine.config_hash(self.fingerprint())
+        return runmeta.config_hash(self.fingerprint())
+
+    def record(self) -> dict:
+        """meta.pope.benchmark of the attention runs: what rebuilds them (runmeta.command)."""
+        return {**(self.benchmark or {}), "batch_size": self.batch_size, "naive": self.naive}
 
 
 def _object_offsets(tokenizer, tail: str, suffix: list[int], obj: str) -> list[int]:
@@ -62,11 +72,13 @@ def _object_offsets(tokenizer, tail: str, suffix: list[int], obj: str) -> list[i
 # ============================================================================ answering
 
 def answer_images(loaded, images: list[dict], suffix: str, max_new_tokens: int, longest_edge=None, *,
-                  naive: bool = False, batch: int | bool = True, attention_dir=None) -> list[dict]:
+                  naive: bool = False, batch: int | bool = True, attention_dir=None, methods=(mth.RAW,),
+                  benchmark: dict | None = None) -> list[dict]:
     """Answer every question (``pope.Question``) about a few images; ``images``: dicts with ``image``
     (PIL), ``questions``, optional ``boxes`` (category name -> COCO [x, y, w, h] boxes) and ``info``.
     One row per question, image by image in order: raw answer, the parsed answer per convention,
-    ``path`` ("cached" or "naive") and, with ``attention_dir``, the object word's attention run and
+    ``path`` ("cached" or "naive") and, with ``attention_dir``, the object word's attention run (with
+    the derived ``methods`` too; ``benchmark``: recorded in its meta.pope, Config.record) and
     localisation.
 
     Cached: one prefill per image, then the questions of ALL the images in one batch (``batch``: at
@@ -74,17 +86,27 @@ def answer_images(loaded, images: list[dict], suffix: str, max_new_tokens: int, 
     question's rows come out of the batch as if it had run alone). The naive path: one question at a
     time."""
     rows, jobs = {}, []
+    rec = None
+    if attention_dir is not None:
+        methods = mth.parse(",".join(methods))
+        config = runmeta.fingerprint(loaded.model_id, loaded.dtype, runmeta.model_info(loaded, longest_edge),
+                                     runmeta.pope_settings(suffix, longest_edge, max_new_tokens, True, methods))
+        rec = {"config": config, "methods": methods, "benchmark": benchmark, "longest_edge": longest_edge}
     for n, im in enumerate(images):
         prompts = [q.text + suffix for q in im["questions"]]
         suffixes = [None] * len(prompts)
         prefix = None
         if not naive:
-            prefix, first_ids = engine.prefill(loaded, im["image"], prompts[0], longest_edge)
+            with mth.keep_image_features(loaded) as kept:
+                prefix, first_ids = engine.prefill(loaded, im["image"], prompts[0], longest_edge)
+            if rec is not None and len(rec["methods"]) > 1:     # derived methods reuse the image features
+                im = dict(im, features=kept.features)
             if engine.suffix_ids(loaded, prefix, prompts[0]) == first_ids[len(prefix.ids):]:   # else: all naive
                 suffixes = [engine.suffix_ids(loaded, prefix, p) for p in prompts]
         for i, (q, s) in enumerate(zip(im["questions"], suffixes)):
             if s is None:
-                rows[n, i] = _answer_naive(loaded, im, q, prompts[i], longest_edge, max_new_tokens, attention_dir)
+                rows[n, i] = _answer_naive(loaded, im, q, prompts[i], longest_edge, max_new_tokens, attention_dir,
+                                           rec)
             else:
                 jobs.append(((n, i), prefix, s, q, prompts[i], im))
     size = max(1, len(jobs)) if batch is True else max(1, int(batch))
@@ -104,7 +126,7 @@ def answer_images(loaded, images: list[dict], suffix: str, max_new_tokens: int, 
                 rows[key]["attention"] = _store_attention(
                     loaded, q, Path(attention_dir), prefix.ids + s, new, len(prefix.ids), offsets[j],
                     layers[j] if offsets[j] else None, prefix.geometry, rows[key]["prompt"], rows[key]["raw_answer"],
-                    im.get("info") or {}, im.get("boxes"), im["image"])
+                    im.get("info") or {}, im.get("boxes"), im["image"], rec, im.get("features"))
     return [rows[n, i] for n, im in enumerate(images) for i in range(len(im["questions"]))]
 
 
@@ -130,26 +152,27 @@ def _row(loaded, q, prompt, new, path) -> dict:
             "status": "ok", "path": path, "new_tokens": len(new)}
 
 
-def _answer_naive(loaded, im: dict, q, prompt, longest_edge, max_new_tokens, attention_dir) -> dict:
+def _answer_naive(loaded, im: dict, q, prompt, longest_edge, max_new_tokens, attention_dir, rec=None) -> dict:
     """One question the naive way: processor + vision encoder + generate; with ``attention_dir``, also
     its attention run."""
     tok = loaded.processor.tokenizer
     _, inputs = mdl.encode(loaded, im["image"], prompt, longest_edge)
     full = inputs["input_ids"][0].tolist()
     g = geo.from_tokens(tok.convert_ids_to_tokens(full))
-    start = g.image_block[1] + 1
+    start = g.block_end
     recorder = offsets = None
     if attention_dir is not None:
         offsets = _object_offsets(tok, engine.split_chat(loaded, prompt)[2], full[start:], pope.object_of(q.text))
         if offsets:   # recorder rows index the whole prompt
             recorder = mdl.Recorder(np.array(_kept(offsets, len(full) - start)) + start)
-    new = mdl.generate(loaded, inputs, max_new_tokens, recorder)
+    with mth.keep_image_features(loaded) as kept:
+        new = mdl.generate(loaded, inputs, max_new_tokens, recorder)
     row = _row(loaded, q, prompt, new, "naive")
     if attention_dir is not None:
         layers = recorder.stacked(key_len=len(full) + len(new)) if recorder is not None else None
         row["attention"] = _store_attention(loaded, q, Path(attention_dir), full, new, start, offsets, layers, g,
                                             row["prompt"], row["raw_answer"], im.get("info") or {}, im.get("boxes"),
-                                            im["image"])
+                                            im["image"], rec, kept.features)
     return row
 
 
@@ -177,11 +200,13 @@ def localise(grid: np.ndarray, image_size, boxes) -> dict:
             "box_fraction": float(inside.mean())}
 
 
-def _store_attention(loaded, q, root: Path, full, new, start, offsets, layers, g, chat, raw, info, boxes, image):
+def _store_attention(loaded, q, root: Path, full, new, start, offsets, layers, g, chat, raw, info, boxes, image,
+                     rec: dict, features=None):
     """Write the question's run: rows of the object word, of the last prompt token (the step that
     produces the answer's first token) and of every answer token, with the image (so it opens in the
-    viewer with its overlay), and score the object word's map against the object's COCO boxes.
-    ``layers``: the captured rows (None when the object word was not found)."""
+    viewer with its overlay), and the derived ``rec["methods"]`` (from the image ``features``), and
+    score the object word's map against the object's COCO boxes. ``layers``: the captured rows (None
+    when the object word was not found); ``rec``: the configuration answer_images records."""
     obj = pope.object_of(q.text)
     out = {"object": obj, "run": None, "hit": None, "mass": None, "box_fraction": None,
            "has_boxes": bool(boxes and boxes.get(obj.lower()))}
@@ -194,15 +219,21 @@ def _store_attention(loaded, q, root: Path, full, new, start, offsets, layers, g
     layers = list(layers)
     prompt_rows = _kept(offsets, P - start)      # as the captured rows, in this order
     positions = np.concatenate([start + np.array(prompt_rows), np.arange(P, S)])
-    meta = {"model": {"id": loaded.model_id, "revision": loaded.revision, "standin": bool(loaded.standin),
-                      "dtype": loaded.dtype, "num_layers": len(layers), "num_heads": int(layers[0].shape[0])},
-            "prompt": q.text, "chat_text": chat, "answer": raw, "token_ids": ids, "prompt_length": P,
-            "generation": {"greedy": True, "new_tokens": len(new)}, "image": dict(info),
-            "pope": {"split": q.split, "question_id": q.question_id, "label": q.label, "object": obj,
-                     "object_positions": [start + int(o) for o in offsets]}}
+    eos = set(mdl.generation_kwargs(loaded, 1)["eos_token_id"])
+    pope_meta = {"split": q.split, "question_id": q.question_id, "label": q.label, "object": obj,
+                 "object_positions": [start + int(o) for o in offsets], "benchmark": rec["benchmark"]}
+    meta = runmeta.run_meta(loaded, rec["config"], prompt=q.text, chat_text=chat, answer=raw, token_ids=ids,
+                            prompt_length=P, layers=layers,
+                            generation={"new_tokens": len(new), "stopped_at_eos": bool(new) and new[-1] in eos},
+                            image=dict(info), processor=runmeta.processor_settings(loaded, rec["longest_edge"]),
+                            pope=pope_meta)
+    derived = {}
+    if any(m != mth.RAW for m in rec["methods"]):
+        derived = mth.compute(loaded, ids, P, g, positions, rec["methods"], features)
     run = root / q.split / str(q.question_id)
     store.write_run(run, tokens=tok.convert_ids_to_tokens(ids), layers=layers, query_positions=positions,
-                    store="compact", geometry=g, meta=meta, image=image, image_name=store.image_name(info))
+                    store=runmeta.POPE_STORE, geometry=g, meta=meta, image=image, image_name=store.image_name(info),
+                    methods=derived)
     out["run"] = str(run)
     if out["has_boxes"] and q.label == "yes" and info.get("size"):
         out.update(localise(object_map(layers, len(offsets), g), info["size"], boxes[obj.lower()]))
@@ -221,6 +252,30 @@ def load_boxes(path) -> dict:
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"--annotations {path}: not a readable COCO instances file ({type(e).__name__}: {e})")
     return out
+
+
+def remove_other_runs(root, key: str) -> int:
+    """``--overwrite``: remove the attention runs under ``root`` (ROOT/SPLIT/QUESTION_ID) that POPE
+    wrote with another configuration than ``key``: only our own runs (store.owned_run, our meta.json
+    with a ``pope`` section) whose ``config_key`` differs; anything else is left as it is. Returns how
+    many were removed."""
+    root, n = Path(root), 0
+    if root.is_symlink() or not root.is_dir():
+        return 0
+    for split in sorted(root.iterdir()):
+        if split.is_symlink() or not split.is_dir():
+            continue
+        for run in sorted(split.iterdir()):
+            if run.name.startswith(".") or not store.owned_run(run):
+                continue
+            try:
+                meta = json.loads((run / "meta.json").read_text())
+            except (OSError, ValueError):
+                continue
+            if isinstance(meta, dict) and meta.get("pope") and meta.get("config_key") != key:
+                store.remove_run(run)
+                n += 1
+    return n
 
 
 # ============================================================================ batch items + worker
@@ -273,6 +328,9 @@ def failed_rows(cfg: Config, group, message: str) -> list[dict]:
 def make_worker(cfg: Config):
     """Called once per process: loads the model, returns ``worker(group, prefetched) -> rows``."""
     loaded = get_model(cfg)
+    mine = runmeta.model_info(loaded, cfg.longest_edge)
+    if cfg.info is not None and mine != cfg.info:
+        raise UserError(f"this worker's model gives another configuration than the driver's: {mine} != {cfg.info}")
 
     def worker(group, prefetched=None):
         got = prefetched if prefetched is not None else prefetch(group)
@@ -281,7 +339,8 @@ def make_worker(cfg: Config):
         ok = [{"image": g[0], "info": g[1], "questions": item["questions"], "boxes": item.get("boxes")}
               for item, g in zip(group, got) if not isinstance(g, Exception)]
         answered = iter(answer_images(loaded, ok, cfg.suffix, cfg.max_new_tokens, cfg.longest_edge,
-                                      naive=cfg.naive, attention_dir=cfg.attention_dir))
+                                      naive=cfg.naive, attention_dir=cfg.attention_dir, methods=cfg.methods,
+                                      benchmark=cfg.record()))
         rows = []
         for item, g in zip(group, got):
             rows += error_rows(item, str(g)) if isinstance(g, Exception) else \

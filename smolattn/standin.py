@@ -235,7 +235,7 @@ def build(shape: str, out: str | os.PathLike, seed: int = 0, tokenizer: str | No
     from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
     from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
 
-    from .store import atomic_dir
+    from .outputs import NEW, atomic_dir
 
     if shape not in SHAPES:
         raise UserError(f"unknown stand-in shape {shape!r}; choose one of {', '.join(SHAPES)}")
@@ -256,7 +256,7 @@ def build(shape: str, out: str | os.PathLike, seed: int = 0, tokenizer: str | No
     processor = Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer,
                                   image_seq_len=(g["tile"] // g["patch"]) ** 2 // g["scale"] ** 2,
                                   chat_template=CHAT_TEMPLATE)
-    with atomic_dir(out, owned=lambda p: (p / "standin.json").is_file()) as tmp:
+    with atomic_dir(out, NEW) as tmp:     # a new or empty folder only (ensure() builds where standin.json is missing)
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         if smolvlm:

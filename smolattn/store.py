@@ -10,10 +10,6 @@ import json
 import os
 import pickle
 import re
-import secrets
-import shutil
-import signal
-import socket
 import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,8 +18,10 @@ from pathlib import Path
 import numpy as np
 
 from . import geometry as geo
-from . import summary
+from . import outputs, summary
 from .errors import UserError
+from .outputs import (CRASH_ENV, CRASH_STEPS, HOST as _HOST, crash_point,  # noqa: F401
+                      fsync_tree, recover, write_bytes_durably)
 from .tokens import SPECIAL, display_token, piece, units  # noqa: F401  (display_token: re-exported)
 
 FORMAT = "smolattn-run"
@@ -43,11 +41,10 @@ IMAGES_FILE = "images/{:02d}.{}"                        # v3: every image / vide
 
 
 # ---------------------------------------------------------------------------------------------
-# Write protocol (docs/run-format.md, "Writing a run"): never touch what we did not write; a crash at
-# any point leaves the old or the new run complete.
+# Where a run may be written (docs/run-format.md, "Writing a run"): the protocol itself (temporary
+# sibling, fsync, rename, recovery) is smolattn.outputs'; this module declares the run kind.
 # ---------------------------------------------------------------------------------------------
-CRASH_ENV = "SMOLATTN_CRASH_AT"   # tests: SIGKILL this process at the named step of the protocol
-CRASH_STEPS = ("writing", "written", "aside", "swapped", "deleting")
+
 OUR_NAMES = {"meta.json", "decoded_tokens.npy", "image.jpg", "image.png", "summary.npz", "attention", "attentions_5",
              "methods", "images"}
 OUR_FOLDERS = {"attention": re.compile(r"^layer_\d+(\.\w+\.b2|\.npz)$"),          # folder -> the only files it may hold
@@ -55,60 +52,42 @@ OUR_FOLDERS = {"attention": re.compile(r"^layer_\d+(\.\w+\.b2|\.npz)$"),        
                "methods": re.compile(r"^[A-Za-z0-9_-]+\.npz$"),
                "images": re.compile(r"^\d{2,}\.(jpg|png)$")}
 REFERENCE_NAMES = {"decoded_tokens.npy", "attention_array.npy", "attentions_5", "image.png"}
-_TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-[0-9a-f]{8}-(?P<host>.*)-(?P<pid>\d+)$")
-_HOST = socket.gethostname().replace("/", "_")
+REPLACE_REFERENCE_FLAG = "--replace-reference-run"
+
+RUN = outputs.Kind("run", OUR_NAMES - set(OUR_FOLDERS), OUR_FOLDERS,
+                   marker=("meta.json", outputs.JsonField(FORMAT)))
 
 
-def crash_point(step: str) -> None:
-    """Test hook: ``SMOLATTN_CRASH_AT=<step>`` kills this process (SIGKILL, no clean-up) at ``step``."""
-    if os.environ.get(CRASH_ENV) == step:
-        os.kill(os.getpid(), signal.SIGKILL)
+class _ReferenceKind(outputs.Kind):
+    """The reference project's run folder: decoded_tokens.npy and attentions_5/ or attention_array.npy,
+    no other entry, no meta.json. Replaced only on request (``--replace-reference-run``)."""
+
+    def foreign(self, path):
+        why = super().foreign(path)
+        if why is None and os.listdir(path):
+            names = set(os.listdir(path))
+            if not ("decoded_tokens.npy" in names and names & {"attentions_5", "attention_array.npy"}):
+                return "it has no meta.json of ours"
+        return why
 
 
-def _temp_name(name: str, kind: str) -> str:
-    """``.NAME.tmp-RAND-HOST-PID`` (a run being written) or ``.NAME.old-...`` (a replaced run being
-    deleted). Readers skip dot names; :func:`recover` finds the ones whose writer is dead."""
-    return f".{name}.{kind}-{secrets.token_hex(4)}-{_HOST}-{os.getpid()}"
+REFERENCE_RUN = _ReferenceKind("reference-format run", REFERENCE_NAMES - {"attentions_5"},
+                               {"attentions_5": OUR_FOLDERS["attentions_5"]})
+RUN_OR_REFERENCE = outputs.AnyOf(RUN, REFERENCE_RUN)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def owned_run(path) -> bool:
+    """True when ``path`` is a run this project wrote and nothing else: our meta.json with the format
+    marker and no entry but the run's own names. Only such a directory is replaced without asking."""
+    path = Path(path)
+    return path.is_dir() and not _empty(path) and RUN.owned(path)
 
 
-def _fsync_path(path, directory: bool = False) -> None:
-    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_tree(root) -> None:
-    """fsync every file and directory under ``root`` (itself included), so a rename of ``root``
-    never publishes data that a power cut could still lose."""
-    for folder, _, files in os.walk(root):
-        for f in files:
-            _fsync_path(os.path.join(folder, f))
-        _fsync_path(folder, directory=True)
-
-
-def write_bytes_durably(path, data: bytes) -> None:
-    """Write ``path`` in place and fsync it (inside a temporary directory that is renamed later)."""
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _only_our_files(folder: Path, pattern) -> bool:
-    with os.scandir(folder) as entries:
-        return all(e.is_file(follow_symlinks=False) and pattern.match(e.name) for e in entries)
+def reference_run(path) -> bool:
+    """True when ``path`` is a run folder of the reference project and nothing else (replaced only
+    with ``--replace-reference-run``)."""
+    path = Path(path)
+    return path.is_dir() and not _empty(path) and REFERENCE_RUN.owned(path)
 
 
 def _empty(folder) -> bool:
@@ -116,129 +95,55 @@ def _empty(folder) -> bool:
         return next(entries, None) is None
 
 
-def owned_run(path) -> bool:
-    """True when ``path`` is a run this project (or the reference project) wrote and nothing else:
-    our meta.json with the format marker, or the reference layout, and no other entries. Only such a
-    directory may ever be replaced."""
-    path = Path(path)
-    if path.is_symlink() or not path.is_dir():
-        return False
-    names = set(os.listdir(path))
-    ours = (path / "meta.json").is_file() and _meta_format(path / "meta.json") == FORMAT
-    allowed = OUR_NAMES if ours else REFERENCE_NAMES
-    if not ours and not ("decoded_tokens.npy" in names and names & {"attentions_5", "attention_array.npy"}):
-        return False
-    if not names <= allowed:
-        return False
-    for sub in names & set(OUR_FOLDERS):
-        if (path / sub).is_symlink() or not (path / sub).is_dir() or not _only_our_files(path / sub, OUR_FOLDERS[sub]):
-            return False
-    return all((path / n).is_file() and not (path / n).is_symlink() for n in names - set(OUR_FOLDERS))
+def _kind(replace_reference: bool):
+    return RUN_OR_REFERENCE if replace_reference else RUN
 
 
-def _meta_format(path: Path):
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return meta.get("format") if isinstance(meta, dict) else None
-
-
-def check_target(final, owned=None) -> None:
+def check_target(final, replace_reference: bool = False) -> None:
     """Refuse (UserError, one line) any ``final`` that a run may not be written to: it must not exist,
-    be an empty directory, or be ``owned`` (default: :func:`owned_run`). Never the current directory
-    or one above it. Creates nothing; call it before loading a model."""
+    be an empty directory, or be one of our runs (a reference-format run only with
+    ``replace_reference``). Never the current directory or one above it. Creates nothing; call it
+    before loading a model."""
     final = Path(final)
-    owned = owned or owned_run
-    if final.is_symlink():
-        raise UserError(f"{final} is a symbolic link; give the directory itself")
-    if not final.exists():
-        return
-    if not final.is_dir():
-        raise UserError(f"{final} exists and is not a directory; choose another output directory")
-    if Path.cwd().resolve().is_relative_to(final.resolve()):
+    if final.is_dir() and not final.is_symlink() and Path.cwd().resolve().is_relative_to(final.resolve()):
         raise UserError(f"{final} is the current directory (or holds it): a run is written into a directory of "
                         f"its own; give a new one, e.g. --output-dir {DEFAULT_RUN_DIR}")
-    if not _empty(final) and not owned(final):
-        raise UserError(f"{final} exists and is not a run written by smolattn (it holds other files); "
-                        "it is left untouched: choose a new or empty output directory")
+    if not replace_reference and reference_run(final):
+        raise UserError(f"{final} is a reference-format run (the reference project's files, not written by "
+                        f"smolattn); it is left untouched: pass {REPLACE_REFERENCE_FLAG} to replace it, "
+                        "or choose another output directory")
+    outputs.check_target(final, _kind(replace_reference), whole=False)   # (the current directory: above)
 
 
-def recover(parent, names, owned=None) -> int:
-    """Finish what killed writers of the runs ``names`` in ``parent`` left, touching only entries of
-    dead processes on this host: a complete old run set aside with no run in its place is renamed back;
-    the rest (temporary directories, old runs already replaced) is deleted. Returns how many entries
-    were handled. Live writers' and other hosts' entries are left alone."""
-    parent, names, n = Path(parent), set(names), 0
-    if not parent.is_dir():
-        return 0
-    with os.scandir(parent) as it:
-        entries = sorted(it, key=lambda e: e.name)
-    for entry in entries:
-        m = _TEMP_NAME.match(entry.name)
-        if (not m or m["name"] not in names or m["host"] != _HOST or _alive(int(m["pid"]))
-                or entry.is_symlink() or not entry.is_dir()):
-            continue
-        final = parent / m["name"]
-        if m["kind"] == "old" and not os.path.lexists(final) and (owned or owned_run)(entry.path):
-            os.rename(entry.path, final)          # killed between "aside" and "swapped": put the old run back
-            _fsync_path(parent, directory=True)
-        else:
-            shutil.rmtree(entry.path, ignore_errors=True)
-        n += 1
-    return n
-
-
-def _remove_old(old: Path) -> None:
-    for i, f in enumerate(sorted(old.rglob("*"), reverse=True)):
-        if i == 1:
-            crash_point("deleting")
-        f.unlink() if not f.is_dir() or f.is_symlink() else f.rmdir()
-    old.rmdir()
+def refuse_reference_runs(paths) -> None:
+    """One line (UserError) when any of ``paths`` is a reference-format run: a batch asks before it
+    replaces the reference project's data (``--replace-reference-run``). Creates nothing."""
+    found = [Path(p) for p in paths if reference_run(p)]
+    if found:
+        more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+        raise UserError(f"{found[0]}{more} is a reference-format run (the reference project's files, not written "
+                        f"by smolattn); it is left untouched: pass {REPLACE_REFERENCE_FLAG} to replace it, "
+                        "or choose another output root")
 
 
 @contextmanager
-def atomic_dir(final, owned=None):
-    """Yield a temporary sibling directory; when the block succeeds, fsync it and put it in place of
-    ``final``. ``final`` must pass :func:`check_target` (``owned``: which existing directories may be
-    replaced). A replaced directory is renamed aside, the new one renamed in, then the old one deleted;
-    :func:`recover` (run first by every writer) undoes what a crash in between left."""
-    final = Path(final)
-    check_target(final, owned)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    recover(final.parent, [final.name], owned)
-    tmp = final.parent / _temp_name(final.name, "tmp")
-    tmp.mkdir()
-    try:
+def atomic_dir(final, replace_reference: bool = False):
+    """outputs.atomic_dir for a run: ``final`` must pass :func:`check_target`."""
+    check_target(final, replace_reference)
+    with outputs.atomic_dir(final, _kind(replace_reference)) as tmp:
         yield tmp
-        fsync_tree(tmp)
-        crash_point("written")
-        check_target(final, owned)      # again: it may have appeared while we computed
-        parent = final.parent
-        if final.is_dir() and not _empty(final):
-            old = parent / _temp_name(final.name, "old")
-            os.rename(final, old)
-            _fsync_path(parent, directory=True)
-            crash_point("aside")
-            os.rename(tmp, final)
-            _fsync_path(parent, directory=True)
-            crash_point("swapped")
-            _remove_old(old)
-        else:   # new, or an empty directory (rename(2) replaces it atomically)
-            os.rename(tmp, final)
-            _fsync_path(parent, directory=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
-def atomic_write_text(path, text: str) -> None:
-    """Replace one file atomically and durably (temporary sibling, fsync, rename, fsync the folder)."""
+def remove_run(path) -> None:
+    """Delete one of our runs (it must pass :func:`owned_run`) without ever leaving part of it under its
+    name: renamed to a temporary name first (a killed delete leaves an entry :func:`recover` removes)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    write_bytes_durably(tmp, text.encode())
-    os.replace(tmp, path)
-    _fsync_path(path.parent, directory=True)
+    if not owned_run(path):
+        raise UserError(f"{path} is not a run written by smolattn; it is left untouched")
+    tmp = path.parent / outputs.temp_name(path.name, "tmp")
+    os.rename(path, tmp)
+    outputs.fsync_path(path.parent, directory=True)
+    outputs._remove_old(tmp)
 
 
 def file_sizes(root) -> dict:
@@ -347,7 +252,8 @@ def image_name(info: dict) -> str:
 
 
 def write_run(out, *, tokens, layers, query_positions, store: str, geometry: geo.Geometry, meta: dict,
-              image=None, image_name: str = "image.png", methods: dict | None = None, images=None) -> Path:
+              image=None, image_name: str = "image.png", methods: dict | None = None, images=None,
+              replace_reference: bool = False) -> Path:
     """Write a whole run directory atomically (temporary sibling, renamed when complete).
 
     ``layers``: per layer (H, Q, S) attention rows over all S keys for the Q ``query_positions``.
@@ -356,11 +262,12 @@ def write_run(out, *, tokens, layers, query_positions, store: str, geometry: geo
     ``methods``: derived maps from ``smolattn.methods.compute`` (written under methods/).
     ``images``: (v3) every image / frame of the prompt, in order, as (PIL image, "jpg" or "png"):
     written as images/NN.EXT; ``meta["images"][k]["file"]`` names each.
+    ``replace_reference``: a reference-format run at ``out`` may be replaced (--replace-reference-run).
     """
     if store not in STORES:
         raise UserError(f"unknown store {store!r}; choose one of {', '.join(STORES)}")
     S = len(tokens)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, replace_reference) as tmp:
         np.save(tmp / "decoded_tokens.npy", np.array(tokens, dtype=str))
         crash_point("writing")
         if image is not None:
@@ -697,14 +604,14 @@ def token_table(run: Run) -> list[dict]:
     the characters; ``text`` is then the token's own piece (split characters as ``\\xNN``).
     """
     keys = set(run.geometry.key_positions.tolist())
-    blocks = run.layout.blocks
+    outside = run.geometry.outside_image(np.arange(len(run.tokens)))
     out = []
     for u in units(run.tokens):
         for i in range(u.start, u.stop):
             raw = run.tokens[i]
             if i in keys:
                 kind = "image"
-            elif any(first <= i <= last for first, last in blocks):
+            elif not outside[i]:
                 kind = "marker"
             elif SPECIAL.match(raw):
                 kind = "special"

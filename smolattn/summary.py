@@ -94,9 +94,8 @@ def compute(layers, positions) -> Summary:
 def kept(query_positions, geometry) -> tuple[np.ndarray, np.ndarray | None]:
     """(positions, indices into the stored rows or None for all of them): every stored query row
     outside the image block, the rows a viewer shows."""
-    first, last = geometry.image_block
     q = np.asarray(query_positions)
-    keep = np.flatnonzero((q < first) | (q > last))
+    keep = np.flatnonzero(geometry.outside_image(q))
     return q[keep], None if len(keep) == len(q) else keep
 
 

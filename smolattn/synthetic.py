@@ -54,9 +54,8 @@ def make_run(out, rows: int = 3, cols: int = 4, *, layers: int = 2, heads: int =
     tokens, plen = make_tokens(rows, cols, side, prompt=prompt, answer=answer)
     g = geo.from_tokens(tokens)
     S = len(tokens)
-    first, last = g.image_block
-    q = np.arange(S) if (all_rows or store_mode == "full" or reference) else \
-        np.array([i for i in range(S) if not first <= i <= last])
+    q = np.arange(S)
+    q = q if (all_rows or store_mode == "full" or reference) else q[g.outside_image(q)]
     rng = np.random.default_rng(seed)
     keys = g.key_positions
     arrays = []
@@ -105,7 +104,7 @@ def method_maps(layers, q, g: geo.Geometry, prompt_length: int, names) -> dict:
             positions = np.arange(prompt_length, S)
             rows = positions - 1
         else:
-            positions = rows = q[q > g.image_block[1]] if name == "relative" else q
+            positions = rows = q[q >= g.block_end] if name == "relative" else q
         maps = image[:, [int(np.flatnonzero(q == r)[0]) for r in rows]] * (g.num_keys if name == "relative" else 1)
         out[name] = {"positions": positions, "query_positions": rows, "maps": maps,
                      "meta": {"axis": m.axis, "dtype": m.dtype, "params": {**m.params, "synthetic": True},

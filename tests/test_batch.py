@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 import extract_smolvlm_batch as cli
-from smolattn import batch, standin, store
+from smolattn import batch, scheduler, standin, store
 from smolattn.errors import DeviceError, UserError, run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -150,15 +150,80 @@ def test_changed_fingerprint_refused_unless_overwrite(tmp_path, common, capsys):
 
 
 def test_shards_cover_the_folder_exactly_once(tmp_path, common, reference):
-    root = str(tmp_path / "out")                       # two "machines" sharing one output root
-    codes = [run_batch(common + ["--output-root", root, "--shards", "2", "--shard-index", str(i)]) for i in (0, 1)]
-    assert 1 in codes
+    root = str(tmp_path / "out")      # two "machines" sharing one output root, run side by side on a fresh root
+    other = subprocess.Popen([sys.executable, str(ROOT / "extract_smolvlm_batch.py"), *common, "--output-root", root,
+                              "--shards", "2", "--shard-index", "1"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    codes = [run_batch(common + ["--output-root", root, "--shards", "2", "--shard-index", "0"]),
+             other.wait(timeout=300)]
+    assert 1 in codes and set(codes) <= {0, 1}, other.stderr.read()
+    assert json.loads((Path(root) / "batch_config.json").read_text())["shards"] == 2
     files = sorted(p.name for p in Path(root).glob("manifest*.jsonl"))
     assert files == ["manifest.shard-0-of-2.jsonl", "manifest.shard-1-of-2.jsonl"]
     images = [r["image"] for r in rows(Path(root))]
     assert sorted(images) == sorted(GOOD + list(BAD))
     assert all((Path(root) / f).read_text() for f in files)
     assert_same_runs(reference, Path(root))
+
+
+def snapshot(root: Path) -> dict:
+    return {p.relative_to(root).as_posix(): p.read_bytes() if p.is_file() else None for p in sorted(root.rglob("*"))}
+
+
+def test_another_shard_layout_is_refused_unless_overwrite(tmp_path, common, capsys):
+    root = tmp_path / "out"
+    assert run_batch(common + ["--output-root", str(root), "--limit", "2"]) == 0       # --shards 1
+    before = snapshot(root)
+    capsys.readouterr()
+    for i in (0, 1):   # would write the same runs as the --shards 1 batch: refused, one line, nothing written
+        assert run_batch(common + ["--output-root", str(root), "--limit", "2", "--shards", "2", "--shard-index", str(i)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "--shards 1" in err and "--overwrite" in err, err
+        assert snapshot(root) == before
+    assert json.loads((root / "batch_config.json").read_text())["shards"] == 1
+    # a root of an older version (no layout recorded): its manifests' names say the layout
+    cfg = json.loads((root / "batch_config.json").read_text())
+    del cfg["shards"]
+    (root / "batch_config.json").write_text(json.dumps(cfg))
+    assert run_batch(common + ["--output-root", str(root), "--limit", "2", "--shards", "2"]) == 2
+    assert "--shards 1" in capsys.readouterr().err
+    # --overwrite starts it over with the new layout, but not while a batch of the old one holds its manifest
+    with batch.open_manifest(root / "manifest.jsonl"):
+        assert run_batch(common + ["--output-root", str(root), "--limit", "2", "--shards", "2", "--overwrite"]) == 2
+        assert "in use by another batch" in capsys.readouterr().err
+    assert (root / "manifest.jsonl").is_file()
+    assert run_batch(common + ["--output-root", str(root), "--limit", "2", "--shards", "2", "--overwrite"]) == 0
+    assert sorted(p.name for p in root.glob("manifest*")) == ["manifest.shard-0-of-2.jsonl"]
+    assert json.loads((root / "batch_config.json").read_text())["shards"] == 2
+    assert run_batch(common + ["--output-root", str(root), "--limit", "2", "--shards", "2", "--shard-index", "1"]) == 0
+    assert run_batch(common + ["--output-root", str(root), "--limit", "2"]) == 2         # now --shards 1 is refused
+
+
+def test_layout_record_is_race_safe(tmp_path):
+    """Shards of one layout starting at once all pass; of two layouts starting at once, one layout."""
+    import threading
+
+    def start(root, shards, results):
+        barrier.wait()
+        try:
+            batch.check_config(root, {"prompt": "p"}, False, shards)
+            results.append(shards)
+        except UserError:
+            results.append(None)
+
+    for trial in range(20):
+        for layouts in ([3, 3, 3, 3], [1, 2, 1, 2]):
+            root, results = tmp_path / f"{trial}-{len(set(layouts))}", []
+            root.mkdir()
+            barrier = threading.Barrier(len(layouts))
+            threads = [threading.Thread(target=start, args=(root, n, results)) for n in layouts]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            recorded = json.loads((root / "batch_config.json").read_text())["shards"]
+            assert sorted(r for r in results if r is not None) == [n for n in sorted(layouts) if n == recorded]
+            assert [p.name for p in root.iterdir()] == ["batch_config.json"]      # no temporary file left
 
 
 def test_retry_failed_and_bad_arguments(tmp_path, common, capsys):
@@ -209,7 +274,7 @@ def test_engine_prefetch_errors_reach_the_worker():
             raise ValueError("bad item")
         return item * 10
 
-    batch.run_engine([1, 2, 3], lambda: (lambda item, pre: {"item": item, "pre": repr(pre)}),
+    scheduler.run_engine([1, 2, 3], lambda: (lambda item, pre: {"item": item, "pre": repr(pre)}),
                      prefetch=prefetch, on_result=seen.append)
     assert seen == [{"item": 1, "pre": "10"}, {"item": 2, "pre": "ValueError('bad item')"}, {"item": 3, "pre": "30"}]
 
@@ -256,16 +321,16 @@ def test_ray_engine_equals_local(tmp_path, common, reference, capsys):
         # the generic engine: an actor pool of 2, prefetch errors reach the worker, rows come back
         ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
         got = []
-        batch.run_engine(list(range(6)), functools.partial(make_toy_worker, "t"), engine="ray", num_workers=2,
+        scheduler.run_engine(list(range(6)), functools.partial(make_toy_worker, "t"), engine="ray", num_workers=2,
                          prefetch=toy_prefetch, on_result=got.append)
         assert sorted(got, key=lambda r: r["item"]) == [
             {"item": i, "pre": "ValueError('bad item')" if i == 3 else i * 10, "tag": "t"} for i in range(6)]
         with pytest.raises(UserError, match="cannot load the model here"):
-            batch.run_engine([1], failing_worker, engine="ray")
+            scheduler.run_engine([1], failing_worker, engine="ray")
         # a process that dies on an item: Ray restarts it, the item is retried alone, then becomes an error
         # row; a CUDA error stops one actor (one line), the other actor does the rest
         got = []
-        batch.run_engine(list(range(8)), functools.partial(make_fragile_worker, str(tmp_path / "cuda")), engine="ray",
+        scheduler.run_engine(list(range(8)), functools.partial(make_fragile_worker, str(tmp_path / "cuda")), engine="ray",
                          num_workers=2, on_result=got.append, retries=2,
                          on_failure=lambda item, message: {"item": item, "error": message})
         assert sorted(r["item"] for r in got) == list(range(8))
@@ -275,8 +340,8 @@ def test_ray_engine_equals_local(tmp_path, common, reference, capsys):
         # chunks (the batch's Ray items): a process that dies on a chunk -> its items are retried one by
         # one, so only the item that kills it fails; the others come back (as lists of rows)
         got = []
-        batch.run_engine([[0, 1], [2, 3], [4, 5]], make_fragile_chunk_worker, engine="ray", num_workers=2,
-                         on_result=got.extend, retries=1, size=len, split=batch.split_chunk,
+        scheduler.run_engine([[0, 1], [2, 3], [4, 5]], make_fragile_chunk_worker, engine="ray", num_workers=2,
+                         on_result=got.extend, retries=1, size=len, split=scheduler.split_chunk,
                          on_failure=lambda chunk, message: [{"item": i, "error": message} for i in chunk])
         assert sorted(r["item"] for r in got) == list(range(6))
         assert [r["item"] for r in got if "error" in r] == [3]

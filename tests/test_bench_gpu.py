@@ -5,14 +5,11 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-DATA = Path("/work/shared/data")
 
 
 def test_bench_gpu_small_runs_and_reports_every_figure(tmp_path):
-    extra = ["--images", str(DATA / "images" / "coco_val2014"), "--pope", str(DATA / "pope" / "pope_subset.jsonl")] \
-        if DATA.is_dir() else []
-    r = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_gpu.py"), "--small", "--json", str(tmp_path / "b.json"),
-                        *extra], capture_output=True, text=True, cwd=ROOT, timeout=900)
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_gpu.py"), "--small", "--json", str(tmp_path / "b.json")],
+                       capture_output=True, text=True, cwd=ROOT, timeout=900)   # defaults: the photos + POPE in samples/
     assert r.returncode == 0, r.stdout + r.stderr
     res = json.loads((tmp_path / "b.json").read_text())
     assert res["standin"] and set(res["batch"]) == {"1", "2"}
@@ -21,5 +18,5 @@ def test_bench_gpu_small_runs_and_reports_every_figure(tmp_path):
     assert res["single"]["ratio"] > 0 and res["syncs"]["plain"] is None        # syncs: counted on CUDA only
     for line in ("plain generate", "extraction (store write included)", "single image:", "device syncs"):
         assert line in r.stdout
-    if DATA.is_dir():
-        assert res["pope"]["identical"] is True and res["pope"]["questions"] == 6 and "POPE: cached" in r.stdout
+    assert res["images"]["distinct"] == 3 and res["pope"]["identical"] is True and res["pope"]["questions"] == 6
+    assert "POPE: cached" in r.stdout

@@ -1,4 +1,4 @@
-"""benchmark.py / smolattn.pope_runner on the tiny stand-in, real COCO photos and the POPE subset:
+"""benchmark.py / smolattn.pope_runner on the tiny stand-in, real COCO photos and the POPE subset (samples/):
 the shared-prefix path answers exactly as the naive per-question path; the CLI writes, resumes,
 re-scores, reports bad input; attention runs and localisation numbers are sane."""
 import json
@@ -17,11 +17,10 @@ from smolattn import model as mdl
 from smolattn import pope_runner as pr
 from smolattn.images import open_image
 
-DATA = Path("/work/shared/data")
-POPE = DATA / "pope"
-IMAGES = DATA / "images" / "coco_val2014"
 ROOT = Path(__file__).resolve().parent.parent
-pytestmark = pytest.mark.skipif(not IMAGES.is_dir(), reason="POPE test data not available")
+DATA = ROOT / "samples"                     # 3 COCO photos, their POPE questions and COCO boxes
+POPE = DATA / "pope"
+IMAGES = DATA / "coco_val2014"
 
 
 @pytest.fixture(scope="module")
@@ -49,10 +48,10 @@ def answers(rows):
 # ------------------------------------------------------------------------------ cached == naive
 
 def test_prefix_plus_suffix_is_the_full_prompt_and_gives_the_same_logits(tiny):
-    qs = questions_by_image()["COCO_val2014_000000001171.jpg"]
+    qs = questions_by_image()["COCO_val2014_000000429109.jpg"]
     image, _ = open_image(IMAGES / qs[0].image)
     prefix, first_ids = engine.prefill(tiny, image, qs[0].text + pope.DEFAULT_SUFFIX, 2048)
-    assert prefix.geometry.rows * prefix.geometry.cols == 12          # 640x426 -> 3x4 tiles + global
+    assert prefix.geometry.rows * prefix.geometry.cols == 12          # 640x427 -> 3x4 tiles + global
     assert tiny.processor.tokenizer.convert_ids_to_tokens(prefix.ids[-1:]) == ["<fake_token_around_image>"]
     for q in qs[:2] + qs[-1:]:
         prompt = q.text + pope.DEFAULT_SUFFIX
@@ -70,10 +69,10 @@ def test_prefix_plus_suffix_is_the_full_prompt_and_gives_the_same_logits(tiny):
 
 
 def test_cross_image_batches_answer_as_naive_and_leave_prefix_caches_intact(tiny):
-    """Questions of two images with different prefix lengths (3x2 and 3x3 tiles at 1536 px) and
+    """Questions of two images with different prefix lengths (2x3 and 3x3 tiles at 1536 px) and
     different suffix lengths in ONE batch on their stacked caches: the naive answers, caches untouched."""
     by_image = questions_by_image()
-    names = ["COCO_val2014_000000001171.jpg", "COCO_val2014_000000569839.jpg"]
+    names = ["COCO_val2014_000000429109.jpg", "COCO_val2014_000000569839.jpg"]
     jobs, naive, prefixes = [], [], []
     for name in names:
         img, _ = open_image(IMAGES / name)
@@ -93,7 +92,7 @@ def test_cross_image_batches_answer_as_naive_and_leave_prefix_caches_intact(tiny
 def test_pope_groups_of_images_answer_as_naive(tiny):
     by_image = questions_by_image()
     images = []
-    for name in ["COCO_val2014_000000003845.jpg", "COCO_val2014_000000006033.jpg"]:
+    for name in ["COCO_val2014_000000297078.jpg", "COCO_val2014_000000569839.jpg"]:
         img, info = open_image(IMAGES / name)
         images.append({"image": img, "info": info, "questions": [q for q in by_image[name] if q.split == "popular"]})
     cached = pr.answer_images(tiny, images, pope.DEFAULT_SUFFIX, 8, 512)
@@ -104,9 +103,9 @@ def test_pope_groups_of_images_answer_as_naive(tiny):
 
 
 @pytest.mark.parametrize("image,longest_edge,splits", [
-    ("COCO_val2014_000000001171.jpg", 2048, ("random",)),                      # 12 tiles + global
-    ("COCO_val2014_000000006033.jpg", 512, ("random", "popular", "adversarial")),  # portrait, global only
-    ("COCO_val2014_000000569839.jpg", 512, ("random", "popular")),             # two-word object "hot dog"
+    ("COCO_val2014_000000429109.jpg", 2048, ("random",)),                      # 12 tiles + global
+    ("COCO_val2014_000000569839.jpg", 512, ("random", "popular", "adversarial")),  # portrait, global only, two-word object "hot dog"
+    ("COCO_val2014_000000297078.jpg", 512, ("random", "popular")),             # landscape, global only
 ])
 def test_cached_path_answers_exactly_as_the_naive_path(tiny, image, longest_edge, splits):
     qs = [q for q in questions_by_image()[image] if q.split in splits]
@@ -228,7 +227,7 @@ def test_attention_runs_and_localisation(tiny, tiny_dir, tmp_path):
         maps = heatmap.token_rows(run, range(run.num_layers), positions[0])
         assert maps.shape[-1] == run.geometry.num_keys and np.all(maps >= 0)
         a = r["attention"]
-        if r["label"] == "yes":      # all yes objects of the 13 photos have COCO boxes
+        if r["label"] == "yes":      # all yes objects of the 3 photos have COCO boxes
             assert a["has_boxes"] and 0 <= a["mass"] <= 1 and 0 <= a["box_fraction"] <= 1 and a["hit"] in (True, False)
         else:
             assert a["hit"] is None
@@ -244,7 +243,7 @@ def test_attention_batched_across_images_equals_each_question_alone_and_naive(ti
     cache and as the naive per-question path."""
     by_image = questions_by_image()
     images = []
-    for name in ["COCO_val2014_000000001171.jpg", "COCO_val2014_000000569839.jpg"]:   # 3x2 and 3x3 tiles
+    for name in ["COCO_val2014_000000429109.jpg", "COCO_val2014_000000569839.jpg"]:   # 2x3 and 3x3 tiles
         img, info = open_image(IMAGES / name)
         images.append({"image": img, "info": info, "questions": [q for q in by_image[name] if q.split == "random"][:3]})
     got = {how: pr.answer_images(tiny, images, pope.DEFAULT_SUFFIX, 8, 1536, attention_dir=tmp_path / how, **kw)
@@ -274,5 +273,6 @@ def test_localise_by_hand():
 
 def test_load_boxes_maps_file_names_to_category_boxes():
     boxes = pr.load_boxes(DATA / "coco" / "subset_instances.json")
-    assert {"truck", "train", "car"} <= set(boxes["COCO_val2014_000000001171.jpg"])
-    assert all(len(b) == 4 for b in boxes["COCO_val2014_000000001171.jpg"]["car"])
+    assert set(boxes) == {"COCO_val2014_000000429109.jpg", "COCO_val2014_000000569839.jpg", "COCO_val2014_000000297078.jpg"}
+    assert {"person", "bicycle", "car"} <= set(boxes["COCO_val2014_000000429109.jpg"]) and "hot dog" in boxes["COCO_val2014_000000569839.jpg"]
+    assert all(len(b) == 4 for b in boxes["COCO_val2014_000000429109.jpg"]["car"])

@@ -98,3 +98,19 @@ def test_substring_lookalikes_are_not_markers():
     tokens, _ = synthetic.make_tokens(3, 4, answer=["Ġbrown", "Ġthrow", "Ġglobal", "Ġrow_1_col_1", "Ġnarrow"])
     g = geo.from_tokens(tokens)
     assert (g.rows, g.cols) == (3, 4)
+
+
+@pytest.mark.parametrize("rows_cols", [(0, 0), (2, 3)])
+def test_rows_outside_the_image_block(rows_cols):
+    """geometry.outside_image is the one definition of the query rows outside the image block: the
+    text before and after it; inside are only <image> tokens, the block's markers and its row breaks."""
+    tokens, _ = synthetic.make_tokens(*rows_cols, side=2)
+    g = geo.from_tokens(tokens)
+    first, last = g.image_block
+    outside = g.outside_image(np.arange(len(tokens)))
+    block = {"<image>", "<fake_token_around_image>", "<global-img>", "\u010a", "\u010a\u010a"}
+    assert all(t in block or geo.ROW_COL.match(t) for t, o in zip(tokens, outside) if not o)
+    assert not any(t in block - {"\u010a", "\u010a\u010a"} or geo.ROW_COL.match(t) for t, o in zip(tokens, outside) if o)
+    assert outside[:3].all() and outside[-3:].all() and outside.sum() == len(tokens) - (last - first + 1)
+    assert tokens[g.block_end - 1] == "<fake_token_around_image>" and g.block_end == last + 1
+    assert g.outside_image([first - 1, first, last, last + 1]).tolist() == [True, False, False, True]

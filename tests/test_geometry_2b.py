@@ -15,8 +15,7 @@ from smolattn import standin, store
 from smolattn import extract as ex
 
 ROOT = Path(__file__).resolve().parent.parent
-PHOTO = Path("/work/shared/data/images/coco_val2014/COCO_val2014_000000001171.jpg")   # 640 x 426
-pytestmark = pytest.mark.skipif(not PHOTO.is_file(), reason="COCO test photo not available")
+PHOTO = ROOT / "samples" / "coco_val2014" / "COCO_val2014_000000429109.jpg"   # 640 x 427, CC BY-SA
 
 
 @pytest.fixture(scope="module")
@@ -37,10 +36,11 @@ def test_the_checkpoints_own_processor_settings_are_the_default(model22, run22):
     cfg = model22.model.config
     assert (cfg.vision_config.image_size, cfg.vision_config.patch_size, cfg.scale_factor) == (384, 14, 3)
     g = run22.geometry
-    assert (g.rows, g.cols, g.side) == (3, 4, 9) == (*geo.expected_grid(640, 426, 1536, 384), 9)
+    assert tuple(run22.image_size()) == (640, 427)
+    assert (g.rows, g.cols, g.side) == (3, 4, 9) == (*geo.expected_grid(640, 427, 1536, 384), 9)
     assert run22.meta["processor"]["longest_edge"] == 1536 and run22.meta["tiles"]["resized_size"] == [1536, 1152]
     # the old fixed default (2048) would have cut the same photo into 4 x 6 tiles
-    assert geo.expected_grid(640, 426, 2048, 384) == (4, 6)
+    assert geo.expected_grid(640, 427, 2048, 384) == (4, 6)
     full = run22.full_row(run22.layer(0), run22.row_of(len(run22.tokens) - 1))
     assert np.allclose(full.sum(-1), 1, atol=2e-3)
 
@@ -48,7 +48,7 @@ def test_the_checkpoints_own_processor_settings_are_the_default(model22, run22):
 def test_an_explicit_longest_edge_still_overrides(model22, tmp_path):
     ex.extract(model22, PHOTO, tmp_path / "run", ex.Settings(max_new_tokens=1, longest_edge=768))
     g = store.Run(tmp_path / "run").geometry
-    assert (g.rows, g.cols) == geo.expected_grid(640, 426, 768, 384) == (2, 2)
+    assert (g.rows, g.cols) == geo.expected_grid(640, 427, 768, 384) == (2, 2)
 
 
 def test_viewer_maps_have_the_2b_grid(run22, make_app):

@@ -171,13 +171,39 @@ def test_cli_refuses_a_folder_it_did_not_make_and_bad_input(pope_root, tmp_path)
     keep = tmp_path / "mine"
     keep.mkdir()
     (keep / "notes.txt").write_text("precious")
-    for args, msg in ((["--runs", str(root), "--output-dir", str(keep)], "not an earlier head analysis"),
+    for args, msg in ((["--runs", str(root), "--output-dir", str(keep)], "not a head analysis written by smolattn"),
                       (["--runs", str(tmp_path / "nope")], "not a directory"),
                       (["--runs", str(keep)], "no runs under")):
         p = subprocess.run([sys.executable, ROOT / "analyze_heads.py", *args], capture_output=True, text=True,
                            cwd=tmp_path, timeout=120)
         assert p.returncode == 2 and msg in p.stderr and "Traceback" not in p.stderr, p.stderr
     assert (keep / "notes.txt").read_text() == "precious"
+
+
+def test_rerun_replaces_our_analysis_but_never_a_users_file_in_it(pope_root, tmp_path):
+    """ROOT/analysis (the default): our earlier analysis is replaced; once a user saved notes.md in it,
+    the rerun is refused in one line naming that file, before any work, and the folder stays byte-identical."""
+    import shutil
+    root = tmp_path / "attention"
+    shutil.copytree(pope_root[0], root)
+    out = root / "analysis"
+
+    def cli():
+        return subprocess.run([sys.executable, ROOT / "analyze_heads.py", "--runs", str(root), "--workers", "1",
+                               "--top-heads", "1"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    p = cli()
+    assert p.returncode == 0 and (out / "analysis.json").is_file(), p.stderr
+    first = out.stat().st_ino
+    p = cli()                                          # our own earlier analysis: replaced (a new folder)
+    assert p.returncode == 0 and out.stat().st_ino != first and (out / "analysis.json").is_file(), p.stderr
+    (out / "notes.md").write_text("my reading of the heads\n")
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    p = cli()
+    lines = [line for line in p.stderr.splitlines() if line.strip()]
+    assert p.returncode == 2 and len(lines) == 1 and "Traceback" not in p.stderr, p.stderr
+    assert str(out / "notes.md") in lines[0] and "left untouched" in lines[0] and "runs under" not in p.stderr
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+    assert not [f for f in root.iterdir() if f.name.startswith(".analysis.")]
 
 
 def test_a_present_object_without_a_box_is_not_scored(pope_root):

@@ -6,8 +6,7 @@ import pytest
 from smolattn import pope
 from smolattn.pope import PopeInputError, load_questions, score, score_answers
 
-DATA = Path("/work/shared/data/pope")
-needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="POPE data not available")
+DATA = Path(__file__).resolve().parent.parent / "samples" / "pope"   # the official files + a derived subset
 
 # answer -> (official, lmms_eval, vlmevalkit)
 PARSE_CASES = {
@@ -127,18 +126,16 @@ def test_suffix_constants():
     assert pope.DEFAULT_SUFFIX == pope.SUFFIX_LMMS_EVAL == "\nAnswer the question using a single word or phrase."
 
 
-@needs_data
 def test_load_subset_file():
     qs = load_questions([DATA / "pope_subset_random.json"])
-    assert len(qs) == 78
+    assert len(qs) == 18
     assert {q.split for q in qs} == {"random"}
-    assert sum(q.label == "yes" for q in qs) == 39
-    assert qs[0] == pope.Question("random", 7, "COCO_val2014_000000210789.jpg",
-                                  "Is there a truck in the image?", "yes")
-    assert qs[0].key == ("random", 7)
+    assert sum(q.label == "yes" for q in qs) == 9
+    assert qs[0] == pope.Question("random", 13, "COCO_val2014_000000429109.jpg",
+                                  "Is there a person in the image?", "yes")
+    assert qs[0].key == ("random", 13)
 
 
-@needs_data
 def test_load_folder_picks_official_files():
     qs = load_questions([DATA])
     assert len(qs) == 9000
@@ -148,17 +145,15 @@ def test_load_folder_picks_official_files():
     assert [Path(s["path"]).name for s in src] == [
         "coco_pope_random.json", "coco_pope_popular.json", "coco_pope_adversarial.json"]
     assert all(s["questions"] == 3000 for s in src)
-    sums = DATA.parent / "SHA256SUMS"
-    if sums.exists():
-        known = dict(reversed(line.split()) for line in sums.read_text().splitlines() if line.strip())
-        assert src[0]["sha256"] == known["pope/coco_pope_random.json"]
+    known = dict(reversed(line.split()) for line in (DATA.parent / "SHA256SUMS").read_text().splitlines() if line.strip())
+    assert [s["sha256"] for s in src] == [known[f"pope/coco_pope_{s}.json"] for s in ("random", "popular", "adversarial")]
+    assert src[0]["sha256"] == "ac25245170b975a5bdf9080b23fd431dfe6be458bc038259c1f4f09a6bef7994"   # the official file
 
 
-@needs_data
 def test_load_category_file():
     qs = load_questions([DATA / "pope_subset.jsonl"])
-    assert len(qs) == 234
-    assert [q.split for q in qs] == ["random"] * 78 + ["popular"] * 78 + ["adversarial"] * 78
+    assert len(qs) == 54
+    assert [q.split for q in qs] == ["random"] * 18 + ["popular"] * 18 + ["adversarial"] * 18
 
 
 def test_folder_fallback_and_stem_split(tmp_path):

@@ -117,14 +117,49 @@ def _with(path: Path, extra: str) -> Path:
     return path
 
 
-def test_reference_run_is_replaced_but_not_with_user_files(tmp_path):
+def test_reference_run_is_replaced_only_on_request(tmp_path):
     ref = synthetic.make_run(tmp_path / "ref", 1, 1, reference=True)
-    assert store.owned_run(ref)
-    synthetic.make_run(ref, 1, 1)                 # a reference-format run is ours to replace
-    assert (ref / "meta.json").is_file() and store.incomplete(ref) is None
+    assert store.reference_run(ref) and not store.owned_run(ref)
+    before = snapshot(ref)
+    with pytest.raises(UserError, match="reference-format run.*--replace-reference-run"):
+        synthetic.make_run(ref, 1, 1)                 # the reference project's data: not without asking
+    assert snapshot(ref) == before
+    with store.atomic_dir(ref, replace_reference=True) as tmp:    # asked for: replaced
+        (tmp / "meta.json").write_text(json.dumps({"format": store.FORMAT}))
+    assert sorted(p.name for p in ref.iterdir()) == ["meta.json"]
     ref2 = synthetic.make_run(tmp_path / "ref2", 1, 1, reference=True)
     (ref2 / "cat.jpg").write_bytes(b"user photo")
-    assert not store.owned_run(ref2)
+    assert not store.reference_run(ref2) and not store.owned_run(ref2)
+    with pytest.raises(UserError, match="not a run written by smolattn.*cat.jpg"):
+        store.check_target(ref2, replace_reference=True)       # a reference run with a user's file: never
+    no_temporaries(tmp_path)
+
+
+def test_cli_replaces_a_reference_run_only_with_the_flag(tmp_path, tiny_dir):
+    img = tmp_path / "cat.jpg"
+    Image.new("RGB", (64, 48), (1, 2, 3)).save(img)
+    ref = synthetic.make_run(tmp_path / "ref", 1, 1, reference=True)
+    before = snapshot(ref)
+    args = ["--image", img, "--output-dir", ref, "--model-id", tiny_dir, "--longest-edge", 512, "--max-new-tokens", 2]
+    one_line_error(extract_cli(tmp_path, *args), str(ref), "reference-format run", "--replace-reference-run")
+    assert snapshot(ref) == before
+    r = extract_cli(tmp_path, *args, "--replace-reference-run")
+    assert r.returncode == 0, r.stderr
+    assert store.incomplete(ref) is None and store.owned_run(ref)
+    r = extract_cli(tmp_path, *args)                              # now ours: replaced as before, no flag
+    assert r.returncode == 0, r.stderr
+    # batch: a reference run inside the output root, refused before the model loads, replaced with the flag
+    (tmp_path / "b").mkdir()
+    d, root = one_image_and_a_root(tmp_path / "b")
+    ref = synthetic.make_run(root / "a", 1, 1, reference=True)
+    before = snapshot(root)
+    r = subprocess.run([PY, str(ROOT / "extract_smolvlm_batch.py"), *batch_args(d, root, tiny_dir)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    one_line_error(r, str(ref), "reference-format run", "--replace-reference-run")
+    assert snapshot(root) == before
+    assert run_batch(batch_args(d, root, tiny_dir, "--replace-reference-run")) == 0
+    assert store.incomplete(ref) is None and store.owned_run(ref)
+    no_temporaries(tmp_path)
 
 
 def run_batch(argv) -> int:
@@ -436,18 +471,102 @@ def _text_rows(run):
 
 
 def test_other_outputs_replace_only_their_own_kind(tmp_path):
-    """atomic_dir(owned=...): a head analysis replaces an earlier analysis, never another folder."""
-    from smolattn import head_report
+    """outputs.atomic_dir(final, kind): a head analysis replaces an earlier analysis holding only its
+    own names, never another folder, and never one with a user's file in it."""
+    from smolattn import head_report, outputs
     earlier = tmp_path / "analysis"
     earlier.mkdir()
     (earlier / "analysis.json").write_text(json.dumps({"format": head_report.FORMAT}))
-    with store.atomic_dir(earlier, owned=head_report.is_analysis) as tmp:
+    (earlier / "grid_se.png").write_bytes(b"png")
+    with outputs.atomic_dir(earlier, head_report.KIND) as tmp:
         (tmp / "analysis.json").write_text(json.dumps({"format": head_report.FORMAT, "new": True}))
     assert json.loads((earlier / "analysis.json").read_text())["new"]
+    (earlier / "notes.md").write_text("mine\n")
     mine = user_folder(tmp_path / "mine")
-    before = snapshot(mine)
-    with pytest.raises(UserError, match="not a run written by smolattn"):
-        with store.atomic_dir(mine, owned=head_report.is_analysis):
-            pass
-    assert snapshot(mine) == before
+    for folder, name in ((earlier, "notes.md"), (mine, "")):
+        before = snapshot(folder)
+        with pytest.raises(UserError, match=f"not a head analysis written by smolattn.*{folder / name}"):
+            with outputs.atomic_dir(folder, head_report.KIND):
+                pass
+        assert snapshot(folder) == before
+    for folder in (earlier, mine):     # nor as a run
+        with pytest.raises(UserError, match="not a run written by smolattn"):
+            store.check_target(folder)
     no_temporaries(tmp_path)
+
+
+def test_single_file_markers(tmp_path):
+    from smolattn import heatmap, outputs
+    png, js = tmp_path / "h.png", tmp_path / "h.json"
+    outputs.replace_files({png: (heatmap.png_bytes(Image.new("RGB", (4, 4))), heatmap.PNG_MARKER),
+                           js: (json.dumps({"format": heatmap.FORMAT}).encode(), heatmap.JSON_MARKER)})
+    assert heatmap.PNG_MARKER.on(png) and heatmap.JSON_MARKER.on(js)
+    outputs.replace_file(js, json.dumps({"format": heatmap.FORMAT, "n": 2}).encode(), heatmap.JSON_MARKER)
+    Image.new("RGB", (4, 4)).save(png)                    # a PNG without our chunk is a user's picture
+    with pytest.raises(UserError, match=f"{png} exists and was not written by smolattn"):
+        outputs.replace_file(png, heatmap.png_bytes(Image.new("RGB", (4, 4))), heatmap.PNG_MARKER)
+    with pytest.raises(ValueError):                       # what we write always carries the marker
+        outputs.replace_file(tmp_path / "x.json", b"{}", heatmap.JSON_MARKER)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["h.json", "h.png"]
+
+
+# ------------------------------------------------------------------------- POPE output folders
+
+def answers_file(path: Path) -> Path:
+    from smolattn import pope_runner as pr
+    rows = [{"split": "random", "question_id": i, "image": "a.jpg", "question": "Is there a cat in the image?",
+             "label": "yes" if i % 2 else "no", "raw_answer": "Yes", "status": "ok", "config": pr.Config().key(),
+             "parsed": {c: f("Yes") for c, f in pope.PARSERS.items()}, "standin": True} for i in (1, 2)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def benchmark_cli(cwd, *args):
+    return subprocess.run([PY, str(ROOT / "benchmark.py"), *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_a_users_results_json_in_the_benchmark_output_dir_survives(tmp_path):
+    answers = answers_file(tmp_path / "saved" / "answers.jsonl")
+    mine = tmp_path / "mine"                             # the issue's case: `--output-dir .` in a user's folder
+    mine.mkdir()
+    (mine / "results.json").write_text('{"my": "results"}\n')
+    (mine / "answers.jsonl").write_bytes(answers.read_bytes())
+    for d, cwd in ((".", mine), (mine, tmp_path)):
+        before = snapshot(mine)
+        r = benchmark_cli(cwd, "--answers", mine / "answers.jsonl", "--output-dir", d)
+        one_line_error(r, "results.json", "left untouched")
+        assert snapshot(mine) == before
+    (mine / "results.json").unlink()
+    (mine / "notes.md").write_text("mine\n")                  # any file that is not ours: refused too
+    before = snapshot(mine)
+    one_line_error(benchmark_cli(mine, "--answers", "answers.jsonl", "--output-dir", "."), "notes.md", "POPE output folder")
+    assert snapshot(mine) == before
+    # a full benchmark: refused before the model loads (this model id does not exist)
+    (mine / "notes.md").unlink()
+    (mine / "results.md").write_text("# my report\n")
+    q = tmp_path / "q_random.json"
+    q.write_text(json.dumps({"question_id": 1, "image": "a.jpg", "text": "Is there a cat in the image?",
+                             "label": "yes"}) + "\n")
+    before = snapshot(mine)
+    r = benchmark_cli(tmp_path, "--benchmark-file", q, "--output-dir", mine, "--model-id", tmp_path / "no-model")
+    one_line_error(r, str(mine / "results.md"), "left untouched")
+    assert snapshot(mine) == before
+    (mine / "results.md").unlink()
+    (mine / "attention" / "random" / "1").mkdir(parents=True)       # a user's folder where a run would go
+    (mine / "attention" / "random" / "1" / "keep.txt").write_text("mine\n")
+    before = snapshot(mine)
+    r = benchmark_cli(tmp_path, "--benchmark-file", q, "--output-dir", mine, "--model-id", tmp_path / "no-model",
+                      "--attention")
+    one_line_error(r, "keep.txt", "not a run written by smolattn")
+    assert snapshot(mine) == before
+    # our own results: written, then replaced
+    out = tmp_path / "out"
+    r = benchmark_cli(tmp_path, "--answers", answers, "--output-dir", out)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((out / "results.json").read_text())["format"] == pope.RESULTS_FORMAT
+    assert pope.REPORT_MARKER.on(out / "results.md")
+    stamp = (out / "results.json").stat().st_ino
+    r = benchmark_cli(tmp_path, "--answers", answers, "--output-dir", out)
+    assert r.returncode == 0 and (out / "results.json").stat().st_ino != stamp, r.stderr

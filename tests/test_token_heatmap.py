@@ -278,6 +278,40 @@ def test_cli_our_run_portrait(tmp_path):
     assert len(doc["per_head"]) == 4 and doc["method"] == "image"
 
 
+def test_cli_replaces_only_its_own_files(tmp_path):
+    """A user's file at the --json path (<output>.json) or at the PNG path is refused in one line naming
+    it, and left byte-identical; a rerun replaces our own PNGs and JSON (they carry our marker)."""
+    import json
+    run = synthetic.make_run(tmp_path / "run", 2, 2)
+    out = tmp_path / "out"
+    out.mkdir()
+    args = ["--run", run, "--token", "jacket", "--output", out / "h.png", "--overlay", out / "o.png", "--json"]
+    mine = b'{"my": "own notes, not a heatmap"}\n'
+    (out / "h.json").write_bytes(mine)
+    for extra in ((), ("--overlay", "")):
+        r = cli(*args, *extra)
+        lines = [line for line in r.stderr.splitlines() if line.strip()]
+        assert r.returncode == 2 and len(lines) == 1 and str(out / "h.json") in lines[0], r.stderr
+        assert "not written by smolattn" in lines[0] and "Saved" not in r.stdout
+        assert sorted(p.name for p in out.iterdir()) == ["h.json"] and (out / "h.json").read_bytes() == mine
+    (out / "h.json").unlink()
+    Image.new("RGB", (8, 8)).save(out / "h.png")                     # a picture of the user's at --output
+    before = (out / "h.png").read_bytes()
+    r = cli(*args)
+    assert r.returncode == 2 and str(out / "h.png") in r.stderr and "Traceback" not in r.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["h.png"] and (out / "h.png").read_bytes() == before
+    (out / "h.png").unlink()
+    assert cli(*args).returncode == 0
+    assert json.loads((out / "h.json").read_text())["format"] == hm.FORMAT
+    for name in ("h.png", "o.png", "h_global.png"):
+        with Image.open(out / name) as im:
+            assert im.text.get("smolattn") == hm.FORMAT
+    stamp = {n: (out / n).stat().st_ino for n in ("h.png", "o.png", "h.json")}
+    r = cli(*args)                                                   # our own earlier files: replaced
+    assert r.returncode == 0, r.stderr
+    assert all((out / n).stat().st_ino != i for n, i in stamp.items())
+
+
 def test_cli_reference_layout(tmp_path):
     run = synthetic.make_run(tmp_path / "ref", 3, 4, image_size=(640, 427), reference=True)
     r = cli("--allow-pickle", "--method", "reference", "--layers", "0-1", "--topk", "10",

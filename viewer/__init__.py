@@ -38,11 +38,12 @@ def create_app(config: dict) -> Flask:
         registry.run(registry.single_name)  # fail now, with one clear line, if the run is unreadable
     app.extensions["runs"] = registry
 
-    from . import api, dataset, pages
+    from . import api, dataset, interventions, pages
     app.extensions["analysis_dir"] = dataset.analysis_dir(app.config, registry.root)
     app.register_blueprint(api.bp)
     app.register_blueprint(pages.bp)
     app.register_blueprint(dataset.bp)
+    app.register_blueprint(interventions.bp)
 
     @app.errorhandler(HTTPException)
     def http_error(e):

@@ -14,6 +14,7 @@ from PIL import Image
 
 from smolattn import heatmap as hm
 from smolattn import methods as mth
+from smolattn import runmeta
 from smolattn import tokens as tok
 from smolattn.errors import UserError
 from smolattn.store import Run, token_table
@@ -186,7 +187,7 @@ def method_info(run: Run, name: str) -> dict:
     if name in stored:
         info["positions"] = stored[name].get("positions", [])
     else:
-        info["command"] = mth.command(run.meta, run.path, [*stored, name])
+        info["command"] = runmeta.command(run.meta, run.path, [*stored, name])
     return info
 
 
@@ -261,10 +262,11 @@ def health():
 
 @bp.get("/initialize")
 def initialize():
+    from . import interventions   # its blueprint imports this module
     name, run = get_run(params())
     tokens = table(run)
     g = run.layout.images[0]        # several images / a video: the first one (the others in `images`)
-    after_image = tokens[g.image_block[1] + 1:run.prompt_length]
+    after_image = tokens[run.layout.image_block[1] + 1:run.prompt_length]
     user_turn = "".join(t["text"] for t in after_image[:next(
         (i for i, t in enumerate(after_image) if t["kind"] == "special"), len(after_image))])
     answer = [t for t in tokens if t["kind"] == "answer"]
@@ -277,12 +279,13 @@ def initialize():
         image_url=f"/api/image?run={quote(name)}", standin=run.standin,
         model=run.meta.get("model", {}).get("id"),
         prompt_length=run.prompt_length,
+        **interventions.run_fields(name, run),     # intervention (null for an ordinary run), sweeps
         geometry={"rows": g.rows, "cols": g.cols, "side": g.side, "grid": list(g.grid_shape),
                   "num_keys": g.num_keys, "image_block": list(run.layout.image_block), "image_size": list(run.image_size())},
         images=images_info(name, run), video=run.layout.is_video,
         token_table=tokens,   # several images / a video: raw attention only (derived maps are single-image)
         methods=[method_info(run, m) for m in METHODS if m == RAW or len(run.layout) == 1],
-        methods_command=mth.command(run.meta, run.path, list(mth.METHODS)),
+        methods_command=runmeta.command(run.meta, run.path, list(mth.METHODS)),
         query_semantics=run.meta["attention"].get(
             "query_semantics", "row for token t = position t as the query (the reference viewer's convention)"))
 

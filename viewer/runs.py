@@ -117,21 +117,42 @@ class Registry:
         return self.index.names()
 
     def path(self, name: str) -> Path:
-        """The directory of run ``name``; NotFound unless it is a run inside the root."""
+        """The directory of run ``name``; NotFound unless it is a run inside the root (serving one
+        run: that run, or its base run when it is an intervened run's sibling)."""
         if self.single:
             if name != self.single_name:
-                raise NotFound(f"unknown run {name!r}; this server shows only {self.single_name!r}")
+                from .interventions import related_run
+                path = related_run(self, name)
+                if path is None:
+                    raise NotFound(f"unknown run {name!r}; this server shows only {self.single_name!r}")
+                return path
             return self.root
-        parts = name.split("/")
-        if not name or "\\" in name or "\0" in name or any(p.startswith(".") or not p for p in parts):
-            raise NotFound(f"unknown run {name!r}")
-        path = (self.root / name).resolve()
-        if not path.is_relative_to(self.root) or not (path / RUN_MARKER).is_file():
+        path = self.folder(name)
+        if not (path / RUN_MARKER).is_file():
             raise NotFound(f"unknown run {name!r}")
         return path
 
+    def folder(self, name: str, what: str = "run") -> Path:
+        """The resolved directory ``name`` names inside the root (a runs root); NotFound for a name
+        that is absolute, has '..' or dot components, or resolves outside the root."""
+        parts = name.split("/")
+        if not name or "\\" in name or "\0" in name or any(p.startswith(".") or not p for p in parts):
+            raise NotFound(f"unknown {what} {name!r}")
+        path = (self.root / name).resolve()
+        if not path.is_relative_to(self.root):
+            raise NotFound(f"unknown {what} {name!r}")
+        return path
+
     def inside(self, path: Path) -> bool:
-        return path.resolve().is_relative_to(self.root)
+        """Whether a file is inside what is served: the root (serving one run: also its base run)."""
+        path = path.resolve()
+        if path.is_relative_to(self.root):
+            return True
+        if self.single:
+            from .interventions import sibling_base
+            base = sibling_base(self)
+            return base is not None and path.is_relative_to(base)
+        return False
 
     # -- cached access ------------------------------------------------------------------------
     def run(self, name: str) -> Run:

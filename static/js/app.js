@@ -71,6 +71,9 @@ function shown(text) { return text.replace(/\n/g, "↵"); }
 
 function safeName(text) { return text.replace(/[^\w.-]+/g, "_"); }
 
+// other modules (static/js/interventions.js) follow the page through these events
+function emit(name, detail) { document.dispatchEvent(new CustomEvent(name, { detail })); }
+
 // -- runs ----------------------------------------------------------------------------------------
 async function listRuns() {
   const r = state.runs;
@@ -127,6 +130,7 @@ async function loadRun(name, wanted = null) {
     $("download").disabled = $("download-numbers").disabled = true;
     drawAll();
     showError(e.message);
+    emit("viewer:run", { info: null, wanted });
     writeUrl();
     return;
   }
@@ -134,6 +138,7 @@ async function loadRun(name, wanted = null) {
   state.info = info;
   state.image = 0;
   fillImages(info);
+  emit("viewer:run", { info, wanted });
   document.title = `${info.run} · ${TITLE}`;
   $("standin-banner").hidden = !info.standin;
   const g = info.geometry;
@@ -271,6 +276,7 @@ function writeUrl() {
       p.set("method_b", b.method);
       if (b.start_layer !== undefined) p.set("start_layer_b", b.start_layer);
     }
+    if (!$("iv-panel").hidden) p.set("compare_base", "1");
   }
   history.replaceState(null, "", url);
 }
@@ -545,6 +551,7 @@ function drawAll() {
   $("label-a").textContent = a ? `A: ${describe(a)}` : "";
   $("label-b").textContent = b ? `B: ${describe(b)}` + (b.image_mass === null ? "" : ` · ${share(b)} on the image`) : "B";
   $("sel-mass").textContent = a && a.image_mass !== null ? `${share(a)} of the ${a.method === "raw" ? "attention" : `${methodInfo(a.method).label.toLowerCase()} row`}` : "–";
+  emit("viewer:draw", state.views);
 }
 
 function drawOverlay(view, d) {
@@ -602,6 +609,8 @@ function drawOverview(d) {
   box.style.gridTemplateColumns = `2.2em repeat(${heads}, 1fr)`;
   const [a, b] = d.layers;
   const headOn = (h) => d.heads === "mean" || d.heads === "max" || d.heads === h;
+  const iv = state.info && state.info.intervention;   // an intervened run: its ablated heads are marked
+  const ablated = new Set(((iv && iv.heads) || []).map(([l, h]) => `${l}:${h}`));
   box.append(el("span", "axis", "L\\H"));
   for (let h = 0; h < heads; h++) box.append(el("span", `axis${headOn(h) ? " on" : ""}`, String(h)));
   m.forEach((row, layer) => {
@@ -614,6 +623,10 @@ function drawOverview(d) {
       cell.dataset.layer = layer;
       cell.dataset.head = h;
       if (a === b && layer === a && d.heads === h) cell.classList.add("current");
+      if (ablated.has(`${layer}:${h}`)) {
+        cell.classList.add("ablated");
+        cell.title += " · ablated (pattern computed, output removed)";
+      }
       cell.addEventListener("click", () => {
         $("layer-mode").value = "single";
         $("layer").value = layer;
@@ -624,7 +637,8 @@ function drawOverview(d) {
     });
   });
   $("overview-caption").textContent = `Darkest: ${(top * 100).toFixed(1)}% of the token's attention on the image. `
-    + "Click a cell to show that layer and head.";
+    + "Click a cell to show that layer and head."
+    + (ablated.size ? ` Red-outlined: the ${ablated.size} ablated head${ablated.size > 1 ? "s" : ""} (pattern computed, output removed).` : "");
 }
 
 // -- text -> text view ---------------------------------------------------------------------------
