@@ -15,7 +15,7 @@ from pathlib import Path
 
 from smolattn import analysis as an
 from smolattn import head_report
-from smolattn import pope_runner as pr
+from smolattn import pope
 from smolattn.errors import UserError, run_cli
 
 
@@ -47,7 +47,7 @@ def main(argv=None):
         raise UserError(f"--runs {root}: not a directory")
     out = Path(args.output_dir) if args.output_dir else root / "analysis"
     head_report.check_output(out)
-    boxes = pr.load_boxes(args.annotations) if args.annotations else None
+    boxes = pope.load_boxes(args.annotations) if args.annotations else None
     names = an.find_runs(root)
     if not names:
         raise UserError(f"no runs under {root} (a run is a directory with decoded_tokens.npy)")

@@ -8,6 +8,9 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
+import socket
+import sys
 from pathlib import Path
 
 from smolattn.errors import UserError, run_cli
@@ -20,6 +23,19 @@ def default_run() -> str:
     extractor's default output directory when it holds one."""
     here = Path(".")
     return DEFAULT_RUN_DIR if not (here / RUN_MARKER).is_file() and (here / DEFAULT_RUN_DIR / RUN_MARKER).is_file() else "."
+
+
+def loopback(host: str) -> bool:
+    """Whether ``host`` reaches this machine only (127.0.0.0/8, ::1, or a name that resolves only there)."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass
+    try:
+        addrs = {ai[4][0] for ai in socket.getaddrinfo(host, None)}
+    except OSError:
+        return False
+    return bool(addrs) and all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addrs)
 
 
 def main(argv=None) -> int:
@@ -46,7 +62,11 @@ def main(argv=None) -> int:
     count = len(registry.index)
     if count == 0:
         raise UserError(f"no runs under {registry.root} (a run is a directory with decoded_tokens.npy)")
-    shown = "localhost" if args.host in ("127.0.0.1", "0.0.0.0", "localhost", "::") else args.host
+    shown = f"[{args.host}]" if ":" in args.host else args.host    # the address bound, as a URL host
+    if not loopback(args.host):
+        print(f"warning: --host {args.host} is not a loopback address: anyone who can reach this machine on port "
+              f"{args.port} can read every run served (the viewer has no login); --host 127.0.0.1 serves this "
+              "machine only", file=sys.stderr)
     print(f"Serving {count} run(s) from {registry.root} at http://{shown}:{args.port}/")
     if app.extensions["analysis_dir"]:
         print(f"Dataset page (head analysis {app.extensions['analysis_dir']}): http://{shown}:{args.port}/dataset")

@@ -107,7 +107,7 @@ def main(argv=None):
 
     questions, sources = load_questions(args.benchmark_file, args.limit)
     methods = tuple(mth.parse(args.methods))
-    boxes = pr.load_boxes(args.annotations) if args.annotations else None
+    boxes = pope.load_boxes(args.annotations) if args.annotations else None
     device = args.device or ("cuda" if args.engine == "ray" and args.gpus_per_worker else mdl.default_device())
     benchmark = {"benchmark_file": [os.path.abspath(p) for p in args.benchmark_file],
                  "image_root": os.path.abspath(args.image_root), "limit": args.limit,

@@ -13,8 +13,14 @@ synthetic root of 40,000 small runs.
    fresh process, imports included, to the first /api/runs answer), /api/runs?q= search latency vs
    the previous viewer's walk of the root, and the RSS of a fresh process browsing 1,000 different
    runs (initialize + default map + a one-layer map each) against its cache size.
+5. The same root without manifests: ``app.py --runs ROOT`` started as a user starts it, timed from
+   the subprocess start to its first HTTP 200 on /api/runs, cold (no index cache) and on a restart
+   (the index cached under --cache-dir), against the goals (<= 3 s, <= 1 s); and until every run's
+   answer is read (``complete``). "Cold" means no index cache; the OS page cache is warm (the root
+   was just written). ``--parts plain`` builds only this root and times only this.
 
     python bench/bench_viewer.py [--layers 30 --heads 9 --answer 50 --clients 8 --requests 200 --root-runs 40000]
+    python bench/bench_viewer.py --parts plain [--root-runs 40000 --starts 2]
 """
 from __future__ import annotations
 
@@ -190,10 +196,10 @@ def hammer(run_dir: Path, positions, layers, heads, clients: int, requests: int,
 WORDS = "cat dog zebra skier bus train pizza sofa horse kite surfer clock bench giraffe boat".split()
 
 
-def build_root(root: Path, n: int) -> float:
+def build_root(root: Path, n: int, manifest: bool = True) -> float:
     """n run directories made cheaply: meta.json copied (so every run has its own on-disk identity),
-    tokens, summary and image hard-linked, the attention folder a symlink to one source run's; plus a
-    batch manifest with an answer per image."""
+    tokens, summary and image hard-linked, the attention folder a symlink to one source run's; plus
+    (``manifest``) a batch manifest with an answer per image."""
     t = time.perf_counter()
     src = Path(synthetic.make_run(root / ".source", 3, 4, layers=4, heads=3))
     files = [f.name for f in src.iterdir() if f.is_file() and f.name != "meta.json"]
@@ -212,8 +218,92 @@ def build_root(root: Path, n: int) -> float:
             "timings": {"decode_s": 0.004, "preprocess_s": 0.05, "generate_s": 3.1, "write_s": 0.02, "total_s": 3.2},
             "answer": f"A {a} next to a {b} ({k}).", "new_tokens": 9, "grid": [3, 4], "fingerprint": "3f9a0c12d4e5",
             "finished_at": f"2026-11-27T16:40:{k % 60:02d}.123456+00:00"}))
-    (root / "manifest.jsonl").write_text("\n".join(rows) + "\n")
+    if manifest:
+        (root / "manifest.jsonl").write_text("\n".join(rows) + "\n")
     return time.perf_counter() - t
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a process has used so far (Linux /proc; NaN elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+
+
+def app_start(root: Path, cache_dir: Path, n: int) -> tuple[float, float | None, dict, float]:
+    """``app.py --runs root`` in a fresh process: (seconds from the subprocess start to the first HTTP
+    200 on /api/runs, seconds until the index is complete (None: it was at the first answer), first body,
+    CPU seconds the process had used at that first answer)."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/api/runs?limit=200"
+    app_py = Path(__file__).resolve().parent.parent / "app.py"
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, str(app_py), "--runs", str(root), "--port", str(port),
+                             "--cache-dir", str(cache_dir)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        first = body = None
+        while time.perf_counter() - t0 < 120:
+            if proc.poll() is not None:
+                raise SystemExit(f"app.py exited with {proc.returncode}: {proc.stderr.read().decode()[-2000:]}")
+            try:
+                with urllib.request.urlopen(url, timeout=30) as resp:
+                    got = json.loads(resp.read())
+            except (urllib.error.URLError, OSError):
+                time.sleep(0.01)
+                continue
+            if first is None:
+                first, body, cpu = time.perf_counter() - t0, got, cpu_s(proc.pid)
+                assert got["total"] == n, got["total"]
+            if got.get("complete", True):
+                return first, (None if got is body else time.perf_counter() - t0), body, cpu
+            time.sleep(0.1)
+        raise SystemExit("app.py did not answer /api/runs completely within 120 s")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def bench_plain_start(root: Path, tmp: Path, n: int, starts: int) -> None:
+    """Item 5: app.py's first /api/runs on a root without manifests, cold and on a restart."""
+    cold, full, warm, cold_cpu, warm_cpu = [], [], [], [], []
+    for k in range(starts):
+        cache = tmp / f"plain-cache{k}"
+        first, complete, body, cpu = app_start(root, cache, n)            # no index cache yet
+        cold.append(first)
+        cold_cpu.append(cpu)
+        full.append(complete if complete is not None else first)
+        again = app_start(root, cache, n)                                 # a restart: the index cached
+        warm.append(again[0])
+        warm_cpu.append(again[3])
+        if k == 0:
+            state = "complete" if body.get("complete", True) else f"still reading {body['pending']} answers"
+    print(f"\nroot of {n} runs without manifests: app.py --runs ROOT, subprocess start -> first HTTP 200 on "
+          f"/api/runs (first answer: {state}):")
+    print(f"  cold (no index cache)      : {' '.join(f'{x:.2f}' for x in cold)} s  (goal <= 3 s: "
+          f"{'met' if max(cold) <= 3 else 'NOT met'}); every answer read after {' '.join(f'{x:.1f}' for x in full)} s")
+    print(f"  restart (index cache)      : {' '.join(f'{x:.2f}' for x in warm)} s  (goal <= 1 s: "
+          f"{'met' if max(warm) <= 1 else 'NOT met'})")
+    print(f"  CPU s of app.py at its first answer: cold {' '.join(f'{x:.2f}' for x in cold_cpu)}, restart "
+          f"{' '.join(f'{x:.2f}' for x in warm_cpu)} (wall > CPU: other processes; os.getloadavg() "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)")
+
+
+def bench_plain(n: int, starts: int) -> None:
+    with tempfile.TemporaryDirectory(prefix="bench_viewer_plain_") as tmp:
+        root = Path(tmp) / "runs"
+        root.mkdir()
+        built = build_root(root, n, manifest=False)
+        print(f"built {n} runs without a manifest in {built:.1f} s")
+        bench_plain_start(root, Path(tmp), n, starts)
 
 
 def walk_names(root: Path) -> list[str]:
@@ -265,7 +355,7 @@ def child(mode: str, *args) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def bench_root(n: int, browse: int, cache_mb: float, queries: int, rng) -> None:
+def bench_root(n: int, browse: int, cache_mb: float, queries: int, rng, plain_starts: int = 2) -> None:
     with tempfile.TemporaryDirectory(prefix="bench_viewer_root_") as tmp:
         root, cache = Path(tmp) / "runs", Path(tmp) / "cache"
         root.mkdir()
@@ -281,9 +371,10 @@ def bench_root(n: int, browse: int, cache_mb: float, queries: int, rng) -> None:
               f"  (goal <= 3 s: {'met' if max(first + start) <= 3 else 'NOT met'})")
         os.rename(root / "manifest.jsonl", root / "batch.jsonl.off")   # no manifest: the fallback scan
         t = time.perf_counter()
-        scanned = len(Index(root))
-        print(f"without a manifest: one scan of the {scanned} run directories (meta.json read) in "
-              f"{time.perf_counter() - t:.1f} s")
+        scanned = len(Index(root, inline_details=n))
+        print(f"without a manifest: one scan of the {scanned} run directories, every meta.json read, in "
+              f"{time.perf_counter() - t:.1f} s (in this process)")
+        bench_plain_start(root, Path(tmp), n, plain_starts)
         os.rename(root / "batch.jsonl.off", root / "manifest.jsonl")
 
         client = create_app({"RUNS": str(root), "CACHE_DIR": str(cache)}).test_client()
@@ -345,7 +436,10 @@ def main(argv=None):
     p.add_argument("--browse", type=int, default=1000, help="different runs browsed for the RSS check")
     p.add_argument("--cache-mb", type=float, default=128, help="cache size of the browsing process")
     p.add_argument("--queries", type=int, default=200, help="/api/runs?q= requests")
-    p.add_argument("--parts", default="run,root", help="which parts to run: run (the real-shape run), root (40,000 runs)")
+    p.add_argument("--parts", default="run,root", help="which parts to run: run (the real-shape run), root (40,000 "
+                   "runs, with and without a manifest), plain (only a root without manifests and its app.py starts)")
+    p.add_argument("--starts", type=int, default=2, help="app.py starts timed on the root without manifests "
+                   "(each: cold, then a restart)")
     p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
@@ -357,7 +451,9 @@ def main(argv=None):
     if "run" in args.parts.split(","):
         errors = bench_run(args, rng)
     if args.root_runs and "root" in args.parts.split(","):
-        bench_root(args.root_runs, args.browse, args.cache_mb, args.queries, rng)
+        bench_root(args.root_runs, args.browse, args.cache_mb, args.queries, rng, args.starts)
+    elif args.root_runs and "plain" in args.parts.split(","):
+        bench_plain(args.root_runs, args.starts)
     return 1 if errors else 0
 
 

@@ -176,6 +176,23 @@ def run_boxes(run: store.Run, boxes: dict | None) -> dict | None:
     return boxes.get(Path(source).name) if source else None
 
 
+def scored_boxes(image_boxes: dict | None, pope_info: dict | None) -> tuple[str | None, list]:
+    """What a run's ``hit`` / ``mass`` are scored against (analyse_run), as (kind, boxes [[x, y, w, h]]):
+    "object" (a POPE question whose object is annotated: its own boxes), "categories" (a POPE object
+    that is absent: the mean over the image's categories, so every annotated box), "every" (a batch run
+    names no object: every annotated box), or (None, []) (no boxes, or a present object that COCO did
+    not box: not scored)."""
+    if not image_boxes:
+        return None, []
+    every = [b for bs in image_boxes.values() for b in bs]
+    obj = ((pope_info or {}).get("object") or "").lower()
+    if pope_info and obj in image_boxes:
+        return "object", list(image_boxes[obj])
+    if pope_info and pope_info.get("label") == "yes":
+        return None, []
+    return ("categories" if pope_info else "every"), every
+
+
 def analyse_run(path, params: Params, boxes: dict | None = None) -> dict:
     """Everything the dataset analysis needs from one run: small (L, H) arrays and its labels."""
     run = store.Run(path)
@@ -205,17 +222,17 @@ def analyse_run(path, params: Params, boxes: dict | None = None) -> dict:
         every = [b for bs in image_boxes.values() for b in bs]
         any_mask = cells_in_boxes(main.shape[-2:], size, every)
         out["hit_any"], out["on_objects"] = box_scores(main, any_mask)
-        obj = (info.get("object") or "").lower()
+        kind, scored = scored_boxes(image_boxes, info)
         mean = main.mean(axis=(0, 1))
         mm = {"on_objects": float(box_scores(mean, any_mask)[1]), "hit_any": float(box_scores(mean, any_mask)[0])}
-        if info and obj in image_boxes:            # present: its own boxes
-            inside = cells_in_boxes(main.shape[-2:], size, image_boxes[obj])
+        if kind == "object":                       # present: its own boxes
+            inside = cells_in_boxes(main.shape[-2:], size, scored)
             out["hit"], out["mass"] = box_scores(main, inside)
             out["box_fraction"] = float(inside.mean())
             mm.update(zip(("hit", "mass"), map(float, box_scores(mean, inside))))
-        elif info and info.get("label") == "yes":  # present but without a COCO box (POPE has such): not scored
+        elif kind is None:                         # present but without a COCO box (POPE has such): not scored
             pass
-        elif info:                                 # absent: the mean over the image's categories
+        elif kind == "categories":                 # absent: the mean over the image's categories
             masks_c = [cells_in_boxes(main.shape[-2:], size, bs) for bs in image_boxes.values()]
             out["mass"] = np.mean([box_scores(main, m)[1] for m in masks_c], axis=0)
             out["box_fraction"] = float(np.mean([m.mean() for m in masks_c]))

@@ -29,6 +29,7 @@ from . import model as mdl
 from . import jsonl, outputs, store
 from .errors import DeviceError, UserError, is_device_error
 from .images import EXTENSIONS
+from .manifest import MANIFEST_NAME, _check_row, manifest_path, manifests, read_manifests  # noqa: F401  (batch.* names)
 from .scheduler import chunks, run_engine, split_chunk
 from .video import EXTENSIONS as VIDEO_EXTENSIONS
 
@@ -123,36 +124,6 @@ def in_shard(rel: str, shards: int, index: int) -> bool:
 # Manifest and configuration
 # ---------------------------------------------------------------------------------------------
 fingerprint_hash = config_hash
-
-
-def manifest_path(root: Path, shards: int, index: int) -> Path:
-    return root / ("manifest.jsonl" if shards == 1 else f"manifest.shard-{index}-of-{shards}.jsonl")
-
-
-def _check_row(row) -> str | None:
-    ok = isinstance(row.get("image"), str) and row.get("status") in ("ok", "error")
-    return None if ok else "not a manifest row (needs image and status)"
-
-
-MANIFEST_NAME = re.compile(r"^manifest(\.shard-\d+-of-\d+)?\.jsonl$")
-
-
-def manifests(root: Path) -> list[Path]:
-    """The batch's own manifests in ``root`` (exactly the names :func:`manifest_path` gives; a user's
-    ``manifest_notes.jsonl`` is neither read nor, with --overwrite, deleted)."""
-    return sorted(p for p in root.glob("manifest*.jsonl") if MANIFEST_NAME.match(p.name))
-
-
-def read_manifests(root: Path) -> dict[str, dict]:
-    """The latest row per image over every manifest*.jsonl (smolattn.jsonl: a torn last line is
-    ignored with a note, any other bad line is refused with path:line)."""
-    latest = {}
-    for path in manifests(root):
-        for row in jsonl.read(path, _check_row):
-            key = row["image"]
-            if key not in latest or row.get("finished_at", "") >= latest[key].get("finished_at", ""):
-                latest[key] = row
-    return latest
 
 
 def open_manifest(path: Path) -> jsonl.Writer:

@@ -21,7 +21,7 @@ import numpy as np
 
 from .errors import UserError
 
-DEFAULT_MODEL = "HuggingFaceTB/SmolVLM-256M-Instruct"
+from .runmeta import DEFAULT_MODEL  # noqa: E402 - defined once, in the light module
 ALIASES = {"HuggingFaceTB/SmolVLM-Instruct-256M": DEFAULT_MODEL, "SmolVLM-Instruct-256M": DEFAULT_MODEL,
            "SmolVLM-256M-Instruct": DEFAULT_MODEL}
 DTYPES = ("float32", "bfloat16", "float16")

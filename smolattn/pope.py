@@ -155,6 +155,21 @@ def object_of(question_text: str) -> str:
     return re.sub(r"\s*(in|on)\s+(the|this)\s+(image|picture|photo)\s*[?.]?\s*$|[?.\s]+$", "", s, flags=re.I)
 
 
+def load_boxes(path) -> dict:
+    """COCO instances JSON -> {image file name: {category name (lower case): [[x, y, w, h], ...]}}: the
+    boxes the benchmark and the head analysis score attention against."""
+    try:
+        coco = json.loads(Path(path).read_text())
+        names = {c["id"]: c["name"].lower() for c in coco["categories"]}
+        files = {im["id"]: im["file_name"] for im in coco["images"]}
+        out: dict = {}
+        for a in coco["annotations"]:
+            out.setdefault(files[a["image_id"]], {}).setdefault(names[a["category_id"]], []).append(a["bbox"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"--annotations {path}: not a readable COCO instances file ({type(e).__name__}: {e})")
+    return out
+
+
 # ----------------------------------------------------------------------------- parsing
 
 def parse_official(raw_answer: str) -> str:

@@ -26,6 +26,7 @@ from . import methods as mth
 from . import model as mdl
 from .errors import UserError
 from .images import open_image
+from .pope import load_boxes  # noqa: F401  (pope_runner.load_boxes: its old home)
 
 
 @dataclass(frozen=True)
@@ -237,20 +238,6 @@ def _store_attention(loaded, q, root: Path, full, new, start, offsets, layers, g
     out["run"] = str(run)
     if out["has_boxes"] and q.label == "yes" and info.get("size"):
         out.update(localise(object_map(layers, len(offsets), g), info["size"], boxes[obj.lower()]))
-    return out
-
-
-def load_boxes(path) -> dict:
-    """COCO instances JSON -> {image file name: {category name (lower case): [[x, y, w, h], ...]}}."""
-    try:
-        coco = json.loads(Path(path).read_text())
-        names = {c["id"]: c["name"].lower() for c in coco["categories"]}
-        files = {im["id"]: im["file_name"] for im in coco["images"]}
-        out: dict = {}
-        for a in coco["annotations"]:
-            out.setdefault(files[a["image_id"]], {}).setdefault(names[a["category_id"]], []).append(a["bbox"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UserError(f"--annotations {path}: not a readable COCO instances file ({type(e).__name__}: {e})")
     return out
 
 

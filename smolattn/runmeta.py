@@ -23,7 +23,8 @@ import shlex
 from pathlib import Path
 
 from .methods import RAW, parse
-from .model import DEFAULT_MODEL
+
+DEFAULT_MODEL = "HuggingFaceTB/SmolVLM-256M-Instruct"   # the scripts' --model-id default (model.py uses this one)
 from .pope import DEFAULT_SUFFIX
 from .store import FORMAT_VERSION
 

@@ -432,17 +432,24 @@ class Run:
         return self.meta.get("images") or [dict(self.meta.get("image") or {}, kind=geo.IMAGE)]
 
     def image_path(self, k: int | None = None) -> Path | None:
-        """The file of image (or frame) ``k`` (default: the run's image; the first of several)."""
+        """The file of image (or frame) ``k`` (default: the run's image; the first of several). meta's
+        image.file is followed only when it is one of the names we write (IMAGE_NAMES; a meta.json
+        naming any other file, x.html say, is not followed), else the first of them there; an entry of
+        meta.images only when it is images/NN.jpg|png."""
         if self.meta.get("images"):
             k = 0 if k is None else k
             if not 0 <= k < len(self.meta["images"]):
                 raise UserError(f"image {k} out of range 0..{len(self.meta['images']) - 1}")
-            p = self.path / self.meta["images"][k]["file"]
-            return p if p.is_file() else None
+            name = str(self.meta["images"][k].get("file") or "")
+            folder, _, base = name.partition("/")
+            if folder != "images" or not OUR_FOLDERS["images"].match(base):
+                return None
+            p = self.path / name
+            return p if p.is_file() and not p.is_symlink() else None
         if k not in (None, 0):
             raise UserError(f"image {k} out of range: this run has one image (0)")
         name = self.meta.get("image", {}).get("file")
-        for cand in ([name] if name else []) + list(IMAGE_NAMES):
+        for cand in ([name] if name in IMAGE_NAMES else []) + list(IMAGE_NAMES):
             p = self.path / cand
             if p.is_file():
                 return p

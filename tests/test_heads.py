@@ -247,6 +247,8 @@ def test_dataset_api(served):
     h = client.get(f"/api/dataset/head?layer={BOX_HEAD[0]}&head={BOX_HEAD[1]}&score=mass&n=2").get_json()
     assert [e["label"] for e in h["best"]] == ["yes", "yes"] and h["values"]["hit"] == 1.0
     assert h["best"][0]["boxes"] == [[0.5, 0.5, 0.25, 0.25]]                 # DOG on 640 x 480
+    absent = [e for e in h["worst"] if e["label"] == "no"]                   # scored against every category's boxes
+    assert absent and all(e["boxes"] == [[0.5, 0.5, 0.25, 0.25], [0, 0, 0.25, 0.25]] for e in absent)
     ex = h["best"][0]
     tokens = np.load(Path(served.extensions["runs"].root) / ex["run"] / "decoded_tokens.npy")
     assert tokens[ex["position"]] == ":" and tokens[ex["position"] + 1] in ("Yes", "No")  # the last prompt token
@@ -255,6 +257,46 @@ def test_dataset_api(served):
     assert client.get("/api/dataset/head?layer=9&head=0").status_code == 404
     assert client.get("/api/dataset/head?layer=0&head=0&score=nope").status_code == 400
     assert client.get("/dataset").status_code == 200
+
+
+def test_dataset_head_with_a_missing_run_is_404_json(pope_root, served, tmp_path):
+    """A run of the analysis that the served root lacks (deleted, or the analysis of another root) is
+    a 404 JSON error that names it, not a 500."""
+    import shutil
+    from viewer import create_app
+    root, _ = pope_root
+    copy = tmp_path / "attention"
+    shutil.copytree(root, copy, ignore=shutil.ignore_patterns("analysis"))
+    url = f"/api/dataset/head?layer={BOX_HEAD[0]}&head={BOX_HEAD[1]}&score=mass&n=2"
+    best = served.test_client().get(url).get_json()["best"][0]["run"]
+    shutil.rmtree(copy / best)
+    r = create_app({"RUNS": str(copy), "ANALYSIS": str(root / "analysis"), "CACHE_DIR": str(tmp_path / "c")}
+                   ).test_client().get(url)
+    assert r.status_code == 404 and r.mimetype == "application/json", r.data[:300]
+    body = r.get_json()
+    assert body["success"] is False and best in body["error"] and "made for" in body["error"]
+
+
+def test_dataset_draws_the_scored_boxes_on_batch_runs(pope_root, tmp_path):
+    """A batch run names no object: the analysis scores it against every annotated box of its image,
+    and the dataset page draws those boxes on its example."""
+    from smolattn import head_report, pope
+    from viewer import create_app
+    _, ann = pope_root
+    root = tmp_path / "batch"
+    for k, image in enumerate(["a.jpg", "b.jpg"]):
+        _, plen = synthetic.make_tokens(2, 2)
+        synthetic.make_run(root / f"photo{k}", 2, 2, layers=LAYERS, heads=HEADS, image_size=SIZE, seed=k,
+                           plant=planter(plen, True), meta_extra={"image": {"source": f"/photos/{image}"}})
+    boxes = pope.load_boxes(ann)
+    ds = an.analyse_root(root, an.Params(), boxes, workers=1, progress=False)
+    assert all(r["boxed"] and r["label"] is None for r in ds.runs)
+    head_report.write(root / "analysis", ds, 2, ann, boxes, top=1)
+    client = create_app({"RUNS": str(root), "CACHE_DIR": str(tmp_path / "c")}).test_client()
+    h = client.get(f"/api/dataset/head?layer={BOX_HEAD[0]}&head={BOX_HEAD[1]}&score=mass&n=2").get_json()
+    assert h["success"] and len(h["best"]) == 2
+    for e in h["best"]:                                                      # DOG and CAT on 640 x 480
+        assert e["boxes"] == [[0.5, 0.5, 0.25, 0.25], [0, 0, 0.25, 0.25]], e
 
 
 def test_dataset_page_without_an_analysis(pope_root, tmp_path):

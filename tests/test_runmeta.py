@@ -8,6 +8,7 @@ and images are made here (no data outside the repository)."""
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -166,17 +167,28 @@ def test_attention_newly_on_is_refused_and_overwrite_removes_only_our_old_runs(p
     assert run_pope(pope_data, out, "--attention", "--overwrite") == 0
     runs = sorted((out / "attention" / "random").iterdir())
     assert [r.name for r in runs] == ["1", "2", "3"]
-    (out / "attention" / "notes.md").write_text("mine")                 # a user's files among them
-    (out / "attention" / "random" / "mine").mkdir()
-    (out / "attention" / "random" / "mine" / "keep.txt").write_text("mine")
-    (runs[2] / "notes.txt").write_text("mine")                          # run 3 is no longer only ours
+    (out / "attention" / "notes.md").write_text("mine")                 # a user's file among them:
+    with pytest.raises(UserError, match="notes.md is not one of its files"):
+        run_pope(pope_data, out, "--attention", "--overwrite")          # the whole folder is refused
+    (out / "attention" / "notes.md").unlink()
     with pytest.raises(UserError, match="another configuration"):
         run_pope(pope_data, out, "--attention", "--methods", "raw,rollout")
     assert run_pope(pope_data, out, "--attention", "--limit", 1, "--max-new-tokens", 3, "--overwrite") == 0
     key = json.loads((out / "answers.jsonl").read_text().splitlines()[0])["config"]
     assert json.loads((runs[0] / "meta.json").read_text())["config_key"] == key    # rewritten
     assert not runs[1].exists()                                         # ours, of the old configuration: gone
-    assert (runs[2] / "notes.txt").read_text() == "mine" and (runs[2] / "meta.json").is_file()
-    assert (out / "attention" / "notes.md").read_text() == "mine"
+    assert not runs[2].exists()
+    # the remover itself touches only our runs of another configuration, whatever else it finds
+    old = out / "attention" / "random" / "9"
+    shutil.copytree(runs[0], old)
+    meta = json.loads((old / "meta.json").read_text())
+    (old / "meta.json").write_text(json.dumps({**meta, "config_key": "another"}))
+    (old / "notes.txt").write_text("mine")                              # no longer only ours
+    (out / "attention" / "random" / "mine").mkdir()
+    (out / "attention" / "random" / "mine" / "keep.txt").write_text("mine")
+    assert pr.remove_other_runs(out / "attention", key) == 0
+    assert (old / "notes.txt").read_text() == "mine" and (old / "meta.json").is_file()
     assert (out / "attention" / "random" / "mine" / "keep.txt").read_text() == "mine"
+    (old / "notes.txt").unlink()
+    assert pr.remove_other_runs(out / "attention", key) == 1 and not old.exists()
     assert not [p for p in (out / "attention" / "random").iterdir() if p.name.startswith(".")]

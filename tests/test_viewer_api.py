@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -224,6 +226,39 @@ def test_image_symlink_out_of_the_root_is_refused(make_app, make_run, tmp_path):
     assert resp.status_code == 404
 
 
+def test_meta_json_naming_a_non_image_file_is_not_served(make_run, make_app):
+    """A shared runs folder whose meta.json names x.html next to a .js file must not make the viewer serve
+    it (script in the viewer's origin): only the writer's image names, typed by their content."""
+    run = make_run("r")
+    (run / "x.html").write_text('<html><script src="x.js"></script></html>')
+    (run / "x.js").write_text("fetch('/api/runs').then(r => r.text()).then(alert)")
+    meta = json.loads((run / "meta.json").read_text())
+    meta["image"]["file"] = "x.html"
+    (run / "meta.json").write_text(json.dumps(meta))
+    client = make_app(RUNS=run.parent).test_client()
+    resp = client.get("/api/image?run=r")                  # the run's own image.png, never x.html
+    assert resp.status_code == 200 and resp.mimetype == "image/png" and resp.data[:4] == b"\x89PNG"
+    assert resp.headers["X-Content-Type-Options"] == "nosniff"
+    (run / "image.png").unlink()
+    resp = client.get("/api/image?run=r")                  # nothing else to serve: 404, not x.html
+    assert resp.status_code == 404 and resp.mimetype == "application/json" and b"<script" not in resp.data
+    (run / "image.png").write_text('<html><script src="x.js"></script></html>')   # HTML under an image name
+    resp = client.get("/api/image?run=r")
+    assert resp.status_code == 404 and "text/html" not in resp.content_type and "not a PNG or JPEG" in resp.get_json()["error"]
+    (run / "image.png").unlink()
+    Image.new("RGB", (8, 8), "red").save(run / "image.jpg", "JPEG")
+    resp = client.get("/api/image?run=r")                  # the type comes from the content
+    assert resp.status_code == 200 and resp.mimetype == "image/jpeg" and resp.data[:3] == b"\xff\xd8\xff"
+
+
+def test_a_big_post_body_is_refused(hot_client):
+    """MAX_CONTENT_LENGTH: a request body larger than the API's small JSON needs is refused (413), unread."""
+    body = b'{"word_index": ' + str(answer_pos()).encode() + b', "pad": "' + b"x" * (1 << 20) + b'"}'
+    resp = hot_client.post("/api/generate_attention_map", data=body, content_type="application/json")
+    assert resp.status_code == 413 and resp.get_json()["success"] is False
+    ok(hot_client.post("/api/generate_attention_map", json={"word_index": answer_pos()}))   # a normal one passes
+
+
 def test_reference_format_needs_allow_pickle(make_run, make_app):
     run = make_run("ref", reference=True, one_hot={answer_pos(): 3})
     with pytest.raises(UserError, match="allow-pickle"):
@@ -287,3 +322,27 @@ def test_cli_bad_input_is_one_line(tmp_path, args, message):
 def test_cli_reference_run_needs_allow_pickle(make_run):
     done = cli(cwd=make_run("ref", reference=True))      # no argument: the run in the current directory
     assert done.returncode == 2 and "--allow-pickle" in done.stderr
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("host,warns", [("0.0.0.0", True), ("127.0.0.1", False)])
+def test_cli_prints_the_address_it_binds_and_warns_off_loopback(make_run, host, warns):
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--run", str(make_run()), "--host", host,
+                             "--port", str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    watchdog = threading.Timer(60, proc.kill)
+    watchdog.start()
+    try:
+        line = proc.stdout.readline()
+    finally:
+        proc.terminate()
+        err = proc.communicate(timeout=30)[1]
+        watchdog.cancel()
+    assert f"at http://{host}:{port}/" in line and "localhost" not in line, (line, err)
+    assert ("is not a loopback address" in err) == warns, err

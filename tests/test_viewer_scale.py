@@ -238,3 +238,79 @@ def test_index_lists_run_directories_when_a_manifest_is_unreadable(batch_root, m
         raise viewer.index.UserError(f"{path}/manifest.jsonl:2: invalid JSON")
     monkeypatch.setattr(viewer.index, "read_manifests", damaged)
     assert Index(batch_root).names() == ["cat_1", "dog_2", "not_in_manifest", "zebra"]
+
+
+@pytest.fixture
+def plain_root(make_run, tmp_path):
+    """Runs without any manifest: a few at the top, one nested."""
+    for k in range(6):
+        make_run(f"r{k}", rows=1, cols=2)
+    make_run("group/deep")
+    return tmp_path / "runs"
+
+
+def test_index_without_manifests_lists_names_first_then_reads_the_details(plain_root, make_run, make_app, tmp_path,
+                                                                            monkeypatch):
+    """Beyond inline_details runs the first answer lists every run by name (complete: false, pending:
+    the runs whose meta.json is still to read), the details are filled in the background, then saved:
+    a restart reads the cached index by stat only (no scan, no meta.json)."""
+    import threading
+    import time
+    import viewer.index
+
+    gate, real = threading.Event(), viewer.index.run_entry
+    monkeypatch.setattr(viewer.index, "run_entry", lambda path, name: gate.wait(10) and real(path, name))
+    monkeypatch.setattr(viewer.index, "INLINE_DETAILS", 2)
+    monkeypatch.setattr(viewer.index, "FILL_CHUNK", 3)
+    cache = tmp_path / "cache"
+    app = make_app(RUNS=plain_root, CACHE_DIR=str(cache))
+    client = app.test_client()
+    body = ok(client.get("/api/runs"))
+    every = ["group/deep"] + [f"r{k}" for k in range(6)]
+    assert names(body) == every and body["total"] == 7 and body["complete"] is False and body["pending"] == 7
+    assert all(r["answer"] is None for r in body["runs"])
+    assert names(ok(client.get("/api/runs?q=deep"))) == ["group/deep"]          # names are searchable already
+    assert not list(cache.glob("index/*.json"))                                  # nothing saved half-read
+    gate.set()
+    for _ in range(300):
+        if app.extensions["runs"].index.complete:
+            break
+        time.sleep(0.02)
+    body = ok(client.get("/api/runs"))
+    assert body["complete"] is True and body["pending"] == 0 and names(body) == every
+    assert all("skier" in r["answer"] for r in body["runs"]) and body["runs"][1]["grid"] == [1, 2]
+    assert names(ok(client.get("/api/runs?q=skier&limit=3"))) == every[:3]
+    assert len(list(cache.glob("index/*.json"))) == 1
+
+    def boom(*args):
+        raise AssertionError("a restart of an unchanged root must not scan it or read any meta.json")
+    monkeypatch.setattr(viewer.index, "run_entry", boom)
+    monkeypatch.setattr(viewer.index.Index, "_scan", boom)
+    again = ok(make_app(RUNS=plain_root, CACHE_DIR=str(cache)).test_client().get("/api/runs"))
+    assert again["runs"] == body["runs"] and again["complete"] is True
+    make_run("r9", rows=1, cols=2)                                               # the root changed: scanned again
+    with pytest.raises(AssertionError, match="must not scan"):
+        Index(plain_root, cache_dir=cache).names()
+
+
+def test_listing_runs_and_reading_boxes_imports_no_extraction_stack(batch_root, tmp_path):
+    """The viewer lists runs (/api/runs, the manifest reader) and reads COCO boxes (pope.load_boxes)
+    without importing torch, transformers, tqdm or the extraction modules."""
+    coco = tmp_path / "coco.json"
+    coco.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.jpg"}], "categories": [{"id": 1, "name": "Cat"}],
+                                "annotations": [{"image_id": 1, "category_id": 1, "bbox": [1, 2, 3, 4]}]}))
+    code = f"""
+import json, sys
+from viewer import create_app
+from smolattn import pope
+client = create_app({{"RUNS": {str(batch_root)!r}, "CACHE_DIR": {str(tmp_path / 'cache')!r}}}).test_client()
+assert client.get("/api/runs").get_json()["total"] == 4
+assert pope.load_boxes({str(coco)!r}) == {{"a.jpg": {{"cat": [[1, 2, 3, 4]]}}}}
+heavy = ("torch", "transformers", "tqdm", "smolattn.engine", "smolattn.model", "smolattn.extract",
+         "smolattn.batch", "smolattn.pope_runner")
+print(json.dumps(sorted(m for m in heavy if m in sys.modules)))
+"""
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == []

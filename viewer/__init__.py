@@ -13,6 +13,7 @@ from .runs import RUN_MARKER, Registry
 
 ROOT = Path(__file__).resolve().parent.parent
 log = logging.getLogger(__name__)
+MAX_BODY = 64 * 1024    # bytes; a larger request body is refused (413)
 
 
 def create_app(config: dict) -> Flask:
@@ -21,7 +22,8 @@ def create_app(config: dict) -> Flask:
     $SMOLATTN_CACHE), ANALYSIS (a head analysis folder for the dataset page; default ROOT/analysis when
     it holds one), and any Flask setting. Raises UserError when the run or root cannot be served."""
     app = Flask(__name__, template_folder=str(ROOT / "templates"), static_folder=str(ROOT / "static"))
-    app.config.update(ALLOW_PICKLE=False, CACHE_MB=512, CACHE_DIR=None)
+    app.config.update(ALLOW_PICKLE=False, CACHE_MB=512, CACHE_DIR=None,
+                      MAX_CONTENT_LENGTH=MAX_BODY)   # the API's POST bodies are a few small JSON fields
     app.config.update(config)
     if app.config.get("RUN") and app.config.get("RUNS"):
         raise UserError("give either a run directory or a runs root, not both")

@@ -238,7 +238,9 @@ def display_size(run: Run, k: int | None = None) -> tuple[int, int]:
 # -- routes ----------------------------------------------------------------------------------
 @bp.get("/runs")
 def runs():
-    """One page of the run index: search (name, answer or image), sort, paging."""
+    """One page of the run index: search (name, answer or image), sort, paging. ``complete`` is False
+    while the runs' answers and grids are still being read (``pending`` of them; a large root without
+    manifests): every run is listed and counted by name, searches by answer see what is read so far."""
     args = params()
     limit = as_int(args.get("limit", "200"), "limit")
     if not 1 <= limit <= 1000:
@@ -250,8 +252,8 @@ def runs():
     desc = choice(args, "desc", ("0", "1"), "0") == "1"
     reg = registry()
     total, page = reg.index.query(str(args.get("q", "")), sort, desc, offset, limit)
-    return jsonify(success=True, total=total, offset=offset, limit=limit, sort=sort, desc=desc,
-                   single=reg.single, runs=[e.to_json() for e in page])
+    return jsonify(success=True, total=total, offset=offset, limit=limit, sort=sort, desc=desc, single=reg.single,
+                   complete=reg.index.complete, pending=reg.index.pending, runs=[e.to_json() for e in page])
 
 
 @bp.get("/health")
@@ -290,14 +292,30 @@ def initialize():
             "query_semantics", "row for token t = position t as the query (the reference viewer's convention)"))
 
 
+IMAGE_TYPES = ((b"\x89PNG\r\n\x1a\n", "image/png"), (b"\xff\xd8\xff", "image/jpeg"))
+
+
 @bp.get("/image")
 def image():
+    """The run's image file (one of the names the writer uses, inside the root), served as PNG or JPEG
+    by its content, whatever its name says; anything else is 404. ``image=K``: image (frame) K of a run
+    of several."""
     args = params()
     name, run = get_run(args)
     path = run.image_path(get_image(run, args) if len(run.layout) > 1 else None)
     if path is None or not registry().inside(path):
         raise NotFound(f"run {name!r} has no image")
-    return send_file(path)
+    f = open(path, "rb")      # one open file: what is checked is what is sent
+    try:
+        head = f.read(8)
+        mimetype = next((t for magic, t in IMAGE_TYPES if head.startswith(magic)), None)
+        if mimetype is None:
+            raise NotFound(f"run {name!r} has no image: {path.name} is not a PNG or JPEG file")
+        f.seek(0)
+        return send_file(f, mimetype=mimetype, etag=False, max_age=0)
+    except BaseException:
+        f.close()
+        raise
 
 
 @bp.post("/generate_attention_map")

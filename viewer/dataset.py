@@ -9,11 +9,11 @@ from pathlib import Path
 from flask import Blueprint, current_app, jsonify, render_template, request
 
 from smolattn import analysis as an
-from smolattn import head_report
-from smolattn import pope_runner as pr
+from smolattn import head_report, pope
 from smolattn.errors import UserError
 
 from .api import ApiError, _api_error, as_int
+from .runs import NotFound
 
 bp = Blueprint("dataset", __name__)
 bp.register_error_handler(ApiError, _api_error)   # the API's one error shape: {"success": false, "error": ...}
@@ -52,21 +52,33 @@ def _boxes(result) -> dict | None:
     """The analysis' COCO boxes, if its annotation file is still there (drawn on the examples)."""
     ann = result["inputs"].get("annotations")
     try:
-        return pr.load_boxes(ann["path"]) if ann else None
+        return pope.load_boxes(ann["path"]) if ann else None
     except UserError:
         return None
 
 
-def example_boxes(name: str, obj, boxes) -> list:
-    """The object's boxes on a run's image as fractions [x, y, w, h] of its width and height."""
-    if not boxes or not obj:
-        return []
+def example_boxes(name: str, boxes) -> list:
+    """The boxes the analysis scored run ``name`` against (analysis.scored_boxes: a POPE question's
+    object, every annotated box of an absent object's or a batch run's image), as fractions
+    [x, y, w, h] of the image's width and height. NotFound (404) for a run the served root lacks."""
     try:
         run = current_app.extensions["runs"].run(name)
     except UserError:
         return []
+    _, scored = an.scored_boxes(an.run_boxes(run, boxes), run.meta.get("pope"))
+    if not scored:
+        return []
     w, h = run.image_size()
-    return [[x / w, y / h, bw / w, bh / h] for x, y, bw, bh in (an.run_boxes(run, boxes) or {}).get(obj.lower(), [])]
+    return [[x / w, y / h, bw / w, bh / h] for x, y, bw, bh in scored]
+
+
+@bp.errorhandler(NotFound)
+def _not_found(e):
+    """A run of the analysis that the served root lacks (deleted since, or another root): 404 JSON."""
+    made_for = Path(current_app.extensions["analysis"][1]["inputs"]["root"]).resolve()
+    served = current_app.extensions["runs"].root
+    hint = "" if made_for == served else f" (the analysis was made for {made_for}; this server shows {served})"
+    return jsonify(success=False, error=f"{e}{hint}"), 404
 
 
 @bp.get("/dataset")
@@ -97,6 +109,6 @@ def head():
     n = min(max(as_int(args.get("n", 4), "n"), 1), 24)
     ex = ds.examples(layer, h, score, n)
     for e in ex["best"] + ex["worst"]:
-        e["boxes"] = example_boxes(e["run"], e["object"], boxes)
+        e["boxes"] = example_boxes(e["run"], boxes)
     values = {k: head_report.number(v[layer, h]) for k, v in table.items()}
     return jsonify(success=True, layer=layer, head=h, values=values, **ex)

@@ -1,13 +1,19 @@
 """The run index of a runs root: one entry per run, for the picker's search, sort and paging.
 
 Built from the batch manifests where there are any (``manifest*.jsonl``, read with
-``smolattn.batch.read_manifests``: the latest row per image, so error rows are listed too and a batch
+``smolattn.manifest.read_manifests``: the latest row per image, so error rows are listed too and a batch
 of 40,000 images is indexed without touching its run directories), and from one scan of the other
 directories (a run is a directory holding ``decoded_tokens.npy``; its meta.json gives the answer and
 grid). A directory holding a manifest is a batch root: the scan does not descend into it. The index
 is kept in memory and rebuilt when a manifest or a scanned directory changes (checked at most every
 ``check_every`` seconds, by stat only), and saved under ``cache_dir/index`` so that a restart with
-unchanged manifests and directories reads one small file instead of every manifest row.
+unchanged manifests and directories reads one small file instead of every manifest row (checked by
+stat only: the root, its other directories and the manifests; no scan).
+
+The scan finds runs by name and one stat each; when it finds more than ``inline_details`` runs
+outside any manifest, their meta.json files (answer, grid, source image) are read in a background
+thread after the first answer: until then the index lists them by name, ``complete`` is False and
+``pending`` counts the runs still to read (search and sort by answer see what is read so far).
 """
 from __future__ import annotations
 
@@ -20,13 +26,15 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
-from smolattn.batch import MANIFEST_NAME, read_manifests
+from smolattn.manifest import MANIFEST_NAME, read_manifests
 from smolattn.errors import UserError
 
 log = logging.getLogger(__name__)
 
 RUN_MARKER = "decoded_tokens.npy"
 SORTS = ("name", "answer", "grid", "error")
+INLINE_DETAILS = 2000     # runs outside a manifest whose meta.json is read before the index answers
+FILL_CHUNK = 1000         # runs read per step of the background reader
 
 
 class Entry(NamedTuple):
@@ -57,10 +65,11 @@ def _grid(value):
         return None
 
 
-def run_entry(path: Path, name: str) -> Entry:
+def run_entry(path, name: str) -> Entry:
     """An entry from a run directory's meta.json (reference-format runs have none: name only)."""
     try:
-        meta = json.loads((path / "meta.json").read_text())
+        with open(os.path.join(path, "meta.json"), "rb") as f:
+            meta = json.loads(f.read())
         g = meta.get("geometry") or {}
         return Entry(name, meta.get("answer"), _grid((g.get("rows"), g.get("cols"))), None,
                      (meta.get("image") or {}).get("source"))
@@ -68,10 +77,19 @@ def run_entry(path: Path, name: str) -> Entry:
         return Entry(name)
 
 
+def _hay(e: Entry) -> str:
+    return f"{e.name}\n{e.answer or ''}\n{e.image or ''}".lower()
+
+
 class Index:
-    def __init__(self, root: Path, single_name: str | None = None, check_every: float = 2.0, cache_dir=None):
+    def __init__(self, root: Path, single_name: str | None = None, check_every: float = 2.0, cache_dir=None,
+                 inline_details: int | None = None):
         self.root, self.single_name, self.check_every = Path(root), single_name, check_every
         self.cache_dir = cache_dir
+        self.inline_details = INLINE_DETAILS if inline_details is None else inline_details
+        self._generation = 0      # bumped by every rebuild: a background reader of an older one stops
+        self.pending = 0          # scanned runs whose meta.json is not read yet
+        self._filling = False     # the background reader runs (until the index it completed is saved)
         self._lock = threading.Lock()
         self._entries: list[Entry] = []
         self._hay: list[str] = []
@@ -83,37 +101,42 @@ class Index:
 
     # -- building -------------------------------------------------------------------------------
     def _scan(self):
-        """(batch roots [(path, prefix)], run directories [(path, name)], signature) by listing
-        directories only: the stat of every manifest and of every directory listed (a run added or
-        replaced changes its parent's mtime)."""
+        """(batch roots [(path, prefix)], run directories [(path, name)], signature) by listing the
+        directories that are not runs and one stat per subdirectory (is it a run?); the signature: the
+        stat of every manifest and of every directory listed (a run added or replaced changes its
+        parent's mtime)."""
         batches, runs, signature, stack = [], [], [], [(self.root, "")]
+        isfile, join = os.path.isfile, os.path.join
         while stack:
             path, prefix = stack.pop()
             try:
                 with os.scandir(path) as it:
                     children = list(it)
-                names = {c.name for c in children}
-                if prefix and RUN_MARKER in names:
-                    runs.append((path, prefix))
-                    continue
-                signature.append((str(path), path.stat().st_mtime_ns))
-                manifests = sorted(n for n in names if _is_manifest(n))
+                signature.append((str(path), os.stat(path).st_mtime_ns))
+                manifests = sorted(c.name for c in children if _is_manifest(c.name))
                 for m in manifests:
-                    st = (path / m).stat()
-                    signature.append((str(path / m), st.st_size, st.st_mtime_ns))
+                    st = os.stat(join(path, m))
+                    signature.append((join(path, m), st.st_size, st.st_mtime_ns))
             except OSError:
                 continue
             if manifests:
-                batches.append((path, prefix))
+                batches.append((Path(path), prefix))
                 continue
             for c in children:
-                if not c.name.startswith(".") and c.name != "__pycache__" and c.is_dir(follow_symlinks=False):
-                    stack.append((Path(c.path), _join(prefix, c.name)))
+                if c.name.startswith(".") or c.name == "__pycache__" or not c.is_dir(follow_symlinks=False):
+                    continue
+                if isfile(join(c.path, RUN_MARKER)):
+                    runs.append((c.path, _join(prefix, c.name)))
+                else:
+                    stack.append((c.path, _join(prefix, c.name)))
         return batches, runs, tuple(sorted(signature))
 
-    def _read(self, batches, runs) -> list[Entry]:
-        """Entries from the manifests' latest rows and the runs' meta.json, sorted by name, unique."""
-        entries = [run_entry(path, name) for path, name in runs]
+    def _read(self, batches, runs) -> tuple[list[Entry], list]:
+        """(entries, pending): entries from the manifests' latest rows and the runs' meta.json, sorted
+        by name, unique; beyond ``inline_details`` runs, the runs are listed by name and returned as
+        pending [(path, name)] (their meta.json read later, by _fill)."""
+        inline = len(runs) <= self.inline_details
+        entries = [run_entry(path, name) if inline else Entry(name) for path, name in runs]
         for path, prefix in batches:
             try:
                 rows = read_manifests(path).values()
@@ -127,41 +150,86 @@ class Index:
                     entries.append(Entry(_join(prefix, row["run"]), row.get("answer"), _grid(row.get("grid")),
                                          row.get("error") if row.get("status") != "ok" else None, row.get("image")))
         entries.sort(key=lambda e: e.name)
-        return [e for k, e in enumerate(entries) if k == 0 or e.name != entries[k - 1].name]
+        entries = [e for k, e in enumerate(entries) if k == 0 or e.name != entries[k - 1].name]
+        return entries, ([] if inline else runs)
 
     def _cache_file(self) -> Path | None:
         if self.cache_dir is None:
             return None
         return Path(self.cache_dir) / "index" / f"{hashlib.sha256(str(self.root).encode()).hexdigest()[:32]}.json"
 
-    def _walk(self):
-        """(entries, signature), from the disk cache when the signature is unchanged (a restart)."""
-        if self.single_name is not None:
-            return [run_entry(self.root, self.single_name)], ()
-        batches, runs, signature = self._scan()
-        path, key = self._cache_file(), json.loads(json.dumps(signature))
+    def _cached(self):
+        """(entries, signature) from the disk cache when every directory and manifest it was made from
+        still has the same stat (a restart), else None. Stat only: no scan, no manifest read."""
+        path = self._cache_file()
         try:
             cached = json.loads(path.read_text()) if path and path.is_file() else None
-            if cached and cached.get("version") == 1 and cached.get("signature") == key:
-                return [Entry(n, a, tuple(g) if g else None, e, i) for n, a, g, e, i in cached["entries"]], signature
-        except (OSError, ValueError, TypeError, AttributeError):
-            pass
-        entries = self._read(batches, runs)
-        if path is not None:
-            try:   # a cache that cannot be written is only a lost speed-up
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-                tmp.write_text(json.dumps({"version": 1, "root": str(self.root), "signature": key,
-                                           "entries": [list(e) for e in entries]}))
-                os.replace(tmp, path)
-            except OSError:
-                pass
-        return entries, signature
+            if not cached or cached.get("version") != 1 or cached.get("root") != str(self.root):
+                return None
+            signature = tuple(tuple(s) for s in cached["signature"])
+            if not signature or self._signature_now(signature) != signature:
+                return None
+            return [Entry(n, a, tuple(g) if g else None, e, i) for n, a, g, e, i in cached["entries"]], signature
+        except (OSError, ValueError, TypeError, AttributeError, KeyError):
+            return None
 
-    def _signature_now(self):
+    def _save(self, entries, signature) -> None:
+        path = self._cache_file()
+        if path is None:
+            return
+        try:   # a cache that cannot be written is only a lost speed-up
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+            tmp.write_text(json.dumps({"version": 1, "root": str(self.root), "signature": signature,
+                                       "entries": [list(e) for e in entries]}))
+            os.replace(tmp, path)
+        except OSError:
+            pass
+
+    def _walk(self):
+        """(entries, signature, pending runs), from the disk cache when its signature still holds."""
+        if self.single_name is not None:
+            return [run_entry(self.root, self.single_name)], (), []
+        cached = self._cached()
+        if cached is not None:
+            return (*cached, [])
+        batches, runs, signature = self._scan()
+        entries, pending = self._read(batches, runs)
+        if not pending:
+            self._save(entries, signature)
+        return entries, signature, pending
+
+    def _fill(self, generation: int, pending: list, signature) -> None:
+        """Read the pending runs' meta.json into the index, FILL_CHUNK at a time (searches between the
+        steps see what is read so far); then save the index. Stops when the index was rebuilt."""
+        where = None
+        try:
+            for k in range(0, len(pending), FILL_CHUNK):
+                chunk = [run_entry(path, name) for path, name in pending[k:k + FILL_CHUNK]]
+                with self._lock:
+                    if generation != self._generation:
+                        return
+                    if where is None:
+                        where = {e.name: i for i, e in enumerate(self._entries)}
+                    for e in chunk:
+                        i = where[e.name]
+                        self._entries[i], self._hay[i] = e, _hay(e)
+                    self._orders = {}
+                    self.pending -= len(chunk)
+            with self._lock:
+                if generation != self._generation:
+                    return
+                entries = list(self._entries)
+            self._save(entries, signature)
+        finally:
+            with self._lock:
+                if generation == self._generation:
+                    self._filling = False
+
+    def _signature_now(self, signature=None):
         """The current signature, by stat only (a new manifest or run changes its directory's mtime)."""
         sig = []
-        for item in self._signature or ():
+        for item in (self._signature if signature is None else signature) or ():
             try:
                 st = os.stat(item[0])
             except OSError:
@@ -179,11 +247,16 @@ class Index:
             if not force and self._signature is not None and self._signature_now() == self._signature:
                 return
             t = time.perf_counter()
-            entries, signature = self._walk()
+            entries, signature, pending = self._walk()
             self._entries, self._signature, self._orders = entries, signature, {}
-            self._hay = [f"{e.name}\n{e.answer or ''}\n{e.image or ''}".lower() for e in entries]
+            self._hay = [_hay(e) for e in entries]
+            self._generation += 1
+            self.pending, self._filling = len(pending), bool(pending)
             self.builds += 1
             self.build_seconds = time.perf_counter() - t
+            if pending:
+                threading.Thread(target=self._fill, args=(self._generation, pending, signature), daemon=True,
+                                 name="index-details").start()
 
     # -- queries --------------------------------------------------------------------------------
     def _order(self, sort: str) -> list[int]:
@@ -219,8 +292,13 @@ class Index:
         self.refresh()
         return len(self._entries)
 
+    @property
+    def complete(self) -> bool:
+        """Every entry's details are read and the index saved (False while the background reader runs)."""
+        return not self._filling
+
     def stats(self) -> dict:
         self.refresh()
-        return {"entries": len(self._entries), "builds": self.builds,
+        return {"entries": len(self._entries), "builds": self.builds, "pending": self.pending,
                 "last_build_s": round(self.build_seconds, 4),
                 "manifests": sum(1 for s in self._signature or () if len(s) == 3)}

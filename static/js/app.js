@@ -93,7 +93,10 @@ async function listRuns() {
   if (state.run) select.value = state.run;
   r.total = body.total;
   const last = Math.min(body.total, r.offset + body.runs.length);
-  $("run-count").textContent = body.total ? `${r.offset + 1}–${last} of ${body.total}` : "no match";
+  $("run-count").textContent = (body.total ? `${r.offset + 1}–${last} of ${body.total}` : "no match")
+    + (body.complete === false ? ` (reading answers: ${body.pending} to go)` : "");
+  clearTimeout(r.again);   // a large root: ask again until every run's answer and grid are read
+  if (body.complete === false) r.again = setTimeout(() => listRuns().catch((e) => showError(e.message)), 2000);
   $("runs-prev").disabled = r.offset === 0;
   $("runs-next").disabled = last >= body.total;
   $("picker").hidden = body.single;
