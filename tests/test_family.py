@@ -603,3 +603,19 @@ def test_viewer_api_serves_each_image_and_the_per_frame_timeline(family_runs, ma
             assert r["success"] and r["key"] == run.layout.key_offsets[k] + run.layout.images[k].rows * \
                 run.layout.images[k].cols * 64
         assert client.get(f"/api/attention?run={name}&index={pos}&image=9").status_code == 404
+
+
+def test_image_list_names_outside_images_folder_are_not_followed(family_runs, tmp_path, make_app):
+    import shutil
+
+    run_dir = tmp_path / "served" / "two"
+    shutil.copytree(family_runs["two"].path, run_dir)
+    (run_dir / "x.html").write_text("<script>alert(1)</script>")
+    meta = json.loads((run_dir / "meta.json").read_text())
+    meta["images"][1]["file"] = "x.html"
+    (run_dir / "meta.json").write_text(json.dumps(meta))
+    run = store.Run(run_dir)
+    assert run.image_path(0) is not None and run.image_path(1) is None
+    client = make_app(RUNS=str(run_dir.parent)).test_client()
+    assert client.get("/api/image?run=two&image=0").status_code == 200
+    assert client.get("/api/image?run=two&image=1").status_code == 404
