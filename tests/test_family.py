@@ -619,3 +619,18 @@ def test_image_list_names_outside_images_folder_are_not_followed(family_runs, tm
     client = make_app(RUNS=str(run_dir.parent)).test_client()
     assert client.get("/api/image?run=two&image=0").status_code == 200
     assert client.get("/api/image?run=two&image=1").status_code == 404
+
+
+def test_head_analysis_skips_several_image_and_video_runs_and_says_so(family_runs, make_run, tmp_path):
+    import shutil
+
+    from smolattn import analysis
+
+    root = tmp_path / "root"
+    root.mkdir()
+    for name in ("two", "video"):
+        shutil.copytree(family_runs[name].path, root / name)
+    shutil.copytree(make_run("single"), root / "single")
+    ds = analysis.analyse_root(root, analysis.Params(), workers=1, progress=False)
+    assert len(ds) == 1 and set(ds.skipped) == {"two", "video"}
+    assert "several images in one prompt" in ds.skipped["two"] and "a video" in ds.skipped["video"]
