@@ -634,3 +634,28 @@ def test_head_analysis_skips_several_image_and_video_runs_and_says_so(family_run
     ds = analysis.analyse_root(root, analysis.Params(), workers=1, progress=False)
     assert len(ds) == 1 and set(ds.skipped) == {"two", "video"}
     assert "several images in one prompt" in ds.skipped["two"] and "a video" in ds.skipped["video"]
+
+
+def test_derived_methods_run_on_a_smolvlm2_single_image(smol, tmp_path):
+    """methods' teacher-forced pass merges the image features exactly as SmolVLM2's forward does (it
+    has no inputs_merger), and an extraction with every method writes them."""
+    from smolattn import methods as mth
+
+    prep = engine.prepare(smol.processor, synthetic.test_image((640, 480)), "Hi")
+    ids = torch.tensor([prep.ids])
+    seen = {}
+    hook = smol.model.model.text_model.register_forward_pre_hook(
+        lambda m, a, kw: seen.update(emb=kw["inputs_embeds"].detach().clone()), with_kwargs=True)
+    try:
+        with torch.no_grad(), mth.keep_image_features(smol) as kept:
+            smol.model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=prep.pixel_values[None],
+                       pixel_attention_mask=prep.pixel_attention_mask[None])
+    finally:
+        hook.remove()
+    with torch.no_grad():
+        merged = mth.merge_image_features(smol.model.model, ids, smol.model.get_input_embeddings()(ids), kept.features)
+    assert torch.equal(merged, seen["emb"])
+    img = tmp_path / "a.png"
+    synthetic.test_image((640, 480)).save(img)
+    ex.extract(smol, img, tmp_path / "run", ex.Settings(max_new_tokens=2, methods=tuple(mth.parse("raw,rollout,relevancy,relative"))))
+    assert store.Run(tmp_path / "run").methods == ["raw", "relative", "relevancy", "rollout"]
