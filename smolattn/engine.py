@@ -224,17 +224,24 @@ class Output:
     methods_s: float = 0.0
 
 
-def run(loaded: mdl.Loaded, prepared: list[Prepared], max_new_tokens: int, capture: bool = True) -> list[Output]:
+def run(loaded: mdl.Loaded, prepared: list[Prepared], max_new_tokens: int, capture: bool = True,
+        features=None, keep: dict | None = None) -> list[Output]:
     """One ``generate`` call for the whole batch; with ``capture``, each image's rows over its own
-    keys (its padding dropped), copied to the host once per image after generation."""
+    keys (its padding dropped), copied to the host once per image after generation. ``features``:
+    the batch's image features (``get_image_features`` output) computed already: no vision pass.
+    ``keep``: see model.generate_batch (the generation's cache and first-step logits)."""
     import torch
 
     t0 = time.perf_counter()
     inputs, pads = collate(prepared, loaded.processor.tokenizer.pad_token_id, loaded.device)
-    if loaded.dtype != "float32":
+    extra = {}
+    if features is not None:
+        inputs = {k: inputs[k] for k in ("input_ids", "attention_mask")}
+        extra["mm_encoder_outputs"] = {"image": features}
+    elif loaded.dtype != "float32":
         inputs["pixel_values"] = inputs["pixel_values"].to(getattr(torch, loaded.dtype))
     recorder = mdl.Recorder([p.rows + n for p, n in zip(prepared, pads)]) if capture else None
-    news = mdl.generate_batch(loaded, inputs, max_new_tokens, recorder)
+    news = mdl.generate_batch(loaded, inputs, max_new_tokens, recorder, keep, **extra)
     P = inputs["input_ids"].shape[1]
     layers = [None] * len(prepared)
     if capture:

@@ -236,8 +236,9 @@ def step(loaded: mdl.Loaded, settings: Settings, batch: list[engine.Prepared]) -
 
 
 def write(loaded: mdl.Loaded, settings: Settings, prep: engine.Prepared, out: engine.Output, out_dir,
-          replace_reference: bool = False) -> dict:
-    """The run directory of one prepared image and its model output (atomically). Returns a summary."""
+          replace_reference: bool = False, intervention: dict | None = None, extra_files: dict | None = None) -> dict:
+    """The run directory of one prepared image and its model output (atomically). Returns a summary.
+    ``intervention``: meta.intervention of an intervened run; ``extra_files``: its effects.json."""
     store.check_target(out_dir, replace_reference)     # never a folder of the user's
     t0 = time.perf_counter()
     tok = loaded.processor.tokenizer
@@ -274,10 +275,12 @@ def write(loaded: mdl.Loaded, settings: Settings, prep: engine.Prepared, out: en
     timings = {"preprocess_s": round(prep.seconds, 4), "generate_s": round(out.generate_s, 4), "batch": out.batch,
                "methods_s": round(out.methods_s, 4)}
     meta["timings"] = timings
+    if intervention is not None:
+        meta["intervention"] = intervention
     store.write_run(out_dir, tokens=tokens, layers=layers, query_positions=query_positions,
                     store=settings.store, geometry=layout if several else g, meta=meta,
                     image=None if several else prep.image, image_name=image_name, methods=out.methods,
-                    images=images, replace_reference=replace_reference)
+                    images=images, replace_reference=replace_reference, extra_files=extra_files)
     timings["write_s"] = round(time.perf_counter() - t0, 4)
     first = layout.images[0]
     return {"run": str(out_dir), "answer": meta["answer"], "new_tokens": len(new), "grid": [first.rows, first.cols],

@@ -113,11 +113,22 @@ def to_host(tensor) -> np.ndarray:
 
 def capture_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """SDPA's output; with an active recorder also the kept softmax rows (device work only: no host
-    copy, no ``.item()``, no index built on the host)."""
+    copy, no ``.item()``, no index built on the host). The kept rows' scores q k^T are computed in
+    fp32 from the upcast queries and keys (as SDPA accumulates), whatever the model's dtype.
+
+    With an intervention active (:func:`smolattn.interventions.applied`): a knockout in this layer
+    adds -inf at its (query, key) pairs to the mask that both SDPA and the captured rows use; an
+    ablated head's output slice (the input of ``o_proj``) is zeroed or replaced by its mean. With no
+    intervention (or none in this layer) this is exactly the plain path."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    act = getattr(_local, "intervention", None)
+    if act is not None:
+        attention_mask = act.mask(module.layer_idx, query, key, attention_mask)
     out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
                                     dropout=dropout, **kwargs)
+    if act is not None:
+        out = act.ablate(module.layer_idx, out, key.shape[2], attention_mask)
     rec = getattr(_local, "recorder", None)
     if rec is None:
         return out, None
@@ -132,9 +143,9 @@ def capture_attention(module, query, key, value, attention_mask, scaling=None, d
         q = query.transpose(1, 2)[rec.batch_index, rows].transpose(1, 2)            # (B, H, R, D)
     n = q.shape[2]
     scale = scaling if scaling is not None else D ** -0.5
-    # grouped query heads against their shared key head, without repeating the keys
-    scores = torch.matmul(q.reshape(B, kv_heads, H // kv_heads * n, D), key.transpose(2, 3))
-    scores = scores.reshape(B, H, n, k_len).float() * scale
+    # grouped query heads against their shared key head, without repeating the keys; fp32 (issue 17.6)
+    scores = torch.matmul(q.reshape(B, kv_heads, H // kv_heads * n, D).float(), key.float().transpose(2, 3))
+    scores = scores.reshape(B, H, n, k_len) * scale
     if attention_mask is not None and attention_mask.dim() == 4:
         m = attention_mask.expand(B, -1, -1, -1)
         if m.shape[2] == q_len and rows is not None:
@@ -357,11 +368,12 @@ def until_eos(ids: list[int], eos) -> list[int]:
 
 
 def generate_batch(loaded: Loaded, inputs, max_new_tokens: int, recorder: Recorder | None = None,
-                   **extra) -> list[list[int]]:
+                   keep: dict | None = None, **extra) -> list[list[int]]:
     """Greedy generation for a (left-padded) batch; the new token ids of every batch row, each cut
     after its own end of utterance. With a recorder, the last generated tokens are fed once more, so
     that every generated token has its own attention row; the recorder's buffer is allocated here,
-    on the model's device. ``extra``: more ``generate`` arguments (a prefix ``cache``)."""
+    on the model's device. ``extra``: more ``generate`` arguments (a prefix ``cache``). ``keep`` (with
+    a recorder): receives the generation's ``cache`` and raw ``first_logits`` (B, V) of its first step."""
     import torch
 
     kwargs = generation_kwargs(loaded, max_new_tokens)
@@ -375,11 +387,14 @@ def generate_batch(loaded: Loaded, inputs, max_new_tokens: int, recorder: Record
         recorder.allocate(cfg.num_hidden_layers, cfg.num_attention_heads, max_new_tokens,
                           ids.shape[1] + max_new_tokens, loaded.device)
         with recorder:
-            out = loaded.model.generate(**inputs, **kwargs, **extra, return_dict_in_generate=True)
+            out = loaded.model.generate(**inputs, **kwargs, **extra, return_dict_in_generate=True,
+                                        output_logits=keep is not None)
             seq = out.sequences
             mask = torch.cat([inputs["attention_mask"], torch.ones_like(seq[:, ids.shape[1]:])], dim=1)
             loaded.model(input_ids=seq[:, -1:], cache=out.past_key_values, attention_mask=mask,
                          position_ids=mask.sum(-1, keepdim=True) - 1, use_cache=True, logits_to_keep=1)
+    if keep is not None:
+        keep.update(cache=out.past_key_values, first_logits=out.logits[0])
     return [until_eos(row, eos) for row in seq[:, ids.shape[1]:].tolist()]
 
 

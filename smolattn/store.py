@@ -46,7 +46,7 @@ IMAGES_FILE = "images/{:02d}.{}"                        # v3: every image / vide
 # ---------------------------------------------------------------------------------------------
 
 OUR_NAMES = {"meta.json", "decoded_tokens.npy", "image.jpg", "image.png", "summary.npz", "attention", "attentions_5",
-             "methods", "images"}
+             "methods", "images", "effects.json"}   # effects.json: an intervened run's (smolattn.interventions)
 OUR_FOLDERS = {"attention": re.compile(r"^layer_\d+(\.\w+\.b2|\.npz)$"),          # folder -> the only files it may hold
                "attentions_5": re.compile(r"^attention_fp16_rounded_layer_\d+\.npz$"),
                "methods": re.compile(r"^[A-Za-z0-9_-]+\.npz$"),
@@ -253,7 +253,7 @@ def image_name(info: dict) -> str:
 
 def write_run(out, *, tokens, layers, query_positions, store: str, geometry: geo.Geometry, meta: dict,
               image=None, image_name: str = "image.png", methods: dict | None = None, images=None,
-              replace_reference: bool = False) -> Path:
+              replace_reference: bool = False, extra_files: dict | None = None) -> Path:
     """Write a whole run directory atomically (temporary sibling, renamed when complete).
 
     ``layers``: per layer (H, Q, S) attention rows over all S keys for the Q ``query_positions``.
@@ -263,6 +263,7 @@ def write_run(out, *, tokens, layers, query_positions, store: str, geometry: geo
     ``images``: (v3) every image / frame of the prompt, in order, as (PIL image, "jpg" or "png"):
     written as images/NN.EXT; ``meta["images"][k]["file"]`` names each.
     ``replace_reference``: a reference-format run at ``out`` may be replaced (--replace-reference-run).
+    ``extra_files``: name -> bytes of more files of ours (each name in OUR_NAMES: effects.json).
     """
     if store not in STORES:
         raise UserError(f"unknown store {store!r}; choose one of {', '.join(STORES)}")
@@ -293,6 +294,10 @@ def write_run(out, *, tokens, layers, query_positions, store: str, geometry: geo
             "dtype": "uint8 codes x scale/255 (|error| <= row max/510)" if store == "compact8" else "float16",
         }
         meta["methods"] = write_methods(tmp, methods or {})
+        for name, data in (extra_files or {}).items():
+            if name not in OUR_NAMES:
+                raise ValueError(f"{name} is not a run file name of ours")
+            write_bytes_durably(tmp / name, data)
         # the viewer's summary, from the layers at the precision they are stored (what readers get)
         positions, keep = summary.kept(query_positions, geometry)
         keep = slice(None) if keep is None else keep

@@ -97,3 +97,29 @@ def test_meta_records_what_a_reader_needs(runs):
     assert m["attention"]["query_semantics"].startswith("row for token t")
     tokens = np.load(runs["compact"].path / "decoded_tokens.npy", allow_pickle=False)
     assert tokens.dtype.kind == "U" and len(tokens) == len(m["token_ids"])
+
+
+class _Attention(torch.nn.Module):
+    layer_idx, num_key_value_groups, is_causal = 0, 3, True
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_capture_is_the_fp32_softmax_of_its_own_queries_and_keys(dtype):
+    """Issue 17.6: bf16/fp16 capture against the fp32 softmax of the SAME bf16/fp16 queries and keys,
+    upcast (so only the capture is tested, not the model's dtype drift). Tolerance: the fp16 storage
+    rounding of each probability, |error| <= p * 2^-10 + 1e-7 (half an fp16 ulp is p * 2^-11; the
+    rest is fp32 summation order). Scores in the model dtype (the old capture) miss this by ~10x."""
+    torch.manual_seed(0)
+    H, KV, S, D = 9, 3, 900, 64                     # the 256M model's heads and head size, a 900-token prompt
+    q, k, v = (torch.randn(1, n, S, D).mul(2).to(dtype) for n in (H, KV, KV))
+    rows = np.array([0, 7, 450, S - 2, S - 1])
+    rec = mdl.Recorder(rows)
+    rec.allocate(1, H, 0, S)
+    with rec:
+        mdl.capture_attention(_Attention(), q, k, v, None, scaling=D ** -0.5)
+    got = rec.buffer[0, 0, :, :len(rows), :S].float()
+    kk = k.float().repeat_interleave(H // KV, dim=1)[0]
+    scores = q.float()[0][:, rows] @ kk.transpose(1, 2) * D ** -0.5
+    scores = scores.masked_fill(torch.arange(S)[None, None, :] > torch.as_tensor(rows)[None, :, None], float("-inf"))
+    want = torch.softmax(scores, dim=-1)
+    assert torch.all((got - want).abs() <= want * 2 ** -10 + 1e-7)
