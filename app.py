@@ -4,6 +4,7 @@
                                        # run in the current directory (the reference's behaviour)
     python app.py --run runs/cat       # one run
     python app.py --runs runs/         # every run under runs/, with a searchable picker
+    python app.py --runs runs/ --model-id models/tiny   # live: ask new questions, intervene (runs/live/)
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from pathlib import Path
 from smolattn.errors import UserError, run_cli
 from smolattn.store import DEFAULT_RUN_DIR
 from viewer import RUN_MARKER, create_app
+from viewer import live
 
 
 def default_run() -> str:
@@ -52,15 +54,17 @@ def main(argv=None) -> int:
                    "cached (default: $SMOLATTN_CACHE or ~/.cache/smolattn)")
     p.add_argument("--analysis", metavar="DIR", help="head analysis (analyze_heads.py) for the dataset page at "
                    "/dataset (default: ROOT/analysis when it holds one)")
+    live.add_arguments(p)
     args = p.parse_args(argv)
     if not 0 <= args.port <= 65535:
         raise UserError(f"port {args.port} out of range 0..65535")
+    worker = live.start(args)      # None without --model-id: the read-only viewer, no live route
     app = create_app({"RUN": args.run or (None if args.runs else default_run()), "RUNS": args.runs,
                       "ALLOW_PICKLE": args.allow_pickle, "CACHE_MB": args.cache_mb,
-                      "CACHE_DIR": args.cache_dir, "ANALYSIS": args.analysis})
+                      "CACHE_DIR": args.cache_dir, "ANALYSIS": args.analysis, "LIVE": worker})
     registry = app.extensions["runs"]
     count = len(registry.index)
-    if count == 0:
+    if count == 0 and worker is None:     # live mode may start empty: ask the first question
         raise UserError(f"no runs under {registry.root} (a run is a directory with decoded_tokens.npy)")
     shown = f"[{args.host}]" if ":" in args.host else args.host    # the address bound, as a URL host
     if not loopback(args.host):
@@ -70,6 +74,8 @@ def main(argv=None) -> int:
     print(f"Serving {count} run(s) from {registry.root} at http://{shown}:{args.port}/")
     if app.extensions["analysis_dir"]:
         print(f"Dataset page (head analysis {app.extensions['analysis_dir']}): http://{shown}:{args.port}/dataset")
+    if worker is not None:
+        print(f"Ask a new question: http://{shown}:{args.port}/live")
     app.run(host=args.host, port=args.port, debug=False, threaded=True)
     return 0
 

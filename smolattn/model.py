@@ -377,6 +377,8 @@ def generate_batch(loaded: Loaded, inputs, max_new_tokens: int, recorder: Record
     import torch
 
     kwargs = generation_kwargs(loaded, max_new_tokens)
+    if getattr(_local, "streamer", None) is not None:     # the live viewer's worker: tokens as they come
+        kwargs["streamer"] = _local.streamer
     eos = set(kwargs["eos_token_id"])
     ids = inputs["input_ids"]
     with torch.inference_mode():
@@ -401,3 +403,18 @@ def generate_batch(loaded: Loaded, inputs, max_new_tokens: int, recorder: Record
 def generate(loaded: Loaded, inputs, max_new_tokens: int, recorder: Recorder | None = None, **extra) -> list[int]:
     """Greedy generation of one prompt (batch of one); the new token ids."""
     return generate_batch(loaded, inputs, max_new_tokens, recorder, **extra)[0]
+
+
+class streaming:
+    """``with streaming(streamer):`` every generate in this thread gets ``streamer`` (a transformers
+    BaseStreamer: put() with the prompt ids, then with each new token; end()), as the live viewer streams."""
+
+    def __init__(self, streamer):
+        self.streamer = streamer
+
+    def __enter__(self):
+        _local.streamer = self.streamer
+        return self.streamer
+
+    def __exit__(self, *exc):
+        _local.streamer = None

@@ -401,20 +401,30 @@ class _HeadAnalysis:
         return HEADS.foreign(path)
 
 
+class _Arms:
+    """OUTPUT_DIR/arms/ of benchmark.py --ablate-heads (smolattn.pope_arms): every sub-folder (base,
+    ablated, control-D) a POPE output folder of its own."""
+
+    def foreign(self, path):
+        return ARMS_KIND.foreign(path)
+
+
 # OUTPUT_DIR/attention/SPLIT/QUESTION_ID/ runs (each one checked as a run before it is written) and head
 # analyses (attention/analysis/, or any other sub-folder of OUTPUT_DIR)
 _SPLIT = outputs.Kind("POPE attention split folder", each=[(r"^[^.]", outputs.DIR)])
 ATTENTION_KIND = outputs.Kind("POPE attention folder", folders={"analysis": _HeadAnalysis()},
                               each=[(r"^[^.]", _SPLIT)])
 KIND = outputs.Kind("POPE output folder", ("answers.jsonl", "results.json", "results.md"),
-                    {"attention": ATTENTION_KIND}, each=[(r"^[^.]", _HeadAnalysis())],
+                    {"attention": ATTENTION_KIND, "arms": _Arms()}, each=[(r"^[^.]", _HeadAnalysis())],
                     markers={"answers.jsonl": _AnswersMarker(), "results.json": RESULTS_MARKER,
                              "results.md": REPORT_MARKER})
+ARMS_KIND = outputs.Kind("POPE arms folder", each=[(r"^(base|ablated|control-\d+)$", KIND)])
 
 
 def check_output(out_dir, runs=()) -> None:
     """Refuse (UserError, one line naming the file), before any work, an --output-dir that holds
-    anything but our answers.jsonl, results.json, results.md, attention/ and head analyses, and any
+    anything but our answers.jsonl, results.json, results.md, attention/, arms/ (--ablate-heads: each arm
+    a POPE output folder of its own) and head analyses, and any
     attention run in ``runs`` that is not ours to replace. Creates nothing."""
     outputs.check_target(out_dir, KIND, "move it away or choose another --output-dir", whole=False)
     for run in runs:

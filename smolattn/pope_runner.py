@@ -22,6 +22,7 @@ import numpy as np
 
 from . import engine, heatmap, pope, runmeta, store
 from . import geometry as geo
+from . import interventions as iv
 from . import methods as mth
 from . import model as mdl
 from .errors import UserError
@@ -44,13 +45,19 @@ class Config:
     methods: tuple = (mth.RAW,)          # of the attention runs
     info: dict | None = None             # runmeta.model_info of the loaded model (the driver's; workers check it)
     benchmark: dict | None = None        # where the questions came from, for the runs' rebuild command (meta.pope)
+    heads: tuple = ()                    # ablated (layer, head)s: an arm of --ablate-heads (smolattn.pope_arms)
+    ablation: str = "zero"
 
     def fingerprint(self) -> dict:
         """What changes the answers and the attention runs (runmeta.fingerprint); answers.jsonl refuses
         to mix fingerprints."""
         return runmeta.fingerprint(self.model_id, self.dtype, self.info, runmeta.pope_settings(
-            self.suffix, self.longest_edge, self.max_new_tokens, self.attention_dir is not None, self.methods),
-            runs=self.attention_dir is not None)
+            self.suffix, self.longest_edge, self.max_new_tokens, self.attention_dir is not None, self.methods,
+            self.heads, self.ablation), runs=self.attention_dir is not None)
+
+    def spec(self):
+        """The arm's intervention (interventions.Spec), or None."""
+        return iv.Spec(tuple(map(tuple, self.heads)), self.ablation) if self.heads else None
 
     def key(self) -> str:
         return runmeta.config_hash(self.fingerprint())
@@ -74,7 +81,7 @@ def _object_offsets(tokenizer, tail: str, suffix: list[int], obj: str) -> list[i
 
 def answer_images(loaded, images: list[dict], suffix: str, max_new_tokens: int, longest_edge=None, *,
                   naive: bool = False, batch: int | bool = True, attention_dir=None, methods=(mth.RAW,),
-                  benchmark: dict | None = None) -> list[dict]:
+                  benchmark: dict | None = None, spec=None) -> list[dict]:
     """Answer every question (``pope.Question``) about a few images; ``images``: dicts with ``image``
     (PIL), ``questions``, optional ``boxes`` (category name -> COCO [x, y, w, h] boxes) and ``info``.
     One row per question, image by image in order: raw answer, the parsed answer per convention,
@@ -85,7 +92,17 @@ def answer_images(loaded, images: list[dict], suffix: str, max_new_tokens: int, 
     Cached: one prefill per image, then the questions of ALL the images in one batch (``batch``: at
     most that many questions per generate call; False: one at a time), with attention too (each
     question's rows come out of the batch as if it had run alone). The naive path: one question at a
-    time."""
+    time.
+
+    ``spec`` (an ``interventions.Spec``, an arm of ``--ablate-heads``): applied to every forward, the
+    prefix's included (its keys and values are the ablated model's, one prefill per image and arm).
+    A mean ablation's mean runs over the whole prompt, the question included, so no prefix can be
+    shared: its questions take the naive path."""
+    if spec:
+        with iv.applied(spec):
+            return answer_images(loaded, images, suffix, max_new_tokens, longest_edge,
+                                 naive=naive or (spec.ablation == "mean" and bool(spec.heads)), batch=batch,
+                                 attention_dir=attention_dir, methods=methods, benchmark=benchmark)
     rows, jobs = {}, []
     rec = None
     if attention_dir is not None:
@@ -327,7 +344,7 @@ def make_worker(cfg: Config):
               for item, g in zip(group, got) if not isinstance(g, Exception)]
         answered = iter(answer_images(loaded, ok, cfg.suffix, cfg.max_new_tokens, cfg.longest_edge,
                                       naive=cfg.naive, attention_dir=cfg.attention_dir, methods=cfg.methods,
-                                      benchmark=cfg.record()))
+                                      benchmark=cfg.record(), spec=cfg.spec()))
         rows = []
         for item, g in zip(group, got):
             rows += error_rows(item, str(g)) if isinstance(g, Exception) else \

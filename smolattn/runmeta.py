@@ -74,12 +74,17 @@ def extract_settings(prompt: str, max_new_tokens: int, longest_edge: int | None,
             "methods": tuple(methods)}
 
 
-def pope_settings(suffix: str, longest_edge: int | None, max_new_tokens: int, attention: bool, methods=(RAW,)) -> dict:
-    """POPE's settings as the fingerprint records them: with attention, its runs' store and methods too."""
+def pope_settings(suffix: str, longest_edge: int | None, max_new_tokens: int, attention: bool, methods=(RAW,),
+                  heads=(), ablation: str = "zero") -> dict:
+    """POPE's settings as the fingerprint records them: with attention, its runs' store and methods too;
+    with ablated ``heads`` (an arm of ``benchmark.py --ablate-heads``) the heads and the ablation (a
+    run without any records neither: its fingerprint is unchanged)."""
     out = {"suffix": suffix, "longest_edge": longest_edge, "max_new_tokens": max_new_tokens,
            "attention": bool(attention)}
     if attention:
         out.update(store=POPE_STORE, methods=list(methods))
+    if heads:
+        out["intervention"] = {"heads": [[int(l), int(h)] for l, h in heads], "ablation": ablation}
     return out
 
 
@@ -125,11 +130,15 @@ def run_meta(loaded, config: dict, *, prompt: str, chat_text: str, answer: str, 
 # ---------------------------------------------------------------------------------------------
 # The command that rebuilds a run
 # ---------------------------------------------------------------------------------------------
-def command(meta: dict, run_dir, names) -> str:
+def command(meta: dict, run_dir, names) -> str | None:
     """The command that rebuilds exactly the run ``meta`` describes (at ``run_dir``) with the derived
     methods ``names`` (raw always included): every setting that changes the rows, from what the run
     recorded. For a POPE attention run (a ``pope`` section) it is the benchmark.py command that
-    rebuilds its output folder (every question's run) with those methods."""
+    rebuilds its output folder (every question's run) with those methods. None for a run written by
+    intervene.py (it stores raw attention only; no command adds methods to it without losing the
+    intervention)."""
+    if meta.get("intervention"):   # an extraction command would replace it with a run without the intervention
+        return None
     methods = ",".join(parse(",".join(names)))
     words = _pope_command(meta, Path(run_dir)) if meta.get("pope") else _extract_command(meta, Path(run_dir))
     return " ".join(shlex.quote(str(w)) for w in words + ["--methods", methods] + (

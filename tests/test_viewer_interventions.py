@@ -153,6 +153,15 @@ def test_run_info_has_the_badge_and_the_ablated_heads(client):
     assert ok(client.get("/api/initialize?run=photo.ablate-12.3-14.7"))["sweeps"] == []
 
 
+def test_no_add_methods_command_for_an_intervened_run(client):
+    """The "add methods" hint would rebuild the run without its intervention (and replace it): an
+    intervened run offers none; its base run still gets the extraction command."""
+    info = ok(client.get("/api/initialize?run=photo.ablate-12.3-14.7"))
+    assert info["methods_command"] is None
+    assert all(m.get("command") is None for m in info["methods"] if not m["available"])
+    assert "extract_smolvlm_attn.py" in ok(client.get("/api/initialize?run=photo"))["methods_command"]
+
+
 def test_badges_of_knockout_and_block_image(client):
     ko = ok(client.get("/api/initialize?run=photo.knockout-last-box"))["intervention"]
     assert ko["label"] == "knockout last → box:120,40,300,200 layers 8-15" and ko["heads"] == []

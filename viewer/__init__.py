@@ -46,6 +46,10 @@ def create_app(config: dict) -> Flask:
     app.register_blueprint(pages.bp)
     app.register_blueprint(dataset.bp)
     app.register_blueprint(interventions.bp)
+    if app.config.get("LIVE") is not None:     # live mode (app.py --model-id): viewer/live.py, else no such routes
+        from . import live
+        app.extensions["live"] = app.config["LIVE"]
+        app.register_blueprint(live.bp)
 
     @app.errorhandler(HTTPException)
     def http_error(e):

@@ -196,15 +196,17 @@ function fillMethods(info) {
     for (const m of info.methods) {
       option(s, m.name, m.available ? m.label : `${m.label} (not in this run)`);
       s.lastChild.disabled = !m.available;            // greyed out; the note says how to add it
-      s.lastChild.title = m.available ? `${m.label}: ${m.rows}` : `Not stored in this run. Add it with: ${m.command}`;
+      s.lastChild.title = m.available ? `${m.label}: ${m.rows}`
+        : m.command ? `Not stored in this run. Add it with: ${m.command}` : "Not stored in this run.";
     }
   }
   const note = $("method-note");
   note.replaceChildren();
   note.hidden = !missing.length;
   if (missing.length) {
-    note.append(`Not in this run: ${missing.map((m) => m.label.toLowerCase()).join(", ")}. Add with:`,
-      el("code", "", info.methods_command));
+    const what = `Not in this run: ${missing.map((m) => m.label.toLowerCase()).join(", ")}.`;
+    if (info.methods_command) note.append(`${what} Add with:`, el("code", "", info.methods_command));
+    else note.append(`${what} An intervened run stores raw attention only (intervene.py); its base run can have them.`);
   }
 }
 
