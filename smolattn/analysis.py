@@ -196,6 +196,9 @@ def scored_boxes(image_boxes: dict | None, pope_info: dict | None) -> tuple[str 
 def analyse_run(path, params: Params, boxes: dict | None = None) -> dict:
     """Everything the dataset analysis needs from one run: small (L, H) arrays and its labels."""
     run = store.Run(path)
+    if len(run.layout) > 1:
+        raise UserError(f"{'a video' if run.layout.is_video else 'several images'} in one prompt: the head analysis "
+                        "covers single-image runs only (skipped)")
     rows = query_rows(run, params.query)
     maps, share = query_maps(run, rows)
     g = run.geometry

@@ -31,6 +31,7 @@ from .errors import DeviceError, UserError, is_device_error
 from .images import EXTENSIONS
 from .manifest import MANIFEST_NAME, _check_row, manifest_path, manifests, read_manifests  # noqa: F401  (batch.* names)
 from .scheduler import chunks, run_engine, split_chunk
+from .video import EXTENSIONS as VIDEO_EXTENSIONS
 
 CONFIG = "batch_config.json"
 CONFIG_MARKER = outputs.JsonField("smolattn-batch-config",   # before the field: {"fingerprint", "config"}
@@ -42,10 +43,17 @@ CHUNK_BATCHES = 4      # Ray: batches per call to an actor (the unit of work and
 # Command-line flags
 # ---------------------------------------------------------------------------------------------
 def add_batch_args(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--image-dir", required=True, help="folder of images")
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--image-dir", help="folder of images")
+    src.add_argument("--video-dir", help="folder of videos (SmolVLM2 checkpoints): one run per video, its frames in it")
+    ap.add_argument("--fps", type=float, default=None, help="--video-dir: frames sampled per second (default: the "
+                    "checkpoint's video_sampling)")
+    ap.add_argument("--max-frames", type=int, default=None, help="--video-dir: at most this many frames per video")
+    ap.add_argument("--keep-frame-rows", action="store_true", help="--video-dir: also keep each frame's text rows")
     ap.add_argument("--output-root", default="smol_outputs", help="one run directory per image + manifest")
     ap.add_argument("--recursive", action="store_true", help="also look in subfolders")
-    ap.add_argument("--extensions", default=",".join(EXTENSIONS), help="comma-separated, case-insensitive")
+    ap.add_argument("--extensions", default=None, help="comma-separated, case-insensitive (default: "
+                    f"{','.join(EXTENSIONS)}; with --video-dir {','.join(VIDEO_EXTENSIONS)})")
     ap.add_argument("--limit", type=int, default=0, help="first N images of the sorted list (0 = all)")
     ap.add_argument("--shards", type=int, default=1, help="split the images into N shards ...")
     ap.add_argument("--shard-index", type=int, default=0, help="... and run shard I (0..N-1)")
@@ -251,6 +259,18 @@ def extract_items(loaded, settings: ex.Settings, root: Path, fingerprint: str, i
     def done(item, summary):
         on_result(summary if "status" in summary else manifest_row(item, fingerprint, summary))
 
+    if items and items[0].get("video"):     # videos: one at a time (each is already a batch of frames)
+        for it in items:
+            t0 = time.perf_counter()
+            try:
+                v = it["video"]
+                summary = ex.extract_video(loaded, it["path"], Path(root) / it["run"], settings, v["fps"],
+                                           v["max_frames"], v["keep_frame_rows"], replace_reference=replace_reference)
+            except Exception as e:  # noqa: BLE001 - a bad video is its error row (a CUDA error stops: DeviceError)
+                on_result(error_row(it, fingerprint, e, time.perf_counter() - t0))
+                continue
+            done(it, summary)
+        return
     ex.extract_many(loaded, [(it["path"], Path(root) / it["run"], it) for it in items], settings, done,
                     batch_size=batch_size, workers=workers, preparer=preparer, replace_reference=replace_reference,
                     on_error=lambda item, e: error_row(item, fingerprint, e))
@@ -281,7 +301,7 @@ def make_ray_worker(model_args: dict, settings: ex.Settings, root: str, config: 
     generate, decode ahead in this actor's own decode workers, made once, writes in writer threads)."""
     loaded = mdl.load(**model_args)
     mine = ex.fingerprint_config(loaded, settings)
-    if mine != config:
+    if mine != {k: v for k, v in config.items() if k != "video"}:
         raise UserError(f"worker on {os.uname().nodename} sees another configuration than the driver: "
                         f"{mine} != {config}")
     workers = eng.default_workers(loaded.device) if workers is None else workers
@@ -300,21 +320,45 @@ def make_ray_worker(model_args: dict, settings: ex.Settings, root: str, config: 
 # ---------------------------------------------------------------------------------------------
 # The batch
 # ---------------------------------------------------------------------------------------------
+def _video_args(args) -> dict | None:
+    """--video-dir's frame settings (each video item carries them; part of the configuration)."""
+    if not getattr(args, "video_dir", None):
+        return None
+    return {"fps": args.fps, "max_frames": args.max_frames, "keep_frame_rows": bool(args.keep_frame_rows)}
+
+
+def _extensions(args) -> str:
+    if getattr(args, "extensions", None):
+        return args.extensions
+    return ",".join(VIDEO_EXTENSIONS if getattr(args, "video_dir", None) else EXTENSIONS)
+
+
 def plan(args) -> list[dict]:
-    """This invocation's images: discovered, named, limited, then this shard's part."""
-    image_dir = Path(args.image_dir)
-    rels = discover(image_dir, parse_extensions(args.extensions), args.recursive, exclude=args.output_root)
+    """This invocation's images (or videos): discovered, named, limited, then this shard's part."""
+    image_dir = Path(getattr(args, "video_dir", None) or args.image_dir)
+    what = "videos" if _video_args(args) else "images"
+    rels = discover(image_dir, parse_extensions(_extensions(args)), args.recursive, exclude=args.output_root)
     if not rels:
-        raise UserError(f"no images ({args.extensions}) in {image_dir}"
+        raise UserError(f"no {what} ({_extensions(args)}) in {image_dir}"
                         + ("" if args.recursive else " (use --recursive for subfolders)"))
     names = run_names(rels)
     rels = rels[: args.limit] if args.limit else rels
-    return [{"image": r, "path": str(image_dir / r), "run": names[r]} for r in rels
+    extra = {"video": _video_args(args)} if _video_args(args) else {}
+    return [{"image": r, "path": str(image_dir / r), "run": names[r], **extra} for r in rels
             if in_shard(r, args.shards, args.shard_index)]
 
 
 def validate(args) -> ex.Settings:
-    if not Path(args.image_dir).is_dir():
+    video_dir = getattr(args, "video_dir", None)
+    if video_dir:
+        if not Path(video_dir).is_dir():
+            raise UserError(f"--video-dir {video_dir} is not a folder")
+        if (args.fps is not None and args.fps <= 0) or (args.max_frames is not None and args.max_frames < 1):
+            raise UserError("--fps must be positive and --max-frames at least 1")
+    elif getattr(args, "fps", None) is not None or getattr(args, "max_frames", None) is not None \
+            or getattr(args, "keep_frame_rows", False):
+        raise UserError("--fps, --max-frames and --keep-frame-rows are for --video-dir")
+    elif not Path(args.image_dir).is_dir():
         raise UserError(f"--image-dir {args.image_dir} is not a folder")
     if args.limit < 0:
         raise UserError("--limit must be 0 (all) or positive")
@@ -381,6 +425,8 @@ def _run_locked(args, loaded, settings, items, root: Path, manifest: jsonl.Write
         loaded = loaded or mdl.load(args.model_id, args.device, args.dtype, args.revision)
         ex.check_longest_edge(settings.longest_edge, ex.processor_settings(loaded, None)["tile_size"])
         config = ex.fingerprint_config(loaded, settings)
+    if _video_args(args):    # frame settings change a video run's content (image batches: unchanged)
+        config["video"] = _video_args(args)
     with ExitStack() as held:   # --overwrite: the manifests of another layout go, unless a live batch holds one
         others = [held.enter_context(open_manifest(p)) for p in (manifests(root) if args.overwrite else [])
                   if manifest_layout(p) != args.shards]

@@ -59,6 +59,19 @@ class Prepared:
     image: object = None           # the RGB image (PIL), for the run directory
     info: dict = field(default_factory=dict)
     seconds: float = 0.0           # decode + processor time
+    # several images or a video (prepare_images, prepare_video): every image (or frame) in order;
+    # for one image: images = [image], infos = [info], layout = its one-image Layout
+    layout: geo.Layout | None = None
+    images: list | None = None
+    infos: list | None = None
+
+    def __post_init__(self):
+        if self.layout is None:
+            self.layout = geo.Layout.single(self.geometry)
+        if self.images is None:
+            self.images = [self.image]
+        if self.infos is None:
+            self.infos = [self.info]
 
 
 def prepare(processor, rgb, prompt: str, longest_edge=None, keep: str = "text", info=None) -> Prepared:
@@ -75,12 +88,58 @@ def prepare(processor, rgb, prompt: str, longest_edge=None, keep: str = "text", 
                     dict(info or {}), time.perf_counter() - t0 + (info or {}).get("decode_s", 0.0))
 
 
+def prepare_images(processor, images, prompt: str, longest_edge=None, keep: str = "text", infos=None) -> Prepared:
+    """Several RGB images in one prompt, in order (each with its own tiles and global tile). keep:
+    "text" keeps every prompt position outside every image block, "all" every position."""
+    t0 = time.perf_counter()
+    images, infos = list(images), list(infos or [{} for _ in images])
+    text, inputs = mdl.process(processor, images, prompt, longest_edge)
+    ids = inputs["input_ids"][0].tolist()
+    layout = geo.layout_from_tokens(processor.tokenizer.convert_ids_to_tokens(ids))
+    if len(layout) != len(images):
+        raise RuntimeError(f"{len(images)} images but {len(layout)} image blocks in the prompt")
+    rows = np.arange(len(ids)) if keep == "all" else layout.outside(np.arange(len(ids)))
+    mask = inputs.get("pixel_attention_mask")
+    g = layout.images[0] if len(layout) == 1 else layout
+    return Prepared(text, ids, inputs["pixel_values"][0], None if mask is None else mask[0], g, rows, images[0],
+                    dict(infos[0]), time.perf_counter() - t0 + sum(i.get("decode_s", 0.0) for i in infos),
+                    layout=layout, images=images, infos=[dict(i) for i in infos])
+
+
+def prepare_video(processor, frames, prompt: str, keep: str = "text", keep_frame_rows: bool = False) -> Prepared:
+    """The sampled frames of a video (``smolattn.video.read``) + prompt. Kept rows ("text"): every
+    position after the last frame (the user's prompt text, the last prompt position; the answer rows
+    are always kept); ``keep_frame_rows`` adds every other position outside the frames (the intro and
+    each frame's timestamp text); "all": every position."""
+    from . import video
+
+    t0 = time.perf_counter()
+    chat, _, inputs = video.process(processor, frames, prompt)
+    ids = inputs["input_ids"][0].tolist()
+    layout = geo.layout_from_tokens(processor.tokenizer.convert_ids_to_tokens(ids), (geo.FRAME,) * len(frames.images),
+                                    frames.timestamps)
+    if len(layout) != len(frames.images):
+        raise RuntimeError(f"{len(frames.images)} frames but {len(layout)} image blocks in the prompt")
+    every = np.arange(len(ids))
+    if keep == "all":
+        rows = every
+    elif keep_frame_rows:
+        rows = layout.outside(every)
+    else:
+        rows = every[every > layout.image_block[1]]
+    infos = [{"frame": k, "index": i, "timestamp": t, "size": list(im.size), "format": "JPEG"}
+             for k, (i, t, im) in enumerate(zip(frames.indices, frames.timestamps, frames.images))]
+    info = dict(frames.info, kind="video", frames=len(frames.images), keep_frame_rows=bool(keep_frame_rows))
+    return Prepared(chat, ids, inputs["pixel_values"][0], inputs["pixel_attention_mask"][0], layout, rows,
+                    frames.images[0], info, time.perf_counter() - t0 + frames.info.get("decode_s", 0.0),
+                    layout=layout, images=list(frames.images), infos=infos)
+
+
 _WORKER: dict = {}
 
 
 def _init_worker(source: str):
     import torch
-    from transformers import AutoProcessor
     from transformers.utils import logging as hf_logging
 
     parent = os.getppid()
@@ -93,7 +152,7 @@ def _init_worker(source: str):
     threading.Thread(target=orphaned, daemon=True, name="orphan-watch").start()
     torch.set_num_threads(1)
     hf_logging.set_verbosity_error()
-    _WORKER["processor"] = AutoProcessor.from_pretrained(source)
+    _WORKER["processor"] = mdl.load_processor(source)
 
 
 def prepare_path(path, prompt, longest_edge, keep, processor=None) -> Prepared:

@@ -173,6 +173,48 @@ def extract_many(loaded: mdl.Loaded, jobs, settings: Settings, on_result, *, bat
             prep.close()
 
 
+def _check_family(settings: Settings, n_images: int) -> None:
+    if n_images > 1 and any(m != mth.RAW for m in settings.methods):
+        raise UserError("--methods other than raw work on single-image runs only (several images or a video: raw)")
+
+
+def extract_images(loaded: mdl.Loaded, image_paths, out_dir, settings: Settings, images=None,
+                   replace_reference: bool = False) -> dict:
+    """Several images in ONE prompt, in order (each with its own tiles and global tile): one run.
+    ``images``: already opened ``(rgb, info)`` pairs."""
+    settings.check()
+    image_paths = list(image_paths)
+    if len(image_paths) == 1 and images is None:
+        return extract(loaded, image_paths[0], out_dir, settings, replace_reference=replace_reference)
+    _check_family(settings, len(image_paths))
+    check_longest_edge(settings.longest_edge, processor_settings(loaded, None)["tile_size"])
+    store.check_target(out_dir, replace_reference)
+    t0 = time.perf_counter()
+    opened = images or [open_image(p) for p in image_paths]
+    prep = engine.prepare_images(loaded.processor, [im for im, _ in opened], settings.prompt, settings.longest_edge,
+                                 settings.keep, [info for _, info in opened])
+    prep.seconds = time.perf_counter() - t0
+    return write(loaded, settings, prep, step(loaded, settings, [prep])[0], out_dir, replace_reference)
+
+
+def extract_video(loaded: mdl.Loaded, video_path, out_dir, settings: Settings, fps: float | None = None,
+                  max_frames: int | None = None, keep_frame_rows: bool = False, frames=None,
+                  replace_reference: bool = False) -> dict:
+    """A video's sampled frames + prompt (SmolVLM2 checkpoints): one run, the frames stored in it.
+    ``fps`` / ``max_frames`` None: the checkpoint's ``video_sampling``. ``frames``: already read."""
+    from . import video
+
+    settings.check()
+    _check_family(settings, 2)
+    cfg = video.settings(loaded.processor)      # refuses models without video support
+    store.check_target(out_dir, replace_reference)
+    t0 = time.perf_counter()
+    frames = frames or video.read(video_path, fps or cfg["fps"], max_frames or cfg["max_frames"])
+    prep = engine.prepare_video(loaded.processor, frames, settings.prompt, settings.keep, keep_frame_rows)
+    prep.seconds = time.perf_counter() - t0
+    return write(loaded, settings, prep, step(loaded, settings, [prep])[0], out_dir, replace_reference)
+
+
 def query_rows(prep: engine.Prepared, new: list[int]) -> np.ndarray:
     """The stored query positions: the kept prompt rows, then every generated token."""
     return np.concatenate([prep.rows, np.arange(len(prep.ids), len(prep.ids) + len(new))])
@@ -208,14 +250,27 @@ def write(loaded: mdl.Loaded, settings: Settings, prep: engine.Prepared, out: en
     eos = set(mdl.generation_kwargs(loaded, 1)["eos_token_id"])
     proc = processor_settings(loaded, settings.longest_edge)
     info = prep.info
+    layout = prep.layout
+    several = len(layout) > 1 or layout.is_video
+    tiles = [{"rows": a.rows, "cols": a.cols, "global_last": True,
+              "resized_size": [max(a.cols, 1) * proc["tile_size"], max(a.rows, 1) * proc["tile_size"]],
+              "tokens_per_tile_side": a.side} for a in layout.images]
+    if layout.is_video:     # meta.image: the video (meta.video has the rest, meta.images every frame)
+        image_section = {"source": info.get("source"), "size": list(prep.images[0].size), "kind": "video"}
+    else:
+        image_section = info
     meta = runmeta.run_meta(
         loaded, fingerprint_config(loaded, settings), prompt=settings.prompt, chat_text=prep.text,
         answer=tok.decode(new, skip_special_tokens=True).strip(), token_ids=ids, prompt_length=P, layers=layers,
         generation={"new_tokens": len(new), "stopped_at_eos": bool(new) and new[-1] in eos, "batch_size": out.batch},
-        image=info, processor=proc,
-        tiles={"rows": g.rows, "cols": g.cols, "global_last": True,
-               "resized_size": [max(g.cols, 1) * proc["tile_size"], max(g.rows, 1) * proc["tile_size"]],
-               "tokens_per_tile_side": g.side})
+        image=image_section, processor=proc, **({} if several else {"tiles": tiles[0]}))
+    images = None
+    if several:      # v3: every image / frame in images/NN.jpg|png, described in meta.images
+        meta["images"] = [dict({k: v for k, v in i.items() if k != "decode_s"}, kind=kind, timestamp=ts, tiles=t)
+                          for i, kind, ts, t in zip(prep.infos, layout.kinds, layout.timestamps, tiles)]
+        images = [(im, "jpg" if i.get("format") == "JPEG" else "png") for im, i in zip(prep.images, prep.infos)]
+        if layout.is_video:
+            meta["video"] = {k: v for k, v in info.items() if k != "decode_s"}
     image_name = store.image_name(info)
     timings = {"preprocess_s": round(prep.seconds, 4), "generate_s": round(out.generate_s, 4), "batch": out.batch,
                "methods_s": round(out.methods_s, 4)}
@@ -223,8 +278,10 @@ def write(loaded: mdl.Loaded, settings: Settings, prep: engine.Prepared, out: en
     if intervention is not None:
         meta["intervention"] = intervention
     store.write_run(out_dir, tokens=tokens, layers=layers, query_positions=query_positions,
-                    store=settings.store, geometry=g, meta=meta, image=prep.image, image_name=image_name,
-                    methods=out.methods, replace_reference=replace_reference, extra_files=extra_files)
+                    store=settings.store, geometry=layout if several else g, meta=meta,
+                    image=None if several else prep.image, image_name=image_name, methods=out.methods,
+                    images=images, replace_reference=replace_reference, extra_files=extra_files)
     timings["write_s"] = round(time.perf_counter() - t0, 4)
-    return {"run": str(out_dir), "answer": meta["answer"], "new_tokens": len(new), "grid": [g.rows, g.cols],
-            "timings": timings}
+    first = layout.images[0]
+    return {"run": str(out_dir), "answer": meta["answer"], "new_tokens": len(new), "grid": [first.rows, first.cols],
+            "images": len(layout), "video": layout.is_video, "timings": timings}

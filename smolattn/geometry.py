@@ -10,6 +10,12 @@ Because every resize stretches the whole image, the R*side x C*side token cells 
 uniform grid over the ORIGINAL image, and the global tile's side x side cells form another one. The
 geometry is always read from the token stream (the ``<row_r_col_c>`` and ``<global-img>`` markers and the
 runs of ``<image>`` tokens), never assumed.
+
+A prompt may hold several images (each its own block with its own tiles and global tile, in order) or
+the frames of a video (SmolVLM2: each frame one block with the global tile only, the frame squashed to
+a square). :class:`Geometry` is one image; :class:`Layout` is every image of a prompt, with the offsets
+of each image's keys on the stored key axis, and maps any ``<image>`` token back to its image (or
+frame) and its pixels in that original image (:meth:`Layout.locate`, :meth:`Layout.pixel_box`).
 """
 from __future__ import annotations
 
@@ -116,13 +122,9 @@ def cells_in_boxes(grid_shape, image_size, boxes) -> np.ndarray:
     return inside
 
 
-def from_tokens(tokens) -> Geometry:
-    """Recover the geometry of the (single) image from its token strings.
-
-    Raises ValueError when the stream holds no well-formed image block.
-    """
-    tokens = list(tokens)
-    runs, i = [], 0  # (start, length) of every run of <image> tokens
+def _image_runs(tokens) -> list[tuple[int, int]]:
+    """(start, length) of every run of <image> tokens."""
+    runs, i = [], 0
     while i < len(tokens):
         if tokens[i] == IMAGE_TOKEN:
             j = i
@@ -132,36 +134,249 @@ def from_tokens(tokens) -> Geometry:
             i = j
         else:
             i += 1
+    return runs
+
+
+def _geometries(tokens) -> list[Geometry]:
+    """Every image block of a token stream, in order: an image's tiles (``<row_r_col_c>`` runs) are
+    closed by its ``<global-img>`` run; a video frame is a block with the global tile only."""
+    tokens = list(tokens)
+    runs = _image_runs(tokens)
     if not runs:
         raise ValueError("no <image> tokens in the sequence")
     per_tile = runs[0][1]
     side = math.isqrt(per_tile)
     if side * side != per_tile or any(n != per_tile for _, n in runs):
         raise ValueError(f"image token runs are not square tiles of equal size: {[n for _, n in runs]}")
-    tiles, global_start = {}, None
+    out, tiles = [], {}
     for start, _ in runs:
         marker = tokens[start - 1] if start > 0 else ""
         m = ROW_COL.match(marker)
         if m:
+            if (int(m.group(1)), int(m.group(2))) in tiles:
+                raise ValueError(f"tile marker {marker} twice in one image (no <global-img> tile between)")
             tiles[(int(m.group(1)), int(m.group(2)))] = start
-        elif marker == GLOBAL_TOKEN:
-            if global_start is not None:
-                raise ValueError("more than one image in the sequence (only one is supported)")
-            global_start = start
-        else:
+            continue
+        if marker != GLOBAL_TOKEN:
             raise ValueError(f"<image> run at position {start} has no tile marker before it")
-    if global_start is None:
-        raise ValueError("no <global-img> tile in the sequence")
-    rows = max((r for r, _ in tiles), default=0)
-    cols = max((c for _, c in tiles), default=0)
-    if set(tiles) != {(r, c) for r in range(1, rows + 1) for c in range(1, cols + 1)}:
-        raise ValueError(f"tile markers do not form a full {rows}x{cols} grid")
-    starts = tuple(tiles[(r, c)] for r in range(1, rows + 1) for c in range(1, cols + 1))
-    first = (min(starts) if starts else global_start) - 2
-    last = global_start + per_tile
-    if tokens[first] != FAKE_TOKEN or last >= len(tokens) or tokens[last] != FAKE_TOKEN:
-        raise ValueError("image block is not enclosed by <fake_token_around_image> markers")
-    return Geometry(rows, cols, side, starts, global_start, (first, last))
+        rows = max((r for r, _ in tiles), default=0)
+        cols = max((c for _, c in tiles), default=0)
+        if set(tiles) != {(r, c) for r in range(1, rows + 1) for c in range(1, cols + 1)}:
+            raise ValueError(f"tile markers do not form a full {rows}x{cols} grid")
+        starts = tuple(tiles[(r, c)] for r in range(1, rows + 1) for c in range(1, cols + 1))
+        first = (min(starts) if starts else start) - 2
+        last = start + per_tile
+        if first < 0 or tokens[first] != FAKE_TOKEN or last >= len(tokens) or tokens[last] != FAKE_TOKEN:
+            raise ValueError("image block is not enclosed by <fake_token_around_image> markers")
+        out.append(Geometry(rows, cols, side, starts, start, (first, last)))
+        tiles = {}
+    if tiles:
+        raise ValueError("no <global-img> tile in the sequence" if not out else
+                         "tiles after the last <global-img> tile (an image without its global tile)")
+    return out
+
+
+def from_tokens(tokens) -> Geometry:
+    """Recover the geometry of the (single) image from its token strings (:func:`layout_from_tokens`
+    for several images or a video).
+
+    Raises ValueError when the stream holds no well-formed image block, or more than one.
+    """
+    found = _geometries(tokens)
+    if len(found) > 1:
+        raise ValueError(f"more than one image in the sequence ({len(found)} image blocks; only one is supported here)")
+    return found[0]
+
+
+IMAGE, FRAME = "image", "frame"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Every image of one prompt, in order: several images (each with its own tiles and global tile)
+    or the frames of a video (each one square global tile, with its timestamp in seconds).
+
+    The stored key axis is the images' :attr:`Geometry.key_positions` one after the other;
+    :attr:`key_offsets` says where each image's keys start. With one image a Layout answers every
+    single-image question (``rows``, ``split``, ...) as its :class:`Geometry` does, so callers
+    written for one image keep working; with several they must say which image (``split(v, k)``).
+    """
+    images: tuple                  # Geometry per image, in prompt order
+    kinds: tuple = ()              # "image" or "frame" per image (default: all images)
+    timestamps: tuple = ()         # seconds per frame (None for images)
+
+    def __post_init__(self):
+        n = len(self.images)
+        if not n:
+            raise ValueError("a layout needs at least one image")
+        if not self.kinds:
+            object.__setattr__(self, "kinds", (IMAGE,) * n)
+        if not self.timestamps:
+            object.__setattr__(self, "timestamps", (None,) * n)
+        if len(self.kinds) != n or len(self.timestamps) != n:
+            raise ValueError(f"{n} images but {len(self.kinds)} kinds and {len(self.timestamps)} timestamps")
+        if any(k not in (IMAGE, FRAME) for k in self.kinds):
+            raise ValueError(f"unknown image kinds {set(self.kinds) - {IMAGE, FRAME}}")
+        if any(k == FRAME and (g.rows or g.cols) for k, g in zip(self.kinds, self.images)):
+            raise ValueError("a video frame is one square global tile (no tiles)")
+
+    @classmethod
+    def single(cls, geometry: Geometry) -> "Layout":
+        return cls((geometry,))
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def is_video(self) -> bool:
+        return FRAME in self.kinds
+
+    @property
+    def key_offsets(self) -> np.ndarray:
+        """(n + 1,) start of each image's keys on the stored key axis, then the total."""
+        return np.concatenate([[0], np.cumsum([g.num_keys for g in self.images])]).astype(np.int64)
+
+    @property
+    def key_positions(self) -> np.ndarray:
+        """All image-token positions, image by image, each in its Geometry's stored order."""
+        return np.concatenate([g.key_positions for g in self.images])
+
+    @property
+    def num_keys(self) -> int:
+        return int(self.key_offsets[-1])
+
+    @property
+    def blocks(self) -> list[tuple[int, int]]:
+        """(first, last) position of each image block, markers included."""
+        return [tuple(g.image_block) for g in self.images]
+
+    @property
+    def image_block(self) -> tuple[int, int]:
+        """(first, last) position spanning every image block (one image: its block)."""
+        return self.images[0].image_block[0], self.images[-1].image_block[1]
+
+    def keys_of(self, k: int) -> slice:
+        """Image ``k``'s slice of the stored key axis."""
+        self._check(k)
+        off = self.key_offsets
+        return slice(int(off[k]), int(off[k + 1]))
+
+    def _check(self, k: int) -> None:
+        if not 0 <= k < len(self.images):
+            raise IndexError(f"image {k} out of range 0..{len(self.images) - 1}")
+
+    @property
+    def block_end(self) -> int:
+        """The first position after the last image block."""
+        return self.image_block[1] + 1
+
+    def outside_image(self, positions, between: bool = True) -> np.ndarray:
+        """:meth:`Geometry.outside_image` for every image: True where a position lies outside every
+        image block (the text between two images or two frames included); ``between`` False: outside
+        the whole span from the first block to the last."""
+        q = np.asarray(positions)
+        inside = np.zeros(q.shape, bool)
+        for first, last in (self.blocks if between else [self.image_block]):
+            inside |= (q >= first) & (q <= last)
+        return ~inside
+
+    def outside(self, positions, between: bool = True) -> np.ndarray:
+        """The positions among ``positions`` that :meth:`outside_image` keeps."""
+        q = np.asarray(positions)
+        return q[self.outside_image(q, between)]
+
+    def image_of_position(self, position: int) -> int | None:
+        """The image whose block holds token ``position`` (markers included), or None."""
+        for k, (first, last) in enumerate(self.blocks):
+            if first <= position <= last:
+                return k
+        return None
+
+    def locate(self, position: int) -> tuple[int, str, int, int] | None:
+        """Where an ``<image>`` token sits: (image k, view "tiles" or "global", cell row, cell col) in
+        that view's grid over the ORIGINAL image; None for any other position."""
+        for k, g in enumerate(self.images):
+            per = g.per_tile
+            if g.global_start <= position < g.global_start + per:
+                return (k, "global", *divmod(position - g.global_start, g.side))
+            for t, start in enumerate(g.tile_starts):
+                if start <= position < start + per:
+                    r, c = divmod(t, g.cols)
+                    i, j = divmod(position - start, g.side)
+                    return k, "tiles", r * g.side + i, c * g.side + j
+        return None
+
+    def pixel_box(self, position: int, image_size) -> tuple | None:
+        """Pixel box (x0, y0, x1, y1) in image k's ORIGINAL pixels (``image_size``: (W, H) of that
+        image, or a list of sizes per image) that ``<image>`` token ``position`` covers. Every resize
+        of the processor stretches the whole image (tiles; a frame's square squash), so undoing it is
+        one scale per axis."""
+        where = self.locate(position)
+        if where is None:
+            return None
+        k, view, i, j = where
+        size = image_size[k] if np.ndim(image_size) == 2 else image_size
+        return self.images[k].cell_box(i, j, tuple(size), view)
+
+    def keys_in_box(self, k: int, box, image_size, view: str | None = None) -> np.ndarray:
+        """Indices on the stored key axis of image ``k``'s cells whose centre lies in ``box`` (COCO
+        [x, y, w, h] in that image's original pixels); ``view``: "tiles", "global" or None for both."""
+        self._check(k)
+        g, base = self.images[k], int(self.key_offsets[k])
+        out = []
+        per = g.per_tile
+        if view in (None, "global"):
+            inside = cells_in_boxes((g.side, g.side), image_size, [box]).ravel()
+            out.append(base + g.rows * g.cols * per + np.flatnonzero(inside))
+        if view in (None, "tiles") and g.rows:
+            inside = cells_in_boxes(g.grid_shape, image_size, [box])
+            tiles = inside.reshape(g.rows, g.side, g.cols, g.side).transpose(0, 2, 1, 3).ravel()
+            out.append(base + np.flatnonzero(tiles))
+        return np.sort(np.concatenate(out)) if out else np.zeros(0, np.int64)
+
+    def split(self, values: np.ndarray, k: int | None = None):
+        """Image ``k``'s (tiled grid or None, global grid) from values over ALL stored keys (last axis);
+        ``k`` may be left out only when there is one image."""
+        values = np.asarray(values)
+        if values.shape[-1] != self.num_keys:
+            raise ValueError(f"expected {self.num_keys} image keys, got {values.shape[-1]}")
+        if k is None:
+            if len(self.images) > 1:
+                raise ValueError(f"{len(self.images)} images in this prompt: say which one (image index 0.."
+                                 f"{len(self.images) - 1})")
+            k = 0
+        return self.images[k].split(values[..., self.keys_of(k)])
+
+    def mass(self, values: np.ndarray) -> np.ndarray:
+        """Values over all stored keys (last axis) summed per image: (..., n) (a video's per-frame timeline)."""
+        values = np.asarray(values)
+        return np.add.reduceat(values, self.key_offsets[:-1], axis=-1)
+
+    def __getattr__(self, name):
+        # one image: the single-image API (rows, cols, side, tile_starts, global_start, grid_shape, cell_box)
+        if name.startswith("_") or name in ("images", "kinds", "timestamps"):
+            raise AttributeError(name)
+        if len(self.images) == 1 and hasattr(self.images[0], name):
+            return getattr(self.images[0], name)
+        raise AttributeError(f"Layout.{name}: {len(self.images)} images in this prompt; ask one of layout.images")
+
+    def to_json(self) -> dict:
+        return {"images": [dict(g.to_json(), kind=kind, timestamp=ts)
+                           for g, kind, ts in zip(self.images, self.kinds, self.timestamps)]}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Layout":
+        if "images" not in d:     # a single-image geometry (format 1, 2)
+            return cls.single(Geometry.from_json(d))
+        return cls(tuple(Geometry.from_json(e) for e in d["images"]), tuple(e.get("kind", IMAGE) for e in d["images"]),
+                   tuple(e.get("timestamp") for e in d["images"]))
+
+
+def layout_from_tokens(tokens, kinds=None, timestamps=None) -> Layout:
+    """Every image (or video frame) of a token stream, in order. The token stream cannot tell a
+    video frame from an unsplit image: ``kinds`` / ``timestamps`` say it (default: images)."""
+    found = _geometries(tokens)
+    return Layout(tuple(found), tuple(kinds or ()), tuple(timestamps or ()))
 
 
 def expected_grid(width: int, height: int, longest_edge: int = 2048, tile: int = 512) -> tuple[int, int]:

@@ -514,6 +514,9 @@ def read_base(path):
         raise UserError(f"{path} is a reference-format run (no meta.json): it records no model, prompt or "
                         "settings to reproduce; extract it again with extract_smolvlm_attn.py")
     run = store.Run(path)
+    if len(run.layout) > 1:
+        raise UserError(f"{path}: {'a video' if run.layout.is_video else 'several images'} in one prompt: "
+                        "interventions work on single-image runs only (image:K / frame:K are not implemented yet)")
     missing = [".".join(k) for k in REQUIRED_META if _get(run.meta, k) is KeyError]
     if missing:
         raise UserError(f"{path}: the run's meta.json lacks {', '.join(missing)}: it cannot be reproduced")

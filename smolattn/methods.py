@@ -168,6 +168,16 @@ def _taping(loaded, tape: Tape):
         cfg._attn_implementation = old
 
 
+def merge_image_features(base, ids, embeds, features):
+    """The image features in place of the ``<image>`` embeddings, as the model's own forward does it:
+    Idefics3's ``inputs_merger``, or SmolVLM2's placeholder mask + ``masked_scatter``."""
+    if hasattr(base, "inputs_merger"):
+        return base.inputs_merger(input_ids=ids, inputs_embeds=embeds, image_hidden_states=features)
+    features = features.to(embeds.device, embeds.dtype)
+    mask = base.get_placeholder_mask(ids, inputs_embeds=embeds, image_features=features)
+    return embeds.masked_scatter(mask, features)
+
+
 def forward(loaded, ids, features, tape: Tape, grad: bool = False, start: int = 0):
     """Teacher-forced forward of the text model over ``ids`` with the image ``features`` merged in at
     the ``<image>`` positions. Returns the last hidden states (S - start, D) (before the LM head).
@@ -184,7 +194,7 @@ def forward(loaded, ids, features, tape: Tape, grad: bool = False, start: int = 
                                          position_ids=torch.arange(start, t.shape[1], device=t.device)[None])
             return out.last_hidden_state[0]
         emb = model.get_input_embeddings()(t)
-        emb = model.model.inputs_merger(input_ids=t, inputs_embeds=emb, image_hidden_states=features)
+        emb = merge_image_features(model.model, t, emb, features)
         out = model.model.text_model(inputs_embeds=emb, attention_mask=torch.ones_like(t), use_cache=False)
     return out.last_hidden_state[0]
 

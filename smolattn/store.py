@@ -25,8 +25,8 @@ from .outputs import (CRASH_ENV, CRASH_STEPS, HOST as _HOST, crash_point,  # noq
 from .tokens import SPECIAL, display_token, piece, units  # noqa: F401  (display_token: re-exported)
 
 FORMAT = "smolattn-run"
-FORMAT_VERSION = 2      # 2: blosc2 layer files, optional derived-method maps (methods/NAME.npz), the completeness
-READ_VERSIONS = (1, 2)  # record (meta.files); v1 runs still open
+FORMAT_VERSION = 3      # 2: blosc2 layer files, optional derived-method maps (methods/NAME.npz), the completeness
+READ_VERSIONS = (1, 2, 3)  # record (meta.files); v1 runs still open. 3: an image list (several images, video frames)
 DEFAULT_RUN_DIR = "smolattn_run"   # the single-image default output directory (README, "Your files are safe")
 STORES = ("compact", "compact8", "full")
 LAYER_FILE = "attention/layer_{:02d}.{}.b2"            # one blosc2 chunk per array (meta.attention.arrays)
@@ -37,6 +37,7 @@ METHOD_FILE = "methods/{}.npz"
 CODEC = {"codec": "ZSTD", "clevel": 1, "filter": "SHUFFLE"}
 FULL_FILE = "attentions_5/attention_fp16_rounded_layer_{}.npz"   # the reference project's name
 IMAGE_NAMES = ("image.png", "image.jpg", "static/image.png")
+IMAGES_FILE = "images/{:02d}.{}"                        # v3: every image / video frame of the prompt, in order
 
 
 # ---------------------------------------------------------------------------------------------
@@ -45,10 +46,11 @@ IMAGE_NAMES = ("image.png", "image.jpg", "static/image.png")
 # ---------------------------------------------------------------------------------------------
 
 OUR_NAMES = {"meta.json", "decoded_tokens.npy", "image.jpg", "image.png", "summary.npz", "attention", "attentions_5",
-             "methods", "effects.json"}   # effects.json: an intervened run's (smolattn.interventions)
+             "methods", "images", "effects.json"}   # effects.json: an intervened run's (smolattn.interventions)
 OUR_FOLDERS = {"attention": re.compile(r"^layer_\d+(\.\w+\.b2|\.npz)$"),          # folder -> the only files it may hold
                "attentions_5": re.compile(r"^attention_fp16_rounded_layer_\d+\.npz$"),
-               "methods": re.compile(r"^[A-Za-z0-9_-]+\.npz$")}
+               "methods": re.compile(r"^[A-Za-z0-9_-]+\.npz$"),
+               "images": re.compile(r"^\d{2,}\.(jpg|png)$")}
 REFERENCE_NAMES = {"decoded_tokens.npy", "attention_array.npy", "attentions_5", "image.png"}
 REPLACE_REFERENCE_FLAG = "--replace-reference-run"
 
@@ -250,13 +252,16 @@ def image_name(info: dict) -> str:
 
 
 def write_run(out, *, tokens, layers, query_positions, store: str, geometry: geo.Geometry, meta: dict,
-              image=None, image_name: str = "image.png", methods: dict | None = None,
+              image=None, image_name: str = "image.png", methods: dict | None = None, images=None,
               replace_reference: bool = False, extra_files: dict | None = None) -> Path:
     """Write a whole run directory atomically (temporary sibling, renamed when complete).
 
     ``layers``: per layer (H, Q, S) attention rows over all S keys for the Q ``query_positions``.
+    ``geometry``: a Geometry (one image) or a geo.Layout (several images, a video's frames).
     ``meta``: everything else for meta.json; the format, geometry and attention sections are added here.
     ``methods``: derived maps from ``smolattn.methods.compute`` (written under methods/).
+    ``images``: (v3) every image / frame of the prompt, in order, as (PIL image, "jpg" or "png"):
+    written as images/NN.EXT; ``meta["images"][k]["file"]`` names each.
     ``replace_reference``: a reference-format run at ``out`` may be replaced (--replace-reference-run).
     ``extra_files``: name -> bytes of more files of ours (each name in OUR_NAMES: effects.json).
     """
@@ -268,8 +273,14 @@ def write_run(out, *, tokens, layers, query_positions, store: str, geometry: geo
         crash_point("writing")
         if image is not None:
             image.save(tmp / image_name, quality=95) if image_name.endswith(".jpg") else image.save(tmp / image_name)
-        text_keys, arrays = write_layers(tmp, layers, store, query_positions, geometry, S)
         meta = dict(meta)
+        if images:
+            (tmp / "images").mkdir()
+            entries = meta["images"] = [dict(e) for e in meta.get("images") or [{} for _ in images]]
+            for k, ((im, ext), entry) in enumerate(zip(images, entries)):
+                entry["file"] = IMAGES_FILE.format(k, ext)
+                im.save(tmp / entry["file"], quality=95) if ext == "jpg" else im.save(tmp / entry["file"])
+        text_keys, arrays = write_layers(tmp, layers, store, query_positions, geometry, S)
         meta.update(format=FORMAT, format_version=FORMAT_VERSION, seq_len=S, geometry=geometry.to_json())
         meta.setdefault("image", {})["file"] = image_name if image is not None else None
         meta["attention"] = {
@@ -354,13 +365,17 @@ class Run:
             self.meta = json.loads(meta_path.read_text())
             if self.meta.get("format") != FORMAT or self.meta.get("format_version", 0) not in READ_VERSIONS:
                 raise UserError(f"{meta_path}: not a {FORMAT} run of version {' or '.join(map(str, READ_VERSIONS))}")
-            self.geometry = geo.Geometry.from_json(self.meta["geometry"])
+            self.layout = geo.Layout.from_json(self.meta["geometry"])
+            # one image: its Geometry (the single-image API); several: the Layout (say which image)
+            self.geometry = self.layout.images[0] if len(self.layout) == 1 else self.layout
         else:
             self.meta = self._reference_meta()
             try:
                 self.geometry = geo.from_tokens(self.tokens)
             except ValueError as e:
                 raise UserError(f"{self.path}: cannot read the image layout from the tokens: {e}")
+        if not hasattr(self, "layout"):
+            self.layout = geo.Layout.single(self.geometry)
         att = self.meta["attention"]
         self.store = att["store"]
         self.query_positions = np.asarray(att["query_positions"], dtype=np.int64)
@@ -415,9 +430,29 @@ class Run:
     def prompt_length(self) -> int:
         return int(self.meta.get("prompt_length", len(self.tokens)))
 
-    def image_path(self) -> Path | None:
-        """The run's image: meta's image.file when it is one of the names we write (IMAGE_NAMES; a
-        meta.json naming any other file, x.html say, is not followed), else the first of them there."""
+    @property
+    def images(self) -> list[dict]:
+        """(v3) One entry per image / video frame of the prompt, in order (meta.images); older runs:
+        their one image."""
+        return self.meta.get("images") or [dict(self.meta.get("image") or {}, kind=geo.IMAGE)]
+
+    def image_path(self, k: int | None = None) -> Path | None:
+        """The file of image (or frame) ``k`` (default: the run's image; the first of several). meta's
+        image.file is followed only when it is one of the names we write (IMAGE_NAMES; a meta.json
+        naming any other file, x.html say, is not followed), else the first of them there; an entry of
+        meta.images only when it is images/NN.jpg|png."""
+        if self.meta.get("images"):
+            k = 0 if k is None else k
+            if not 0 <= k < len(self.meta["images"]):
+                raise UserError(f"image {k} out of range 0..{len(self.meta['images']) - 1}")
+            name = str(self.meta["images"][k].get("file") or "")
+            folder, _, base = name.partition("/")
+            if folder != "images" or not OUR_FOLDERS["images"].match(base):
+                return None
+            p = self.path / name
+            return p if p.is_file() and not p.is_symlink() else None
+        if k not in (None, 0):
+            raise UserError(f"image {k} out of range: this run has one image (0)")
         name = self.meta.get("image", {}).get("file")
         for cand in ([name] if name in IMAGE_NAMES else []) + list(IMAGE_NAMES):
             p = self.path / cand
@@ -425,7 +460,10 @@ class Run:
                 return p
         return None
 
-    def image_size(self) -> tuple[int, int]:
+    def image_size(self, k: int | None = None) -> tuple[int, int]:
+        """(W, H) of image (or frame) ``k`` as the source had it (default: the run's first image)."""
+        if self.meta.get("images"):
+            return tuple(int(v) for v in self.meta["images"][k or 0]["size"])
         size = self.meta.get("image", {}).get("size")
         if size:
             return int(size[0]), int(size[1])
@@ -454,6 +492,10 @@ class Run:
             except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
                 raise UserError(f"{self.path}: cannot read {info['file']}: {e}")
         return self._methods[name]
+
+    def image_view(self, k: int) -> "ImageView":
+        """Image (or frame) ``k`` read as a one-image run (:class:`ImageView`)."""
+        return ImageView(self, k)
 
     def row_of(self, position: int) -> int | None:
         """Index of the stored row for token ``position`` (token t attending), or None."""
@@ -496,6 +538,55 @@ class Run:
         out[:, self.geometry.key_positions] = layer.image[:, row]
         out[:, self.text_key_positions[: layer.text.shape[-1]]] = layer.text[:, row]
         return out
+
+
+class ImageView:
+    """Image (or frame) ``k`` of a several-image or video run, read as a one-image run: its Geometry;
+    its keys are the image keys, every other key (the other images' included) a text key, so a full
+    row, its sums and every single-image aggregation stay the whole row's. ``Run.image_view(k)``."""
+
+    def __init__(self, run: "Run", k: int):
+        layout = run.layout
+        if not 0 <= k < len(layout):
+            raise UserError(f"image {k} out of range: this run has {len(layout)} image(s), 0..{len(layout) - 1}")
+        self.run, self.k, self.geometry = run, k, layout.images[k]
+        self.layout = geo.Layout((self.geometry,), (layout.kinds[k],), (layout.timestamps[k],))
+        for name in ("path", "tokens", "meta", "store", "query_positions", "num_layers", "num_heads", "_row"):
+            setattr(self, name, getattr(run, name))
+        self.text_key_positions = np.setdiff1d(np.arange(len(run.tokens)), self.geometry.key_positions)
+        self._keys = layout.keys_of(k)
+        self._text_cache = {}
+
+    standin = Run.standin
+    prompt_length = Run.prompt_length
+    row_of = Run.row_of
+    full_row = Run.full_row
+
+    @property
+    def methods(self) -> list[str]:
+        return ["raw"]
+
+    def method(self, name: str):
+        raise UserError(f"derived maps ({name}) are stored for single-image runs only")
+
+    def image_path(self, k: int | None = None):
+        return self.run.image_path(self.k)
+
+    def image_size(self, k: int | None = None):
+        return self.run.image_size(self.k)
+
+    def layer(self, i: int) -> Layer:
+        lay = self.run.layer(i)
+        T = lay.text.shape[-1]
+        order = self._text_cache.get(T)
+        if order is None:    # view text keys (ascending) <- where each one is in [image | text] of the run
+            pos = np.concatenate([self.run.layout.key_positions, self.run.text_key_positions[:T]])
+            mine = np.zeros(len(pos), bool)
+            mine[self._keys] = True
+            rest = np.flatnonzero(~mine)
+            order = self._text_cache[T] = rest[np.argsort(pos[rest], kind="stable")]
+        both = np.concatenate([lay.image, lay.text], axis=-1)
+        return Layer(np.ascontiguousarray(lay.image[..., self._keys]), np.ascontiguousarray(both[..., order]))
 
 
 def _npz_shape(path, key) -> tuple:

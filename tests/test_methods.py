@@ -144,7 +144,7 @@ def test_a_planted_cell_is_every_methods_maximum(tiny, run, inputs, monkeypatch)
 
 
 def test_stored_maps_meta_and_reader(run, computed):
-    assert run.meta["format_version"] == store.FORMAT_VERSION == 2
+    assert run.meta["format_version"] == store.FORMAT_VERSION == 3
     assert run.methods == ["raw", "relative", "relevancy", "rollout"]
     for name in ("rollout", "relevancy", "relative"):
         m, c = run.method(name), computed[name]

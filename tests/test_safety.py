@@ -252,7 +252,7 @@ def test_files_and_directory_are_fsynced_before_the_rename(tmp_path, monkeypatch
     assert {str(Path(tmp) / f) for f in store.file_sizes(run)} | {str(Path(tmp) / "meta.json"), tmp} <= synced
     assert ("fsync", str(tmp_path)) in events[renames[0]:]              # the parent, after the rename
     meta = json.loads((run / "meta.json").read_text())
-    assert meta["format_version"] == 2 and meta["files"] == {k: v for k, v in store.file_sizes(run).items() if k != "meta.json"}
+    assert meta["format_version"] == store.FORMAT_VERSION and meta["files"] == {k: v for k, v in store.file_sizes(run).items() if k != "meta.json"}
 
 
 def test_incomplete_run_is_recomputed_on_resume(tmp_path, tiny_dir):

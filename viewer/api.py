@@ -100,6 +100,25 @@ def get_run(args) -> tuple[str, Run]:
         raise ApiError(f"run {name!r} cannot be read: {e}", 500) from None
 
 
+def get_image(run: Run, args) -> int:
+    """The image (or video frame) a view is about: ``image`` (0-based; default 0)."""
+    k = as_int(args.get("image", "0"), "image")
+    if not 0 <= k < len(run.layout):
+        raise NotFound(f"image {k} out of range: the run has {len(run.layout)} image(s), 0..{len(run.layout) - 1}")
+    return k
+
+
+def images_info(name: str, run: Run) -> list[dict]:
+    """Every image (or video frame) of the run: kind, timestamp, tiles, size and its URL."""
+    out = []
+    for k, (g, kind, ts) in enumerate(zip(run.layout.images, run.layout.kinds, run.layout.timestamps)):
+        out.append({"index": k, "kind": kind, "timestamp": ts, "url": f"/api/image?run={quote(name)}&image={k}",
+                    "geometry": {"rows": g.rows, "cols": g.cols, "side": g.side, "grid": list(g.grid_shape),
+                                 "num_keys": g.num_keys, "image_block": list(g.image_block),
+                                 "image_size": list(run.image_size(k))}})
+    return out
+
+
 @lru_cache(maxsize=MAX_OPEN_RUNS)
 def table(run: Run) -> list[dict]:
     return token_table(run)
@@ -210,8 +229,8 @@ def png_b64(img) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def display_size(run: Run) -> tuple[int, int]:
-    w, h = run.image_size()
+def display_size(run: Run, k: int | None = None) -> tuple[int, int]:
+    w, h = run.image_size(k)
     scale = min(1.0, PNG_MAX_SIDE / max(w, h))
     return max(1, round(w * scale)), max(1, round(h * scale))
 
@@ -248,8 +267,8 @@ def initialize():
     from . import interventions   # its blueprint imports this module
     name, run = get_run(params())
     tokens = table(run)
-    g = run.geometry
-    after_image = tokens[g.image_block[1] + 1:run.prompt_length]
+    g = run.layout.images[0]        # several images / a video: the first one (the others in `images`)
+    after_image = tokens[run.layout.image_block[1] + 1:run.prompt_length]
     user_turn = "".join(t["text"] for t in after_image[:next(
         (i for i, t in enumerate(after_image) if t["kind"] == "special"), len(after_image))])
     answer = [t for t in tokens if t["kind"] == "answer"]
@@ -264,8 +283,10 @@ def initialize():
         prompt_length=run.prompt_length,
         **interventions.run_fields(name, run),     # intervention (null for an ordinary run), sweeps
         geometry={"rows": g.rows, "cols": g.cols, "side": g.side, "grid": list(g.grid_shape),
-                  "num_keys": g.num_keys, "image_block": list(g.image_block), "image_size": list(run.image_size())},
-        token_table=tokens, methods=[method_info(run, m) for m in METHODS],
+                  "num_keys": g.num_keys, "image_block": list(run.layout.image_block), "image_size": list(run.image_size())},
+        images=images_info(name, run), video=run.layout.is_video,
+        token_table=tokens,   # several images / a video: raw attention only (derived maps are single-image)
+        methods=[method_info(run, m) for m in METHODS if m == RAW or len(run.layout) == 1],
         methods_command=runmeta.command(run.meta, run.path, list(mth.METHODS)),
         query_semantics=run.meta["attention"].get(
             "query_semantics", "row for token t = position t as the query (the reference viewer's convention)"))
@@ -277,9 +298,11 @@ IMAGE_TYPES = ((b"\x89PNG\r\n\x1a\n", "image/png"), (b"\xff\xd8\xff", "image/jpe
 @bp.get("/image")
 def image():
     """The run's image file (one of the names the writer uses, inside the root), served as PNG or JPEG
-    by its content, whatever its name says; anything else is 404."""
-    name, run = get_run(params())
-    path = run.image_path()
+    by its content, whatever its name says; anything else is 404. ``image=K``: image (frame) K of a run
+    of several."""
+    args = params()
+    name, run = get_run(args)
+    path = run.image_path(get_image(run, args) if len(run.layout) > 1 else None)
     if path is None or not registry().inside(path):
         raise NotFound(f"run {name!r} has no image")
     f = open(path, "rb")      # one open file: what is checked is what is sent
@@ -353,8 +376,16 @@ def attention():
         image_mass = float(hm.reduce_heads(lh_mass, heads)[layers.start:layers.stop].mean())
     else:   # rollout/relevancy: the map's sum is the image's share; relative is a ratio (no share)
         image_mass = float(values.sum()) if v.get("start_layer") is not None and not v["drop"] else None
-    grid, glob = run.geometry.split(values)
+    k, several = get_image(run, args), len(run.layout) > 1
+    masses = None
+    if several:   # one image's map; the token's attention mass per image (a video: per frame, its timeline)
+        masses = run.layout.mass(values)
+        values = values[run.layout.keys_of(k)]
+        if norm == "map":
+            vmin, vmax = float(values.min()), float(values.max())
+    grid, glob = run.layout.images[k].split(values) if several else run.geometry.split(values)
     return jsonify(success=True, run=name, index=pos, text=tok.text_at(run.tokens, pos), method=v["method"],
+                   image=k, image_masses=None if masses is None else numbers(masses),
                    layers=[layers.start, layers.stop - 1], heads=heads, drop_sink=v["drop"], norm=norm,
                    start_layer=v.get("start_layer"),
                    grid=None if grid is None else numbers(grid), **{"global": numbers(glob)},
@@ -388,7 +419,8 @@ def reverse():
     """Tokens ranked by their attention to one image cell (layers/heads reduced as in /api/attention)."""
     args = params()
     name, run = get_run(args)
-    g = run.geometry
+    k = get_image(run, args)
+    g = run.layout.images[k]
     view = choice(args, "view", ("tiles", "global"), "tiles")
     if view == "tiles" and g.rows == 0:
         view = "global"  # an unsplit image has only the global tile
@@ -404,6 +436,7 @@ def reverse():
         key = ((i // s) * g.cols + j // s) * s * s + (i % s) * s + j % s
     else:
         key = g.rows * g.cols * s * s + i * s + j
+    key += int(run.layout.key_offsets[k])      # image k's keys, after the earlier images'
     layers = get_layers(run, args.get("layers"))
     heads = get_heads(run, args.get("heads"))
     if len(layers) == run.num_layers and heads == "mean":
@@ -427,12 +460,15 @@ def overlay_png():
     pos, row = get_token(run, args.get("index"))
     smooth = choice(args, "smooth", ("0", "1"), "0") == "1"
     v = view_values(name, run, pos, row, args)
-    grid, glob = run.geometry.split(v["values"])
-    path = run.image_path()
+    k = get_image(run, args)
+    several = len(run.layout) > 1
+    values = v["values"][run.layout.keys_of(k)] if several else v["values"]
+    grid, glob = run.layout.images[k].split(values)
+    path = run.image_path(k if several else None)
     if path is None or not registry().inside(path):
         raise NotFound(f"run {name!r} has no image")
     with Image.open(path) as im:
-        out = hm.overlay(im.convert("RGB").resize(display_size(run)), glob if grid is None else grid, smooth)
+        out = hm.overlay(im.convert("RGB").resize(display_size(run, k)), glob if grid is None else grid, smooth)
     buf = io.BytesIO()
     out.save(buf, "PNG")
     buf.seek(0)

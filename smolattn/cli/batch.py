@@ -5,6 +5,7 @@ Console command: ``smolattn-batch`` (``python extract_smolvlm_batch.py`` in a ch
     python extract_smolvlm_batch.py --image-dir coco/val2014 --output-root smol_outputs
     python extract_smolvlm_batch.py --image-dir photos --recursive --shards 4 --shard-index 2
     python extract_smolvlm_batch.py --image-dir photos --engine ray --ray-address auto --num-workers 8 --gpus-per-worker 1
+    python extract_smolvlm_batch.py --video-dir clips --model-id DIR_OF_A_SMOLVLM2_CHECKPOINT --max-frames 16
 
 One run directory per image under --output-root (docs/run-format.md), a manifest row per image
 (manifest.jsonl). Rerunning the same command resumes. Details: docs/batch.md.

@@ -46,6 +46,9 @@ def parse_args(argv):
                      "(default attentions_5 next to the token file)")
     src.add_argument("--allow-pickle", action="store_true", help="load object-dtype token files (runs code "
                      "from the file: only for files you trust)")
+    pick = src.add_mutually_exclusive_group()
+    pick.add_argument("--image-index", type=int, help="a run of several images: which one, 0-based")
+    pick.add_argument("--frame", type=int, help="a video run: which frame, 0-based")
     tok = p.add_argument_group("token")
     tok.add_argument("--token", default="jacket", help="token text, matched stripped and case-insensitively "
                      "(default: jacket)")
@@ -86,6 +89,22 @@ def open_run(args) -> Run:
     if args.attn_dir is not None and args.attn_dir.resolve() != (tokens.parent / "attentions_5").resolve():
         raise UserError(f"--attn-dir must be the attentions_5 folder next to {tokens} (the reference layout)")
     return Run(tokens.parent, allow_pickle=args.allow_pickle)
+
+
+def pick_image(run: Run, image_index: int | None, frame: int | None):
+    """The one image the map is drawn over: ``run`` itself, or image / frame K of a several-image run."""
+    layout, k = run.layout, frame if frame is not None else image_index
+    what = "frame" if layout.is_video else "image"
+    if k is None:
+        if len(layout) > 1:
+            flag = "--frame" if layout.is_video else "--image-index"
+            raise UserError(f"this run has {len(layout)} {what}s: pass {flag} K (0..{len(layout) - 1})")
+        return run
+    if (frame is not None) != layout.is_video:
+        raise UserError("--frame is for video runs, --image-index for runs of images")
+    if not 0 <= k < len(layout):
+        raise UserError(f"{what} {k} out of range: this run has {what}s 0..{len(layout) - 1}")
+    return run.image_view(k) if len(layout) > 1 else run
 
 
 def load_image(run: Run):
@@ -139,7 +158,7 @@ def main(argv=None) -> int:
     if not 0 <= args.overlay_alpha <= 1:
         raise UserError("--overlay-alpha must be between 0 and 1")
     check_outputs(args)
-    run = open_run(args)
+    run = pick_image(open_run(args), args.image_index, args.frame)
     layers = hm.parse_layers(args.layers, run.num_layers)
     heads = hm.parse_layers(args.heads, run.num_heads, "head")
     first, pos = hm.find_span(run, args.token, args.index, args.occurrence)
@@ -169,6 +188,9 @@ def main(argv=None) -> int:
         title = f"'{word}' #{pos} | {args.method} | layers {spans(layers)}"
         title += f" | heads {spans(heads)}" if len(heads) < run.num_heads and not derived else ""
         title += f" | top-{args.topk}" if args.topk > 0 and not derived else ""
+    if getattr(run, "k", None) is not None:      # one image of several
+        ts = run.layout.timestamps[0]
+        title += f" | frame {run.k} ({int(ts // 60):02d}:{ts % 60:04.1f})" if ts is not None else f" | image {run.k}"
     panel = (args.method == "image" or derived) and args.global_mode == "panel"
     fig, glob = hm.aggregate_figures(agg, title, panel)
     files = {args.output: fig}

@@ -7,6 +7,7 @@ const state = {
   run: null, info: null, index: null, selectable: [], units: new Map(),
   views: { a: null, b: null }, cache: new Map(), reverse: null, request: 0, textRequest: 0,
   runs: { offset: 0, limit: 200, total: 0 },
+  image: 0,   // several images / a video: the one whose map is shown (0-based)
 };
 const CACHE_LIMIT = 300;
 const TITLE = "SmolVLM attention viewer";
@@ -138,6 +139,8 @@ async function loadRun(name, wanted = null) {
   }
   clearError();
   state.info = info;
+  state.image = 0;
+  fillImages(info);
   emit("viewer:run", { info, wanted });
   document.title = `${info.run} · ${TITLE}`;
   $("standin-banner").hidden = !info.standin;
@@ -298,9 +301,12 @@ function renderTokens(info) {
   for (const t of info.token_table) {
     const area = t.index < info.prompt_length ? areas.prompt : areas.answer;
     if (t.index === first) {
-      const g = info.geometry;
+      const g = info.geometry, many = info.images && info.images.length > 1;
       const layout = g.rows ? `${g.rows}×${g.cols} tiles + global` : "global tile only";
-      area.append(el("span", "chip image-chip", `[image: ${layout}, ${g.num_keys} tokens]`));
+      const keys = many ? info.images.reduce((n, im) => n + im.geometry.num_keys, 0) : g.num_keys;
+      area.append(el("span", "chip image-chip", many
+        ? `[${info.images.length} ${info.video ? "frames, each its timestamp and one global tile" : "images"}, ${keys} image tokens]`
+        : `[image: ${layout}, ${g.num_keys} tokens]`));
     }
     if (t.index >= first && t.index <= last) continue;
     if (t.has_row) state.selectable.push(t);
@@ -395,6 +401,7 @@ function selectionParams(view) {
 async function fetchView(view) {
   const p = new URLSearchParams({ run: state.run, index: state.index, ...selectionParams(view),
     drop_sink: $("drop-sink").checked ? "1" : "0", norm: radio("norm") });
+  if (state.info && state.info.images && state.info.images.length > 1) p.set("image", state.image);
   const key = p.toString();
   let data = state.cache.get(key);
   if (!data) {
@@ -428,6 +435,72 @@ async function update() {
   drawAll();
   if (state.reverse) loadReverse(state.reverse);
   if ($("text-view").open) loadText();
+}
+
+// -- several images / video frames ------------------------------------------------------------------
+function imageLabel(im) {
+  if (im.timestamp === null || im.timestamp === undefined) return `image ${im.index}`;
+  const t = im.timestamp, m = Math.floor(t / 60), sec = t - 60 * m;
+  return `frame ${im.index} · ${String(m).padStart(2, "0")}:${sec.toFixed(1).padStart(4, "0")}`;
+}
+
+function fillImages(info) {
+  // One thumbnail per image (or frame) and a timeline of the selected token's attention mass per image.
+  const images = info.images || [];
+  const strip = $("image-strip");
+  strip.replaceChildren();
+  $("images-panel").hidden = images.length < 2;
+  if (images.length < 2) return;
+  $("images-title").textContent = info.video ? `${images.length} frames` : `${images.length} images`;
+  $("images-unit").textContent = info.video ? "frame" : "image";
+  for (const im of images) {
+    const b = el("button", "thumb");
+    b.type = "button";
+    b.dataset.image = im.index;
+    const t = el("img");
+    t.src = im.url;
+    t.alt = imageLabel(im);
+    b.append(t, el("span", "thumb-label", imageLabel(im)));
+    b.addEventListener("click", () => showImage(im.index));
+    strip.append(b);
+  }
+  $("timeline").onclick = (event) => {   // a bar of the timeline: that image / frame
+    const r = $("timeline").getBoundingClientRect();
+    showImage(Math.min(images.length - 1, Math.max(0, Math.floor((event.clientX - r.left) / r.width * images.length))));
+  };
+  markImage();
+}
+
+function markImage() {
+  for (const b of $("image-strip").children) b.classList.toggle("selected", Number(b.dataset.image) === state.image);
+}
+
+function showImage(k) {
+  // Switch the main panel to image (frame) k: its picture, its grid, its map of the same token.
+  const im = state.info.images[k];
+  state.image = k;
+  state.info.geometry = { ...state.info.geometry, ...im.geometry };
+  for (const v of Object.values(VIEWS)) $(v.image).src = im.url;
+  setReverse(null);
+  markImage();
+  update();
+}
+
+function drawTimeline(d) {
+  const canvas = $("timeline");
+  const ctx = canvas.getContext("2d");
+  ctx.clearRect(0, 0, canvas.width, canvas.height);
+  if (!d || !d.image_masses) return;
+  const m = d.image_masses, n = m.length, top = Math.max(...m) || 1, w = canvas.width / n;
+  for (let k = 0; k < n; k++) {
+    const h = Math.round((m[k] / top) * (canvas.height - 12));
+    ctx.fillStyle = k === state.image ? "#d62728" : "#1f77b4";
+    ctx.fillRect(k * w + 1, canvas.height - h, Math.max(1, w - 2), h);
+  }
+  ctx.fillStyle = "#555";
+  ctx.font = "10px sans-serif";
+  ctx.fillText(`max ${fmt(top)}`, 2, 10);
+  canvas.dataset.masses = m.join(",");
 }
 
 // -- drawing -------------------------------------------------------------------------------------
@@ -480,6 +553,7 @@ function drawAll() {
   drawGlobal(a);
   drawColorbar(a);
   drawOverview(a);
+  drawTimeline(a);
   $("label-a").textContent = a ? `A: ${describe(a)}` : "";
   $("label-b").textContent = b ? `B: ${describe(b)}` + (b.image_mass === null ? "" : ` · ${share(b)} on the image`) : "B";
   $("sel-mass").textContent = a && a.image_mass !== null ? `${share(a)} of the ${a.method === "raw" ? "attention" : `${methodInfo(a.method).label.toLowerCase()} row`}` : "–";
@@ -624,6 +698,7 @@ async function loadReverse(target) {
   }
   const { layers, heads } = selectionParams("a");
   const p = new URLSearchParams({ run: state.run, cell: `${i},${j}`, view: target.view, layers, heads });
+  if (state.info.images && state.info.images.length > 1) p.set("image", state.image);
   const body = await getOrShow(`/api/reverse?${p}`);
   if (!body || state.reverse !== target) return;
   $("reverse-caption").textContent = `Tokens attending most to ${target.view} cell (${i}, ${j}):`;
