@@ -148,6 +148,9 @@ def payload(app, name: str, start: str | None = None) -> tuple[dict, str]:
     view the page opens at, as the viewer's URL query (token=...&layers=...), when its URL has none."""
     reg = app.extensions["runs"]
     run = reg.run(name)
+    if len(run.layout) > 1:
+        raise UserError(f"cannot export {name}: a run of several images or a video is not exported yet "
+                        "(one image per run only)")
     info = call(app, "api.initialize", "/api/initialize", {"run": name}).get_json()
     info["image_url"] = image_data_url(run)
     positions = text_rows(run).positions

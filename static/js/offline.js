@@ -258,6 +258,7 @@
     }
     const [grid, glob] = split(v.values);
     return { success: true, run: DATA.run, index: pos, text: info.token_table[pos].text, method: v.method,
+      image: 0, image_masses: null,             // an exported run is a single-image run
       layers: v.layers, heads: v.heads, drop_sink: v.drop, norm, start_layer: v.start_layer,
       grid, global: glob, image_mass: imageMass, vmin, vmax, layer_head_mass: lh };
   }
