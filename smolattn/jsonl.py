@@ -17,8 +17,8 @@ from .errors import UserError
 
 def _torn_tail(data: bytes) -> int:
     """Length of the torn last line of ``data`` (0 if it ends with a newline or the last line is whole JSON)."""
-    if not data or data.endswith(b"\n"):
-        return 0
+    if not data or data.endswith(b"\n") or b"\n" not in data:
+        return 0       # (no newline at all: not a torn append to rows of ours, so it must parse whole)
     tail = data[data.rfind(b"\n") + 1:]
     try:
         json.loads(tail)

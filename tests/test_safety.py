@@ -348,6 +348,21 @@ def test_a_users_manifest_in_the_output_root_is_never_appended_to_or_truncated(t
 
 # ------------------------------------------------------------------------- one JSONL reader/writer
 
+@pytest.mark.parametrize("name", ["manifest.jsonl", "answers.jsonl"])
+def test_a_users_one_line_file_without_newline_is_not_a_torn_row(tmp_path, name):
+    """A file of one line and no newline that is not JSON (a user's note) is not the torn tail of rows
+    of ours: the writer refuses it, byte-identical (it used to cut it to zero bytes)."""
+    path = tmp_path / name
+    path.write_bytes(b"my notes, not JSON")
+    with pytest.raises(UserError, match=f"{name}:1: invalid JSON"):
+        jsonl.Writer(path, check=lambda row: None)
+    assert path.read_bytes() == b"my notes, not JSON"
+    path.write_bytes(b'{"a": 1}\n{"a": 2')                          # a torn append after a row stays torn
+    with jsonl.Writer(path) as w:
+        w.append({"a": 3})
+    assert path.read_bytes() == b'{"a": 1}\n{"a": 3}\n'
+
+
 def test_jsonl_torn_last_line_only(tmp_path, capsys):
     path = tmp_path / "rows.jsonl"
     path.write_bytes(b'{"a": 1}\n\n{"a": 2}\n{"a": 3')

@@ -1,5 +1,5 @@
 """The viewer on intervened runs and sweeps (issue 18), written by hand exactly per
-/work/issues/INTERVENTION-SCHEMA.md on synthetic runs: the badge and ablated heads in the run info, the
+docs/interventions.md and docs/run-format.md on synthetic runs: the badge and ablated heads in the run info, the
 compare endpoint (both answers, the teacher-forced log-probability deltas, P(yes)/P(no)), a base run that
 cannot be shown, the sweep page's numbers and picture, and that nothing outside what is served is read."""
 from __future__ import annotations
