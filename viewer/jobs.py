@@ -352,7 +352,8 @@ class Live:
         pid = self.proc.pid
         self.conn.send((job.id, job.kind, job.args))
         while True:
-            if job.cancel:
+            # a cancel waits for messages already sent: a job that finished (its run renamed in) is done
+            if job.cancel and not self._pending():
                 phase = job.phase or "prefill"
                 self._restart()
                 self._clean_partial(job, pid)
@@ -395,6 +396,12 @@ class Live:
                     self.version += 1
                     self.cond.notify_all()
                 return
+
+    def _pending(self) -> bool:
+        try:
+            return self.conn.poll(0)
+        except (EOFError, OSError):
+            return False
 
     def _restart(self) -> None:
         self._kill_worker()

@@ -365,10 +365,15 @@ def ask():
         stem = safe_stem(Path(name).name)
     else:
         raise ApiError("choose an image: upload one or pick a run's image")
-    out = new_run_dir(reg.root, stem)
-    job = live().submit("ask", f"{label}: {prompt[:80]}", {
-        "image": str(image), "prompt": prompt, "max_new_tokens": new_tokens, "methods": methods,
-        "store": "compact", "out": str(out), "name": run_name(out)}, cleanup=cleanup)
+    try:
+        out = new_run_dir(reg.root, stem)
+        job = live().submit("ask", f"{label}: {prompt[:80]}", {
+            "image": str(image), "prompt": prompt, "max_new_tokens": new_tokens, "methods": methods,
+            "store": "compact", "out": str(out), "name": run_name(out)}, cleanup=cleanup)
+    except (UserError, ApiError) as e:   # not queued: the upload we saved goes, the page gets one line
+        for f in cleanup:
+            Path(f).unlink(missing_ok=True)
+        raise e if isinstance(e, ApiError) else ApiError(str(e), 503)
     return jsonify(success=True, job=job.id, run=run_name(out))
 
 
