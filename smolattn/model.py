@@ -297,8 +297,6 @@ def load_processor(source):
     wheels fail with a CPU torch): then the Idefics3-style processor is built from the checkpoint's
     own files around ``SmolVLMImageProcessorPil`` and the tokenizer, which tokenises images exactly as
     SmolVLM2 does; videos are handled by :mod:`smolattn.video` (``video_sampling`` kept on it)."""
-    import json
-
     from transformers import AutoProcessor
 
     try:
@@ -306,6 +304,14 @@ def load_processor(source):
     except Exception:   # noqa: BLE001 - ImportError (torchvision), or a broken torchvision's RuntimeError
         if model_type(source) != "smolvlm":
             raise
+    return fallback_processor(source)
+
+
+def fallback_processor(source):
+    """The Idefics3-style processor :func:`load_processor` builds for a SmolVLM2 checkpoint where its
+    own ``SmolVLMProcessor`` cannot be built (also called directly, to compare the two)."""
+    import json
+
     from transformers import AutoTokenizer, Idefics3Processor
     from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
 

@@ -110,3 +110,27 @@ def method_maps(layers, q, g: geo.Geometry, prompt_length: int, names) -> dict:
                      "meta": {"axis": m.axis, "dtype": m.dtype, "params": {**m.params, "synthetic": True},
                               "rows": m.rows}}
     return out
+
+
+def encode_mp4(path, frames: int, fps: int, size=(96, 64), mark=None):
+    """An H.264 MP4: frame i is a flat colour of its own; ``mark`` = (frame, (x, y, w, h)) paints a
+    white box into one frame. Returns the source frames (uint8 H x W x 3)."""
+    import av
+
+    w, h = size
+    src = []
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        for i in range(frames):
+            a = np.zeros((h, w, 3), np.uint8)
+            a[..., 0], a[..., 1], a[..., 2] = (40 + 13 * i) % 200, 90, 60
+            if mark and mark[0] == i:
+                x, y, bw, bh = mark[1]
+                a[y:y + bh, x:x + bw] = 255
+            src.append(a)
+            for p in stream.encode(av.VideoFrame.from_ndarray(a, format="rgb24")):
+                out.mux(p)
+        for p in stream.encode():
+            out.mux(p)
+    return src

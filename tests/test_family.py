@@ -4,7 +4,9 @@ Token ids, image / frame blocks, frame sampling and the video text are checked a
 own code: ``SmolVLMProcessor``'s prompt functions and ``replace_video_token``, the video module's
 ``sample_frames`` and ``read_video_pyav`` (imported from their files: the video processor class needs
 torchvision, which is missing here), and ``SmolVLMImageProcessorPil``. The real ``SmolVLMProcessor`` is
-compared where torchvision imports. MP4s are encoded here with PyAV.
+compared against its record (tests/data/smolvlm2_processor.json, made by
+scripts/record_smolvlm_processor.py where it builds), and live where torchvision imports. MP4s are
+encoded here with PyAV.
 """
 import importlib.util
 import json
@@ -21,6 +23,7 @@ import torch
 from PIL import Image
 
 from smolattn import engine, standin, store, synthetic, video
+from smolattn.synthetic import encode_mp4
 from smolattn import extract as ex
 from smolattn import geometry as geo
 from smolattn import model as mdl
@@ -45,28 +48,6 @@ def real_video_module():
         sys.modules[name] = module
         spec.loader.exec_module(module)
     return sys.modules[name]
-
-
-def encode_mp4(path, frames: int, fps: int, size=(96, 64), mark=None):
-    """An H.264 MP4: frame i is a flat colour of its own; ``mark`` = (frame, (x, y, w, h)) paints a
-    white box into one frame. Returns the source frames (uint8 H x W x 3)."""
-    w, h = size
-    src = []
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream("libx264", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-        for i in range(frames):
-            a = np.zeros((h, w, 3), np.uint8)
-            a[..., 0], a[..., 1], a[..., 2] = (40 + 13 * i) % 200, 90, 60
-            if mark and mark[0] == i:
-                x, y, bw, bh = mark[1]
-                a[y:y + bh, x:x + bw] = 255
-            src.append(a)
-            for p in stream.encode(av.VideoFrame.from_ndarray(a, format="rgb24")):
-                out.mux(p)
-        for p in stream.encode():
-            out.mux(p)
-    return src
 
 
 def image_prompt(processor, images, prompt):
@@ -472,21 +453,71 @@ def test_script_refuses_bad_video_input_in_one_line(clips, tmp_path, args, messa
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
 
 
-@pytest.mark.skipif(importlib.util.find_spec("torchvision") is None, reason="the real SmolVLMProcessor needs torchvision")
-def test_real_smolvlm_processor_gives_the_same_ids(smol, clips):
-    """Where torchvision imports (a GPU machine), transformers' own SmolVLMProcessor tokenises the
-    same images and video the same way."""
+def recorder():
+    """scripts/record_smolvlm_processor.py as a module: the cases and the code both sides run."""
+    name = "record_smolvlm_processor"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+        sys.modules[name] = module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+IMAGE_TOL, FRAME_TOL = 0.005, 0.03   # max |diff| of 3x4x4 block means (normalised pixels, range -1..1)
+
+
+@pytest.mark.parametrize("shape", ["smolvlm2-tiny", "smolvlm2-tiny-2.2b-geometry"])
+def test_fallback_processor_equals_the_recorded_smolvlm_processor(shape, tmp_path):
+    """What transformers' own SmolVLMProcessor gave (recorded by scripts/record_smolvlm_processor.py
+    where it builds) for 1-3 images of several sizes and videos of 4 and 16 frames: our fallback path
+    gives the same input_ids, the same pixel_values shape, and its tiles / frames within a stated
+    tolerance (frames: PyAV's decoding may differ by a few levels between its versions)."""
+    rec = recorder()
+    record = json.loads((ROOT / "tests" / "data" / "smolvlm2_processor.json").read_text())
+    assert record["format"] == rec.FORMAT and record["image_cases"] == json.loads(json.dumps(rec.IMAGE_CASES))
+    entry = record["shapes"][shape]
+    ours = mdl.fallback_processor(standin.ensure(shape))
+    assert type(ours).__name__ == "Idefics3Processor"
+    assert rec.vocab_fingerprint(ours.tokenizer) == entry["vocab"], \
+        "the stand-in's tokenizer is not the one recorded: run scripts/record_smolvlm_processor.py again"
+    assert sorted(entry["cases"]) == sorted([f"images:{n}" for n in rec.IMAGE_CASES] + [f"video:{n}" for n in rec.VIDEO_CASES])
+    for case, want in entry["cases"].items():
+        kind, name = case.split(":")
+        if kind == "images":
+            ids, px = rec.ours_images(ours, rec.IMAGE_CASES[name])
+        else:
+            ids, px = rec.ours_video(ours, rec.clip(tmp_path, name))
+        assert ids == rec.expand(want["input_ids"]), case
+        assert list(px.shape) == want["pixel_shape"], case
+        diff = np.abs(rec.pooled(px) - np.array(want["pooled"])).max()
+        assert diff <= (IMAGE_TOL if kind == "images" else FRAME_TOL), (case, diff)
+    assert "video:sixteen" in entry["cases"] and entry["cases"]["video:sixteen"]["pixel_shape"][0] == 16
+
+
+def _real_processor_builds() -> bool:
+    try:
+        from transformers import AutoProcessor
+        return type(AutoProcessor.from_pretrained(standin.ensure("smolvlm2-tiny"))).__name__ == "SmolVLMProcessor"
+    except Exception:   # noqa: BLE001 - torchvision missing, or a broken torchvision
+        return False
+
+
+def test_real_smolvlm_processor_gives_the_same_ids(tmp_path):
+    """Where transformers' own SmolVLMProcessor builds (torchvision imports: a GPU machine), it and
+    our fallback give the same ids, live, for every recorded case."""
+    if not _real_processor_builds():
+        pytest.skip("the real SmolVLMProcessor needs a working torchvision (compared above against its record)")
     from transformers import AutoProcessor
 
-    real = AutoProcessor.from_pretrained(smol.source)
-    images = [synthetic.test_image((640, 480)), synthetic.test_image((300, 300))]
-    text = mdl.chat_text(real, "Compare.", 2)
-    assert real(text=text, images=[images])["input_ids"][0].tolist() == \
-        engine.prepare_images(smol.processor, images, "Compare.").ids
-    path = clips[4][0]
-    msgs = [{"role": "user", "content": [{"type": "video", "path": str(path)}, {"type": "text", "text": "What happens?"}]}]
-    out = real.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True, do_sample_frames=True)
-    assert out["input_ids"][0] == engine.prepare_video(smol.processor, video.read(path), "What happens?").ids
+    rec = recorder()
+    for shape in rec.SHAPES:
+        src = standin.ensure(shape)
+        real, ours = AutoProcessor.from_pretrained(src), mdl.fallback_processor(src)
+        for name, sizes in rec.IMAGE_CASES.items():
+            assert rec.real_images(real, sizes)[0] == rec.ours_images(ours, sizes)[0], name
+        for name in rec.VIDEO_CASES:
+            path = rec.clip(tmp_path, name)
+            assert rec.real_video(real, path)[0] == rec.ours_video(ours, path)[0], name
 
 
 # ------------------------------------------------------------------------------- one image of several
