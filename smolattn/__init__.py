@@ -18,11 +18,11 @@ Modules, one per concern:
   jsonl     the one JSONL reader/writer (fsynced rows, torn last line only)
   analysis  dataset-level head scores (spatial entropy, elbow, pointing game, AUROC); head_report: its reports
   standin   offline stand-in models with SmolVLM's shapes
-  notebook  the notebook API: run_image, open_run -> AttentionRun (map, show, export)
+  notebook  the notebook API: run_image, run_images, run_video, open_run -> AttentionRun (map, masses, show, export)
   cli       the console commands (smolattn-extract, -view, ...); the top-level scripts are shims
 """
 
-__all__ = ["run_image", "open_run", "AttentionRun"]
+__all__ = ["run_image", "run_images", "run_video", "open_run", "AttentionRun"]
 _NOTEBOOK = set(__all__)   # the notebook API (smolattn.notebook, docs/python-api.md), imported on first use
 
 

@@ -4,6 +4,9 @@ numbers and views back.
     import smolattn
     run = smolattn.run_image("photo.jpg", "Is there a dog?", model_id="HuggingFaceTB/SmolVLM-256M-Instruct")
     run = smolattn.open_run("runs/photo")
+    run = smolattn.run_images(["a.jpg", "b.jpg"], "What differs?")     # several images in one prompt
+    run = smolattn.run_video("clip.mp4", "What happens?", model_id="HuggingFaceTB/SmolVLM2-256M-Video-Instruct")
+    run.map("dog", image=1); run.masses("dog")  # image 1's grid; the token's attention mass per image / frame
     run.answer, run.tokens                       # the answer; the text tokens (index, text, kind)
     grid = run.map("dog", layers="20-29", heads="mean")   # numpy (rows*side, cols*side): the tiled image grid
     run.show("dog")                              # Jupyter: the viewer inline (click tokens, layers, heads), no server
@@ -50,20 +53,71 @@ def run_image(image, prompt: str = "Can you describe this image?", *, model_id: 
     smolattn-extract does. ``output_dir``: the run directory to write (default: a new folder
     smolattn_runs/<image stem>[-n], never an existing one). The model stays loaded for the next call."""
     from . import extract as ex
-    from . import model as mdl
-    from . import store as stores
 
-    model_id = model_id or mdl.DEFAULT_MODEL
-    settings = ex.Settings(prompt, max_new_tokens, longest_edge, store,
-                           tuple(mth.parse(methods if isinstance(methods, str) else ",".join(methods)))).check()
+    settings = _settings(prompt, max_new_tokens, longest_edge, store, methods)
     opened = ex.open_image(image)                       # a bad image fails before the model loads
-    out = Path(output_dir) if output_dir is not None else _new_dir(Path(DEFAULT_ROOT), Path(image).stem)
-    ex.check_writable(out)
-    stores.check_target(out)
-    key = (model_id, device, dtype, revision)
+    out = _target(output_dir, Path(image).stem)
+    ex.extract(_load(model_id, device, dtype, revision), image, out, settings, image=opened)
+    return open_run(out)
+
+
+def _load(model_id, device, dtype, revision):
+    from . import model as mdl
+
+    key = (model_id or mdl.DEFAULT_MODEL, device, dtype, revision)
     if key not in _models:
-        _models[key] = mdl.load(model_id, device, dtype, revision)
-    ex.extract(_models[key], image, out, settings, image=opened)
+        _models[key] = mdl.load(*key)
+    return _models[key]
+
+
+def _settings(prompt, max_new_tokens, longest_edge, store_mode, methods):
+    from . import extract as ex
+
+    return ex.Settings(prompt, max_new_tokens, longest_edge, store_mode,
+                       tuple(mth.parse(methods if isinstance(methods, str) else ",".join(methods)))).check()
+
+
+def _target(output_dir, stem: str) -> Path:
+    from . import extract as ex
+
+    out = Path(output_dir) if output_dir is not None else _new_dir(Path(DEFAULT_ROOT), stem)
+    ex.check_writable(out)
+    store.check_target(out)
+    return out
+
+
+def run_images(images, prompt: str = "Can you describe these images?", *, model_id: str | None = None,
+               output_dir=None, max_new_tokens: int = 128, store: str = "compact", methods=("raw",),
+               longest_edge: int | None = None, device: str | None = None, dtype: str | None = None,
+               revision: str | None = None) -> "AttentionRun":
+    """Several images (paths) in ONE prompt, in order, each with its own tiles (smolattn-extract
+    --image a --image b). ``map(token, image=K)`` then draws image K."""
+    from . import extract as ex
+
+    paths = [images] if isinstance(images, (str, Path)) else list(images)
+    if not paths:
+        raise UserError("run_images needs at least one image")
+    settings = _settings(prompt, max_new_tokens, longest_edge, store, methods)
+    opened = [ex.open_image(p) for p in paths]          # bad images fail before the model loads
+    out = _target(output_dir, Path(paths[0]).stem + (f"-and-{len(paths) - 1}" if len(paths) > 1 else ""))
+    ex.extract_images(_load(model_id, device, dtype, revision), paths, out, settings, images=opened)
+    return open_run(out)
+
+
+def run_video(video, prompt: str = "Describe this video.", *, model_id: str | None = None, fps: float | None = None,
+              max_frames: int | None = None, keep_frame_rows: bool = False, output_dir=None,
+              max_new_tokens: int = 128, store: str = "compact", methods=("raw",), device: str | None = None,
+              dtype: str | None = None, revision: str | None = None) -> "AttentionRun":
+    """A video's sampled frames + prompt (a SmolVLM2 checkpoint; smolattn-extract --video).
+    ``fps`` / ``max_frames`` None: the checkpoint's own sampling. ``masses(token)`` is the token's
+    attention mass per frame (which moment it looks at); ``map(token, image=K)`` frame K's grid."""
+    from . import extract as ex
+    from . import video as vid
+
+    settings = _settings(prompt, max_new_tokens, None, store, methods)
+    vid.probe(video, fps, max_frames)                   # a bad video fails before the model loads
+    out = _target(output_dir, Path(video).stem)
+    ex.extract_video(_load(model_id, device, dtype, revision), video, out, settings, fps, max_frames, keep_frame_rows)
     return open_run(out)
 
 
@@ -130,17 +184,33 @@ class AttentionRun:
 
     @property
     def grid_shape(self) -> tuple[int, int]:
-        """(rows, cols) of cells of ``map(..., view="tiles")`` (the global tile's when unsplit)."""
-        g = self.run.geometry
-        return tuple(g.grid_shape) if g.rows else (g.side, g.side)
+        """(rows, cols) of cells of ``map(..., view="tiles")`` of image 0 (the global tile's when
+        unsplit); ``images[k]["grid"]`` for image k."""
+        return self.images[0]["grid"]
+
+    @property
+    def images(self) -> list[dict]:
+        """Every image (or video frame) of the prompt, in order: index, kind ("image" or "frame"),
+        timestamp (seconds, frames only), size (W, H) of the original and grid (rows, cols) of its
+        ``map(..., view="tiles")``."""
+        layout = self.run.layout
+        return [{"index": k, "kind": kind, "timestamp": ts, "size": tuple(self.run.image_size(k if len(layout) > 1 else None)),
+                 "grid": tuple(g.grid_shape) if g.rows else (g.side, g.side)}
+                for k, (g, kind, ts) in enumerate(zip(layout.images, layout.kinds, layout.timestamps))]
 
     @property
     def methods(self) -> list[str]:
         return self.run.methods
 
     def __repr__(self) -> str:
-        g = self.run.geometry
-        layout = f"{g.rows}x{g.cols} tiles" if g.rows else "global tile only"
+        lay = self.run.layout
+        if lay.is_video:
+            layout = f"a video, {len(lay)} frames"
+        elif len(lay) > 1:
+            layout = f"{len(lay)} images"
+        else:
+            g = lay.images[0]
+            layout = f"{g.rows}x{g.cols} tiles" if g.rows else "global tile only"
         banner = ", STAND-IN model (random weights)" if self.standin else ""
         return (f"<AttentionRun {str(self.path)!r}: {self.answer[:60]!r}, {layout}, "
                 f"{self.num_layers} layers x {self.num_heads} heads{banner}>")
@@ -170,7 +240,8 @@ class AttentionRun:
 
     def values(self, token, layers=None, heads="mean", method: str = "raw", drop_sink: bool = False,
                start_layer: int = 0) -> np.ndarray:
-        """(K,) the token's map over every image key (tiles row-major, global tile last)."""
+        """(K,) the token's map over every image key (tiles row-major, global tile last; several images
+        or frames: image after image, ``images``' order)."""
         pos = self.position(token)
         if method not in self.methods:
             if method in mth.METHODS:
@@ -194,24 +265,38 @@ class AttentionRun:
         (rows*side, cols*side; the global tile when the image was not split), ``"global"`` the global
         tile (side, side). ``layers``: None (all), an int, a list, or 'a-b'; ``heads``: 'mean', 'max'
         or a head index; ``method``: 'raw' or a derived method the run stores (``methods``)."""
-        if image != 0:
-            raise UserError(f"image {image}: this run has one image (0)")
+        k = self._image(image)
         if view not in ("tiles", "global"):
             raise UserError(f"view must be 'tiles' or 'global', got {view!r}")
-        grid, glob = self.run.geometry.split(self.values(token, layers, heads, method, drop_sink, start_layer))
+        grid, glob = self.run.layout.split(self.values(token, layers, heads, method, drop_sink, start_layer), k)
         return glob if view == "global" or grid is None else grid
+
+    def masses(self, token, layers=None, heads="mean", method: str = "raw", drop_sink: bool = False,
+               start_layer: int = 0) -> np.ndarray:
+        """(n,) the token's map summed over each image (a video: each frame, its timeline)."""
+        return self.run.layout.mass(self.values(token, layers, heads, method, drop_sink, start_layer))
+
+    def _image(self, image) -> int:
+        n = len(self.run.layout)
+        if not isinstance(image, (int, np.integer)) or not 0 <= int(image) < n:
+            what = "frame" if self.run.layout.is_video else "image"
+            raise UserError(f"image {image!r} out of range: this run has {n} {what}{'s' if n > 1 else ''} (0.."
+                            f"{n - 1})")
+        return int(image)
 
     # -- views ----------------------------------------------------------------------------------
     def picture(self, token, layers=None, heads="mean", method: str = "raw", drop_sink: bool = False,
-                start_layer: int = 0, smooth: bool = False):
-        """A PIL image: the run's image with the token's map on top and a caption (the static view)."""
+                start_layer: int = 0, smooth: bool = False, image: int = 0):
+        """A PIL image: the run's image (``image``: which one of several, or which frame) with the
+        token's map on top and a caption (the static view)."""
         from PIL import Image, ImageDraw
 
         pos = self.position(token)
-        grid = self.map(pos, layers, heads, method, 0, "tiles", drop_sink, start_layer)
-        path = self.run.image_path()
+        grid = self.map(pos, layers, heads, method, image, "tiles", drop_sink, start_layer)
+        k = int(image) if len(self.run.layout) > 1 else None
+        path = self.run.image_path(k)
         if path is None:
-            base = Image.new("RGB", self.run.image_size(), "black")
+            base = Image.new("RGB", self.run.image_size(k), "black")
         else:
             with Image.open(path) as im:
                 base = im.convert("RGB")
@@ -220,6 +305,9 @@ class AttentionRun:
         pic = hm.overlay(base, hm.normalise(grid), smooth, vmax=1.0)     # per-map scale, as the viewer
         caption = (f"{tok.text_at(self.run.tokens, pos).strip()!r} (#{pos}) - {method}, layers "
                    f"{layers if layers is not None else 'all'}, heads {heads}")
+        if k is not None:
+            ts = self.run.layout.timestamps[k]
+            caption += f" - frame {k} ({ts:.1f} s)" if ts is not None else f" - image {k}"
         if self.standin:
             caption += " - STAND-IN MODEL, random weights"
         out = Image.new("RGB", (pic.width, pic.height + 22), "white")

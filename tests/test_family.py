@@ -699,3 +699,50 @@ def test_interventions_refuse_several_image_and_video_runs_in_one_line(family_ru
                            env=dict(os.environ, PYTHONPATH=str(ROOT)))
         assert r.returncode != 0 and what in r.stderr and "single-image runs only" in r.stderr
         assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+# ------------------------------------------------------------------------------- the notebook API
+
+def test_notebook_maps_each_image_and_the_per_frame_masses(family_runs):
+    import smolattn
+
+    for name in ("two", "video"):
+        store_run = family_runs[name]
+        run = smolattn.open_run(store_run.path)
+        lay = store_run.layout
+        assert len(run.images) == len(lay) and [i["kind"] for i in run.images] == list(lay.kinds)
+        assert ("a video, 4 frames" if name == "video" else "2 images") in repr(run) and "STAND-IN" in repr(run)
+        pos = run.answer_tokens[0].index
+        row = store_run.row_of(pos)
+        # independently: every layer's head-mean row over the stored keys, image by image
+        full = np.stack([store_run.full_row(store_run.layer(i), row).mean(0) for i in range(store_run.num_layers)])
+        over_keys = full[:, lay.key_positions].mean(0)
+        np.testing.assert_allclose(run.masses(pos), [over_keys[lay.keys_of(k)].sum() for k in range(len(lay))],
+                                   rtol=1e-4, atol=1e-6)
+        for k in range(len(lay)):
+            g = lay.images[k]
+            want = over_keys[lay.keys_of(k)][g.rows * g.cols * g.per_tile:].reshape(g.side, g.side)
+            np.testing.assert_allclose(run.map(pos, image=k, view="global"), want, rtol=1e-4, atol=1e-7)
+            assert run.map(pos, image=k).shape == tuple(np.multiply(run.images[k]["grid"], 1))
+        pic = run.picture(pos, image=len(lay) - 1)
+        assert pic.width == min(run.images[-1]["size"][0], round(run.images[-1]["size"][0]
+                                                                 * min(1.0, 1024 / max(run.images[-1]["size"]))))
+        with pytest.raises(ex.UserError, match="out of range"):
+            run.map(pos, image=len(lay))
+    assert smolattn.open_run(family_runs["video"].path).images[3]["timestamp"] == family_runs["video"].layout.timestamps[3]
+
+
+def test_notebook_runs_several_images_and_a_video(smol, clips, tmp_path):
+    import smolattn
+
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    synthetic.test_image((640, 480)).save(a)
+    synthetic.test_image((300, 200)).save(b)
+    two = smolattn.run_images([a, b], "Compare.", model_id=smol.source, output_dir=tmp_path / "two", max_new_tokens=2)
+    assert len(two.images) == 2 and two.images[1]["size"] == (300, 200) and two.prompt == "Compare."
+    vid = smolattn.run_video(clips[4][0], "What happens?", model_id=smol.source, output_dir=tmp_path / "vid",
+                             max_new_tokens=2)
+    assert [i["kind"] for i in vid.images] == ["frame"] * 4 and len(vid.masses(vid.answer_tokens[0])) == 4
+    with pytest.raises(ex.UserError, match="video not found"):
+        smolattn.run_video(tmp_path / "missing.mp4", model_id=smol.source, output_dir=tmp_path / "nothing")
+    assert not (tmp_path / "nothing").exists()
