@@ -132,7 +132,7 @@ def availability(run) -> dict:
     what = f"{len(run.layout)} frames" if run.layout.is_video else f"{len(run.layout)} image(s)"
     return {"ok": False, "bytes": n, "reason": (
         f"too large to export as one HTML file: its rows ({what}, {run.layout.num_keys} image keys) would take "
-        f"{n / 1e6:.1f} MB in the page, over the {MAX_ROW_BYTES / 1e6:.0f} MB limit; open it with the viewer server")}
+        f"{n / 1e6:.1f} MB in the page, over the {MAX_ROW_BYTES / 1e6:.1f} MB limit; open it with the viewer server")}
 
 
 def image_data_url(run, k: int | None = None) -> str | None:
