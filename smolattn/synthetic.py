@@ -130,7 +130,8 @@ def make_layout_run(out, grids=((3, 4), (0, 0)), *, video: bool = False, sizes=N
                     one_hot: dict | None = None):
     """Write a synthetic run of several images in one prompt (``grids``: the (R, C) tiles of each, in
     order; ``sizes``: their (W, H)) or, with ``video``, of ``len(grids)`` frames (each one global tile;
-    one second apart), with random causal softmax rows for every position outside the image blocks.
+    one second apart), with random causal softmax rows for every position outside the image blocks
+    (a video: outside the span of its frames, as extraction's default rows).
     ``one_hot`` maps a query position to a key index on the stored key axis (all images' keys in
     order): every layer and head of that row then puts all its mass there. ``methods``: as make_run."""
     if video:
@@ -150,7 +151,7 @@ def make_layout_run(out, grids=((3, 4), (0, 0)), *, video: bool = False, sizes=N
     stamps = tuple(float(k) for k in range(len(grids))) if video else ()
     layout = geo.layout_from_tokens(tokens, kinds, stamps)
     S = len(tokens)
-    q = np.arange(S)[layout.outside_image(np.arange(S))]
+    q = np.arange(S)[layout.outside_image(np.arange(S), between=not video)]   # a video: not the frames' stamps
     rng = np.random.default_rng(seed)
     keys = layout.key_positions
     arrays = []
