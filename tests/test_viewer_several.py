@@ -315,8 +315,7 @@ def test_one_panel_per_image_each_with_its_overlay(page, server, root, name, cli
     page.click('#image-panels .image-panel[data-image="1"]')   # a panel shows its image in the main view
     page.wait_for_function('() => document.getElementById("image").src.endsWith("image=1")')
     page.wait_for_selector('#image-panels .image-panel.selected[data-image="1"]')
-    if name == "two":
-        page.screenshot(path=str(SHOTS / "viewer_two_images.png"), full_page=True)
+    page.screenshot(path=str(SHOTS / f"viewer_{name}_images.png"), full_page=True)
 
 
 def test_video_timeline_frame_click_and_overview_selector(page, server, root, client):
@@ -378,6 +377,7 @@ def test_dataset_page_shows_the_skipped_line(page, server, root):
             assert text.startswith("3 runs skipped: several images or a video in one prompt (open them one by one)")
             assert page.locator("#skipped-several a").count() == 3
             assert page.get_attribute("#skipped-several a >> nth=0", "href").startswith("/?run=")
+            page.screenshot(path=str(SHOTS / "dataset_skipped.png"), full_page=True)
         finally:
             srv.shutdown()
     finally:
