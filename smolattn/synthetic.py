@@ -90,28 +90,6 @@ def make_run(out, rows: int = 3, cols: int = 4, *, layers: int = 2, heads: int =
                            methods=method_maps(arrays, q, g, plen, methods))
 
 
-def method_maps(layers, q, g: geo.Geometry, prompt_length: int, names) -> dict:
-    """Synthetic stand-ins for smolattn.methods.compute's output (same rows and layout; NOT the
-    methods' math): every map is its row's head-mean attention over the image keys in that layer
-    (times the number of keys for 'relative', a ratio around 1). Relevancy maps of token t come
-    from row t-1, as the real method's."""
-    from . import methods as mth
-    image = np.stack([a[..., g.key_positions].astype(np.float32).mean(0) for a in layers])   # (L, Q, K)
-    S, out = int(q.max()) + 1, {}
-    for name in names:
-        m = mth.METHODS[name]
-        if name == "relevancy":
-            positions = np.arange(prompt_length, S)
-            rows = positions - 1
-        else:
-            positions = rows = q[q >= g.block_end] if name == "relative" else q
-        maps = image[:, [int(np.flatnonzero(q == r)[0]) for r in rows]] * (g.num_keys if name == "relative" else 1)
-        out[name] = {"positions": positions, "query_positions": rows, "maps": maps,
-                     "meta": {"axis": m.axis, "dtype": m.dtype, "params": {**m.params, "synthetic": True},
-                              "rows": m.rows}}
-    return out
-
-
 def image_block(rows: int, cols: int, side: int = 8) -> list:
     """One image's tokens as the Idefics3 processor writes them: R x C tiles (rows ended by a newline),
     then the global tile; 0 x 0 (or a video frame): the global tile only."""
@@ -180,3 +158,26 @@ def make_layout_run(out, grids=((3, 4), (0, 0)), *, video: bool = False, sizes=N
     return store.write_run(out, tokens=tokens, layers=arrays, query_positions=q, store="compact", geometry=layout,
                            meta=meta, images=[(im, "png") for im in images],
                            methods=method_maps(arrays, q, layout, plen, methods))
+
+
+def method_maps(layers, q, g: geo.Geometry, prompt_length: int, names) -> dict:
+    """Synthetic stand-ins for smolattn.methods.compute's output (same rows and layout; NOT the
+    methods' math): every map is its row's head-mean attention over the image keys in that layer
+    (times the number of keys for 'relative', a ratio around 1). Relevancy maps of token t come
+    from row t-1, as the real method's."""
+    from . import methods as mth
+    image = np.stack([a[..., g.key_positions].astype(np.float32).mean(0) for a in layers])   # (L, Q, K)
+    S, out = int(q.max()) + 1, {}
+    for name in names:
+        m = mth.METHODS[name]
+        if name == "relevancy":
+            positions = np.arange(prompt_length, S)
+            rows = positions - 1
+        else:
+            positions = rows = q[q >= g.block_end] if name == "relative" else q
+        maps = image[:, [int(np.flatnonzero(q == r)[0]) for r in rows]] * (g.num_keys if name == "relative" else 1)
+        out[name] = {"positions": positions, "query_positions": rows, "maps": maps,
+                     "meta": {"axis": m.axis, "dtype": m.dtype, "params": {**m.params, "synthetic": True},
+                              "rows": m.rows}}
+    return out
+
