@@ -180,4 +180,3 @@ def method_maps(layers, q, g: geo.Geometry, prompt_length: int, names) -> dict:
                      "meta": {"axis": m.axis, "dtype": m.dtype, "params": {**m.params, "synthetic": True},
                               "rows": m.rows}}
     return out
-
