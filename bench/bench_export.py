@@ -65,11 +65,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(args.run) if args.run else make_run(Path(tmp) / "run")
         run = Run(run_dir)
-        g = run.geometry
+        lay = run.layout
         answer = sum(1 for p in run.query_positions if p >= run.prompt_length)
-        print(f"run: {run.num_layers} layers x {run.num_heads} heads, {g.rows}x{g.cols} tiles + global "
-              f"({g.num_keys} image keys), {len(text_rows(run).positions)} kept rows ({answer} answer), "
+        what = f"{lay.rows}x{lay.cols} tiles + global" if len(lay) == 1 else \
+            f"{len(lay)} {'frames' if lay.is_video else 'images'}"
+        print(f"run: {run.num_layers} layers x {run.num_heads} heads, {what} "
+              f"({lay.num_keys} image keys), {len(text_rows(run).positions)} kept rows ({answer} answer), "
               f"{'stand-in' if run.standin else 'real'} model")
+        allowed = export.availability(run)
+        print(f"rows in the page: {allowed['bytes'] / 1e6:.1f} MB (limit {export.MAX_ROW_BYTES / 1e6:.0f} MB)")
+        if not allowed["ok"]:
+            print(f"refused: {allowed['reason']}")
+            return
         out = Path(tmp) / "run.html"
         t = time.perf_counter()
         size = export.export(run_dir, out)["bytes"]

@@ -193,12 +193,21 @@ def scored_boxes(image_boxes: dict | None, pope_info: dict | None) -> tuple[str 
     return ("categories" if pope_info else "every"), every
 
 
+SINGLE_IMAGE_ONLY = "the head analysis covers single-image runs only"
+SEVERAL_SKIPPED = "several images or a video in one prompt"    # how reports name those skipped runs
+
+
+def skipped_several(skipped: dict) -> list[str]:
+    """The skipped runs (name -> reason) that hold several images or a video (analyse_run's reason)."""
+    return [name for name, why in skipped.items() if SINGLE_IMAGE_ONLY in str(why)]
+
+
 def analyse_run(path, params: Params, boxes: dict | None = None) -> dict:
     """Everything the dataset analysis needs from one run: small (L, H) arrays and its labels."""
     run = store.Run(path)
     if len(run.layout) > 1:
-        raise UserError(f"{'a video' if run.layout.is_video else 'several images'} in one prompt: the head analysis "
-                        "covers single-image runs only (skipped)")
+        raise UserError(f"{'a video' if run.layout.is_video else 'several images'} in one prompt: {SINGLE_IMAGE_ONLY} "
+                        "(skipped)")
     rows = query_rows(run, params.query)
     maps, share = query_maps(run, rows)
     g = run.geometry

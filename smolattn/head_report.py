@@ -62,6 +62,7 @@ def number(x):
 def inputs(ds: an.Dataset, found: int, annotations=None, boxes=None) -> dict:
     return {"root": str(Path(ds.root).resolve()), "runs_found": found, "runs_analysed": len(ds),
             "runs_skipped": len(ds.skipped), "skipped": dict(list(ds.skipped.items())[:50]),
+            "runs_skipped_several": len(an.skipped_several(ds.skipped)),   # several images or a video
             "pope_runs": int(ds.pope_mask().sum()) if len(ds) else 0,
             "runs_with_boxes": int(sum(r["boxed"] for r in ds.runs)),
             "annotations": None if not annotations else {"path": str(annotations), "sha256": pope.file_digest(annotations),
@@ -75,7 +76,9 @@ def header(info: dict, params: an.Params) -> list[str]:
     ann = info["annotations"]
     lines += ["## Localisation heads and hallucination lens", "",
               f"- runs root: `{info['root']}`: {info['runs_found']} runs found, {info['runs_analysed']} analysed, "
-              f"{info['runs_skipped']} skipped" + (" (reasons in analysis.json)" if info["runs_skipped"] else ""),
+              f"{info['runs_skipped']} skipped" + (" (reasons in analysis.json)" if info["runs_skipped"] else "")
+              + (f"; {info['runs_skipped_several']} of them: {an.SEVERAL_SKIPPED} (single-image runs only)"
+                 if info.get("runs_skipped_several") else ""),
               f"- POPE runs: {info['pope_runs']}; runs scored against COCO boxes: {info['runs_with_boxes']}",
               "- COCO boxes: " + (f"`{ann['path']}` (sha256 {ann['sha256'][:16]}…, {ann['images']} images)" if ann else "none"),
               f"- model: {', '.join(info['models']) or 'none'}" + (" (STAND-IN)" if info["standin"] else "")

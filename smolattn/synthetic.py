@@ -90,6 +90,76 @@ def make_run(out, rows: int = 3, cols: int = 4, *, layers: int = 2, heads: int =
                            methods=method_maps(arrays, q, g, plen, methods))
 
 
+def image_block(rows: int, cols: int, side: int = 8) -> list:
+    """One image's tokens as the Idefics3 processor writes them: R x C tiles (rows ended by a newline),
+    then the global tile; 0 x 0 (or a video frame): the global tile only."""
+    n, t = side * side, []
+    for r in range(1, rows + 1):
+        for c in range(1, cols + 1):
+            t += ["<fake_token_around_image>", f"<row_{r}_col_{c}>"] + ["<image>"] * n
+        t.append("Ċ")
+    if rows:
+        t[-1] = "ĊĊ"
+    return t + ["<fake_token_around_image>", "<global-img>"] + ["<image>"] * n + ["<fake_token_around_image>"]
+
+
+def make_layout_run(out, grids=((3, 4), (0, 0)), *, video: bool = False, sizes=None, layers: int = 2,
+                    heads: int = 2, side: int = 8, seed: int = 0, methods=(), answer=ANSWER, prompt=PROMPT,
+                    one_hot: dict | None = None):
+    """Write a synthetic run of several images in one prompt (``grids``: the (R, C) tiles of each, in
+    order; ``sizes``: their (W, H)) or, with ``video``, of ``len(grids)`` frames (each one global tile;
+    one second apart), with random causal softmax rows for every position outside the image blocks
+    (a video: outside the span of its frames, as extraction's default rows).
+    ``one_hot`` maps a query position to a key index on the stored key axis (all images' keys in
+    order): every layer and head of that row then puts all its mass there. ``methods``: as make_run."""
+    if video:
+        grids = [(0, 0)] * len(grids)
+    sizes = list(sizes or [(640, 480) if not video else (320, 240)] * len(grids))
+    t = ["<|im_start|>", "User", ":"]
+    if video:
+        t += ["ĠYou", "Ġare", "Ġprovided", "Ġframes", ".", "Ċ"]
+    for k, (r, c) in enumerate(grids):
+        if video:
+            t += ["Ċ", "Frame", "Ġfrom", f"Ġ00:{k:02d}", ":"]
+        t += image_block(r, c, side)
+    t += list(prompt) + ["<end_of_utterance>", "Ċ", "Ass", "istant", ":"]
+    plen = len(t)
+    tokens = t + list(answer) + ["<end_of_utterance>"]
+    kinds = (geo.FRAME if video else geo.IMAGE,) * len(grids)
+    stamps = tuple(float(k) for k in range(len(grids))) if video else ()
+    layout = geo.layout_from_tokens(tokens, kinds, stamps)
+    S = len(tokens)
+    q = np.arange(S)[layout.outside_image(np.arange(S), between=not video)]   # a video: not the frames' stamps
+    rng = np.random.default_rng(seed)
+    keys = layout.key_positions
+    arrays = []
+    for _ in range(layers):
+        logits = rng.normal(0, 1, (heads, len(q), S))
+        logits[..., np.arange(S)[None, :] > q[:, None]] = -np.inf
+        a = np.exp(logits - logits.max(-1, keepdims=True))
+        a /= a.sum(-1, keepdims=True)
+        for pos, key in (one_hot or {}).items():
+            row = int(np.flatnonzero(q == pos)[0])
+            a[:, row] = 0
+            a[:, row, keys[key]] = 1.0
+        arrays.append(a.astype(np.float16))
+    images = [test_image(s) for s in sizes]
+    entries = [{"kind": kind, "timestamp": ts, "size": list(s), "source": "synthetic",
+                "tiles": {"rows": g.rows, "cols": g.cols}}
+               for kind, ts, s, g in zip(layout.kinds, layout.timestamps, sizes, layout.images)]
+    meta = {"model": {"id": "synthetic", "standin": True, "dtype": "float16"},
+            "prompt": "".join(u.text for u in units(prompt)).strip(),
+            "answer": "".join(u.text for u in units(tokens[plen:])), "prompt_length": plen,
+            "image": ({"source": "synthetic.mp4", "size": list(sizes[0]), "kind": "video"} if video
+                      else {"size": list(sizes[0]), "source": "synthetic"}),
+            "images": entries}
+    if video:
+        meta["video"] = {"source": "synthetic.mp4", "format": "synthetic", "fps": 1.0, "total_frames": len(grids)}
+    return store.write_run(out, tokens=tokens, layers=arrays, query_positions=q, store="compact", geometry=layout,
+                           meta=meta, images=[(im, "png") for im in images],
+                           methods=method_maps(arrays, q, layout, plen, methods))
+
+
 def method_maps(layers, q, g: geo.Geometry, prompt_length: int, names) -> dict:
     """Synthetic stand-ins for smolattn.methods.compute's output (same rows and layout; NOT the
     methods' math): every map is its row's head-mean attention over the image keys in that layer

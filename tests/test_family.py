@@ -617,7 +617,7 @@ def test_viewer_api_serves_each_image_and_the_per_frame_timeline(family_runs, ma
         run = store.Run(root / name)
         info = client.get(f"/api/initialize?run={name}").get_json()
         assert info["success"] and info["video"] == run.layout.is_video and len(info["images"]) == len(run.layout)
-        assert [m["name"] for m in info["methods"]] == ["raw"]        # derived maps: single-image runs only
+        assert [m["name"] for m in info["methods"] if m["available"]] == ["raw"]     # none stored in these runs
         pos = run.query_positions[-1]
         row = run.row_of(pos)
         values = np.mean([run.layer(i).image[:, row].mean(0) for i in range(run.num_layers)], axis=0)

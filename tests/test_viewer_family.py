@@ -54,13 +54,17 @@ def test_strip_timeline_and_click_to_an_image(server, name, count):
         page.wait_for_selector("#overlay[data-index]")
         page.wait_for_selector("#timeline[data-masses]")
         assert page.is_visible("#images-panel")
-        assert page.locator("#image-strip .thumb").count() == count
+        item = "#image-strip .thumb" if name == "video" else "#image-panels .image-panel"   # images: a panel each
+        assert page.locator(item).count() == count
         masses = [float(x) for x in page.eval_on_selector("#timeline", "e => e.dataset.masses").split(",")]
         assert len(masses) == count and all(m > 0 for m in masses)
-        with page.expect_response(lambda r: "/api/attention" in r.url and f"image={count - 1}" in r.url):
-            page.click(f'#image-strip .thumb[data-image="{count - 1}"]')
+        if name == "video":
+            with page.expect_response(lambda r: "/api/attention" in r.url and f"image={count - 1}" in r.url):
+                page.click(f'{item}[data-image="{count - 1}"]')
+        else:   # every image's map is on the page already (its panel's)
+            page.click(f'{item}[data-image="{count - 1}"]')
         page.wait_for_function(f'document.getElementById("image").src.endsWith("image={count - 1}")')
-        assert page.locator("#image-strip .thumb.selected").get_attribute("data-image") == str(count - 1)
+        assert page.locator(f"{item}.selected").get_attribute("data-image") == str(count - 1)
         page.screenshot(path=str(SHOTS / f"family_{name}.png"), full_page=True)
         browser.close()
     assert not errors, errors

@@ -19,6 +19,7 @@ from smolattn import tokens as tok
 from smolattn.errors import UserError
 from smolattn.store import Run, token_table
 
+from . import export
 from .index import SORTS
 from .runs import MAX_OPEN_RUNS, NotFound, text_rows
 
@@ -100,9 +101,19 @@ def get_run(args) -> tuple[str, Run]:
         raise ApiError(f"run {name!r} cannot be read: {e}", 500) from None
 
 
-def get_image(run: Run, args) -> int:
-    """The image (or video frame) a view is about: ``image`` (0-based; default 0)."""
-    k = as_int(args.get("image", "0"), "image")
+ALL_IMAGES = "all"     # image=all: summed over every image (frame) of the prompt (/api/overview)
+
+
+def get_image(run: Run, args, default="0", allow_all: bool = False) -> int | None:
+    """The image (or video frame) a view is about: ``image`` (0-based; default 0); with ``allow_all``,
+    ``image=all`` (None: every image summed)."""
+    value = args.get("image", default)
+    if allow_all and value == ALL_IMAGES:
+        return None
+    if not (isinstance(value, int) or (isinstance(value, str) and re.fullmatch(r"\s*-?\d{1,9}\s*", value))):
+        raise ApiError(f"image must be an image index 0..{len(run.layout) - 1}"
+                       + (f" or '{ALL_IMAGES}' (every image summed)" if allow_all else "") + f", got {value!r}")
+    k = as_int(value, "image")
     if not 0 <= k < len(run.layout):
         raise NotFound(f"image {k} out of range: the run has {len(run.layout)} image(s), 0..{len(run.layout) - 1}")
     return k
@@ -285,8 +296,9 @@ def initialize():
         geometry={"rows": g.rows, "cols": g.cols, "side": g.side, "grid": list(g.grid_shape),
                   "num_keys": g.num_keys, "image_block": list(run.layout.image_block), "image_size": list(run.image_size())},
         images=images_info(name, run), video=run.layout.is_video,
-        token_table=tokens,   # several images / a video: raw attention only (derived maps are single-image)
-        methods=[method_info(run, m) for m in METHODS if m == RAW or len(run.layout) == 1],
+        token_table=tokens,   # several images / a video: method maps span every image's keys, as raw
+        methods=[method_info(run, m) for m in METHODS],
+        export=export.availability(run),
         methods_command=runmeta.command(run.meta, run.path, list(mth.METHODS)),
         query_semantics=run.meta["attention"].get(
             "query_semantics", "row for token t = position t as the query (the reference viewer's convention)"))
@@ -390,6 +402,35 @@ def attention():
                    start_layer=v.get("start_layer"),
                    grid=None if grid is None else numbers(grid), **{"global": numbers(glob)},
                    image_mass=image_mass, vmin=vmin, vmax=vmax, layer_head_mass=numbers(lh_mass))
+
+
+def layer_head_mass(name: str, run: Run, row: int, k: int | None) -> np.ndarray:
+    """(L, H): the share of the row's attention on image ``k``'s keys, image_k / (image + text) in
+    each layer and head; ``k`` None: on every image (the summary's overview, the sum over images)."""
+    if k is None or len(run.layout) == 1:
+        return registry().summary(name, run).lh_mass(row)
+    reg, keys = registry(), run.layout.keys_of(k)
+    out = np.zeros((run.num_layers, run.num_heads))
+    for i in range(run.num_layers):
+        layer = reg.layer(name, run, i)
+        image, text = layer.image[:, row].astype(np.float64), layer.text[:, row].astype(np.float64)
+        total = image.sum(-1) + text.sum(-1)
+        np.divide(image[:, keys].sum(-1), total, out=out[i], where=total > 0)
+    return out
+
+
+@bp.get("/overview")
+def overview():
+    """The token's layer x head overview: the share of its attention on image (frame) K per layer
+    and head (``image=K``), or on every image (``image=all``, the default: /api/attention's
+    ``layer_head_mass``; the per-image overviews add up to it)."""
+    args = params()
+    name, run = get_run(args)
+    pos, row = get_token(run, args.get("index"))
+    k = get_image(run, args, default=ALL_IMAGES, allow_all=True)
+    lh = layer_head_mass(name, run, row, k)
+    return jsonify(success=True, run=name, index=pos, image=ALL_IMAGES if k is None else k,
+                   images=len(run.layout), layer_head_mass=numbers(lh))
 
 
 @bp.get("/text_attention")

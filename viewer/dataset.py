@@ -91,9 +91,20 @@ def summary():
     ds, result, _, _ = loaded()
     served = current_app.extensions["runs"].root
     return jsonify(success=True, inputs=result["inputs"], params=result["params"], shape=list(ds.shape),
+                   several=several_skipped(result["inputs"]),
                    scores={k: {"label": label, "higher_is_better": high} for k, (label, high) in an.SCORES.items()},
                    table=result["table"], lens=result.get("lens"),
                    same_root=Path(result["inputs"]["root"]).resolve() == served)
+
+
+def several_skipped(inputs: dict) -> dict:
+    """The runs the analysis skipped for holding several images or a video in one prompt: ``count``
+    (all of them; an older analysis.json: those among its first 50 reasons), ``runs`` (the names it
+    lists) and the page's ``line``."""
+    runs = an.skipped_several(inputs.get("skipped") or {})
+    n = inputs.get("runs_skipped_several", len(runs))
+    line = (f"{n} run{'s' if n != 1 else ''} skipped: {an.SEVERAL_SKIPPED} (open them one by one)" if n else None)
+    return {"count": n, "runs": runs, "line": line}
 
 
 @bp.get("/api/dataset/head")

@@ -34,11 +34,16 @@ FORMAT = "smolattn-export"
 VERSION = 1
 IMAGE_MAX_SIDE = 1024           # as the viewer's PNG renders (api.PNG_MAX_SIDE)
 IMAGE_KEEP_BYTES = 1_500_000    # a smaller image file is embedded as it is
+MAX_ROW_BYTES = 32_000_000      # the rows' 8-bit codes the page holds (a real-shape 3x4-tile run: ~12 MB)
 PRECISION = ("8-bit codes with one scale per row, as the compact8 store: |error| <= row max / 510 "
              "(a compact8 run's values exactly); method maps: 8 bits over each row's min..max")
 GENERATOR = f'<meta name="generator" content="{FORMAT}">'
 MARKER = outputs.LastLine(f"<!-- {FORMAT} -->")     # the file's last line: ours (replaced), never a user's
 MIME = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}   # embedded as they are
+
+
+class TooLarge(UserError):
+    """A run whose rows would make the page too large (availability)."""
 
 
 class Blob:
@@ -111,10 +116,30 @@ def quantize_range(x: np.ndarray):
     return np.rint((x - lo[..., None]) / span * 255).astype(np.uint8), lo.astype(np.float32), hi.astype(np.float32)
 
 
-def image_data_url(run) -> str | None:
-    """The run's image as a data: URL, typed by its content (not its name); large files are
-    re-encoded at the viewer's display size. None when the run has no readable image."""
-    path = run.image_path()
+def row_bytes(run) -> int:
+    """What the page would hold for the run's rows: one byte per layer, head, kept row and key
+    (every image's keys and the text keys), as embedded (before deflating)."""
+    return (run.num_layers * run.num_heads * len(text_rows(run).positions)
+            * (run.layout.num_keys + len(run.text_key_positions)))
+
+
+def availability(run) -> dict:
+    """Whether the run can be exported (``ok``), the rows' bytes in the page, and why not (``reason``,
+    one line): a run whose rows pass MAX_ROW_BYTES (a long video) is refused before any work."""
+    n = row_bytes(run)
+    if n <= MAX_ROW_BYTES:
+        return {"ok": True, "bytes": n, "reason": None}
+    what = f"{len(run.layout)} frames" if run.layout.is_video else f"{len(run.layout)} image(s)"
+    return {"ok": False, "bytes": n, "reason": (
+        f"too large to export as one HTML file: its rows ({what}, {run.layout.num_keys} image keys) would take "
+        f"{n / 1e6:.1f} MB in the page, over the {MAX_ROW_BYTES / 1e6:.1f} MB limit; open it with the viewer server")}
+
+
+def image_data_url(run, k: int | None = None) -> str | None:
+    """The run's image (image or frame ``k`` of several) as a data: URL, typed by its content (not
+    its name); large files are re-encoded at the viewer's display size. None when the run has no
+    readable image."""
+    path = run.image_path(k)
     if path is None:
         return None
     data = path.read_bytes()
@@ -148,15 +173,20 @@ def payload(app, name: str, start: str | None = None) -> tuple[dict, str]:
     view the page opens at, as the viewer's URL query (token=...&layers=...), when its URL has none."""
     reg = app.extensions["runs"]
     run = reg.run(name)
-    if len(run.layout) > 1:
-        raise UserError(f"cannot export {name}: a run of several images or a video is not exported yet "
-                        "(one image per run only)")
+    allowed = availability(run)
+    if not allowed["ok"]:
+        raise TooLarge(f"cannot export {name}: {allowed['reason']}")
     info = call(app, "api.initialize", "/api/initialize", {"run": name}).get_json()
-    info["image_url"] = image_data_url(run)
+    if len(run.layout) > 1:   # every image (frame) inlined; the page's image_url is the first one's (offline.js)
+        for k, im in enumerate(info["images"]):
+            im["url"] = image_data_url(run, k)
+        info["image_url"] = None
+    else:
+        info["image_url"] = image_data_url(run)
     positions = text_rows(run).positions
     blob = Blob()
     L, H = run.num_layers, run.num_heads
-    Q, K = len(positions), run.geometry.num_keys
+    Q, K = len(positions), run.layout.num_keys
     image_q = np.empty((L, H, Q, K), np.uint8)
     image_s = np.empty((L, H, Q), np.float32)
     text_q = text_s = None
@@ -286,7 +316,8 @@ def download():
     try:
         html = render(current_app._get_current_object(), name)
     except (UserError, LookupError) as e:
-        return Response(f"cannot export {name!r}: {e}\n", status=404, mimetype="text/plain")
+        line = str(e) if str(e).startswith("cannot export") else f"cannot export {name!r}: {e}"
+        return Response(f"{line}\n", status=413 if isinstance(e, TooLarge) else 404, mimetype="text/plain")
     safe = re.sub(r"[^\w.-]+", "_", name) or "run"
     return Response(html, mimetype="text/html",
                     headers={"Content-Disposition": f'attachment; filename="{safe}.html"'})

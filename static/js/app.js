@@ -8,7 +8,10 @@ const state = {
   views: { a: null, b: null }, cache: new Map(), reverse: null, request: 0, textRequest: 0,
   runs: { offset: 0, limit: 200, total: 0 },
   image: 0,   // several images / a video: the one whose map is shown (0-based)
+  panels: [], // several images: every image's map of the selected token (one panel each)
+  overview: null,   // the layer x head overview shown: /api/overview's (an image, or all summed)
 };
+const PANELS_MAX = 8;   // more images than this (a video's frames): the strip and the selected one only
 const CACHE_LIMIT = 300;
 const TITLE = "SmolVLM attention viewer";
 // the two views: A uses the main controls, B (compare mode) its own row under its image
@@ -140,14 +143,18 @@ async function loadRun(name, wanted = null) {
   clearError();
   state.info = info;
   state.image = 0;
+  state.panels = [];
+  state.overview = null;
   fillImages(info);
+  fillOverviewImages(info);
   emit("viewer:run", { info, wanted });
   document.title = `${info.run} · ${TITLE}`;
   $("standin-banner").hidden = !info.standin;
-  $("export-html").href = `/export?run=${encodeURIComponent(info.run)}`;
-  const g = info.geometry;
-  $("run-meta").textContent = `${info.run} · ${info.model || "unknown model"} · ${g.image_size[0]}×${g.image_size[1]} px · `
-    + (g.rows ? `${g.rows}×${g.cols} tiles` : "global tile only") + ` · ${info.num_layers} layers × ${info.num_heads} heads`;
+  setExport(info);
+  const g = info.geometry, n = (info.images || []).length;
+  $("run-meta").textContent = `${info.run} · ${info.model || "unknown model"} · `
+    + (n > 1 ? `${n} ${info.video ? "frames" : "images"}` : `${g.image_size[0]}×${g.image_size[1]} px · `
+      + (g.rows ? `${g.rows}×${g.cols} tiles` : "global tile only")) + ` · ${info.num_layers} layers × ${info.num_heads} heads`;
   $("semantics").textContent = `Rows: ${info.query_semantics}.`;
   fillControls(info);
   if (wanted) applyUrl(wanted);
@@ -161,6 +168,21 @@ async function loadRun(name, wanted = null) {
     || state.selectable.find((t) => t.kind === "answer") || state.selectable[0];
   if (first) select(first.index);
   else writeUrl();
+}
+
+function setExport(info) {
+  // the Export HTML link: disabled, with the reason as its tooltip, where the server would refuse
+  const link = $("export-html"), ex = info.export || { ok: true };
+  link.dataset.title = link.dataset.title || link.title;
+  link.classList.toggle("disabled", !ex.ok);
+  link.setAttribute("aria-disabled", String(!ex.ok));
+  if (ex.ok) {
+    link.href = `/export?run=${encodeURIComponent(info.run)}`;
+    link.title = link.dataset.title;
+  } else {
+    link.removeAttribute("href");
+    link.title = `Not available: ${ex.reason}`;
+  }
 }
 
 function fillControls(info) {
@@ -398,18 +420,33 @@ function selectionParams(view) {
   return out;
 }
 
-async function fetchView(view) {
-  const p = new URLSearchParams({ run: state.run, index: state.index, ...selectionParams(view),
-    drop_sink: $("drop-sink").checked ? "1" : "0", norm: radio("norm") });
-  if (state.info && state.info.images && state.info.images.length > 1) p.set("image", state.image);
-  const key = p.toString();
-  let data = state.cache.get(key);
+async function cachedJSON(url) {
+  let data = state.cache.get(url);
   if (!data) {
-    data = await getJSON(`/api/attention?${key}`);
+    data = await getJSON(url);
     if (state.cache.size >= CACHE_LIMIT) state.cache.delete(state.cache.keys().next().value);
-    state.cache.set(key, data);
+    state.cache.set(url, data);
   }
   return data;
+}
+
+async function fetchView(view, image = state.image) {
+  const p = new URLSearchParams({ run: state.run, index: state.index, ...selectionParams(view),
+    drop_sink: $("drop-sink").checked ? "1" : "0", norm: radio("norm") });
+  if (state.info && state.info.images && state.info.images.length > 1) p.set("image", image);
+  return cachedJSON(`/api/attention?${p}`);
+}
+
+function fetchPanels() {   // several images: every image's map, as view A's (the selected one is A's)
+  if (!panelsShown()) return [];
+  return Promise.all(state.info.images.map((im) => fetchView("a", im.index)));
+}
+
+function fetchOverview() {   // several images: the overview of one image or of all (null: A's own, all summed)
+  const k = $("overview-image").value;
+  if (!state.info.images || state.info.images.length < 2 || k === "all") return null;
+  const p = new URLSearchParams({ run: state.run, index: state.index, image: k });
+  return cachedJSON(`/api/overview?${p}`);
 }
 
 async function update() {
@@ -424,10 +461,13 @@ async function update() {
   if (!state.info || state.index === null) return;
   const ticket = ++state.request;
   try {
-    const [a, b] = await Promise.all([fetchView("a"), compare ? fetchView("b") : null]);
+    const [a, b, panels, overview] = await Promise.all([fetchView("a"), compare ? fetchView("b") : null, fetchPanels(),
+      fetchOverview()]);
     if (ticket !== state.request) return;  // a newer request superseded this one
     clearError();
     state.views = { a, b };
+    state.panels = panels;
+    state.overview = overview;
   } catch (e) {
     if (ticket === state.request) showError(e.message);
     return;
@@ -453,7 +493,11 @@ function fillImages(info) {
   if (images.length < 2) return;
   $("images-title").textContent = info.video ? `${images.length} frames` : `${images.length} images`;
   $("images-unit").textContent = info.video ? "frame" : "image";
-  for (const im of images) {
+  const panels = panelsShown();
+  strip.hidden = panels;
+  $("image-panels").hidden = !panels;
+  if (panels) fillPanels(images);
+  else for (const im of images) {
     const b = el("button", "thumb");
     b.type = "button";
     b.dataset.image = im.index;
@@ -472,7 +516,70 @@ function fillImages(info) {
 }
 
 function markImage() {
-  for (const b of $("image-strip").children) b.classList.toggle("selected", Number(b.dataset.image) === state.image);
+  for (const b of [...$("image-strip").children, ...$("image-panels").children]) {
+    b.classList.toggle("selected", Number(b.dataset.image) === state.image);
+  }
+}
+
+function panelsShown() {
+  const images = state.info && state.info.images;
+  return !!images && images.length > 1 && images.length <= PANELS_MAX && !state.info.video;
+}
+
+function panelTitle(im) {
+  const g = im.geometry;
+  return `image ${im.index} · ${g.image_size[0]}×${g.image_size[1]} px · `
+    + (g.rows ? `${g.rows}×${g.cols} tiles + global` : "global tile only");
+}
+
+function fillPanels(images) {
+  // One panel per image: its picture with the selected token's map of that image (click: the main view).
+  const box = $("image-panels");
+  for (const im of images) {
+    const fig = el("figure", "image-panel");
+    fig.dataset.image = im.index;
+    fig.title = `Show image ${im.index} in the main view`;
+    const stage = el("div", "panel-stage"), img = el("img"), canvas = el("canvas", "panel-overlay");
+    img.src = im.url;
+    img.alt = `image ${im.index}`;
+    img.addEventListener("load", drawPanels);
+    stage.append(img, canvas);
+    fig.append(el("figcaption", "panel-title", panelTitle(im)), stage, el("div", "panel-mass muted small", ""));
+    fig.addEventListener("click", () => showImage(im.index));
+    box.append(fig);
+  }
+}
+
+function drawPanels() {
+  const box = $("image-panels");
+  if (box.hidden) return;
+  const dpr = window.devicePixelRatio || 1;
+  for (const fig of box.children) {
+    const k = Number(fig.dataset.image), d = state.panels[k];
+    const img = fig.querySelector("img"), canvas = fig.querySelector("canvas");
+    canvas.width = Math.max(1, Math.round(img.clientWidth * dpr));
+    canvas.height = Math.max(1, Math.round(img.clientHeight * dpr));
+    const ctx = canvas.getContext("2d");
+    ctx.clearRect(0, 0, canvas.width, canvas.height);
+    delete canvas.dataset.index;
+    fig.querySelector(".panel-mass").textContent = d && d.image_masses
+      ? `${(d.image_masses[k] * 100).toFixed(1)}% of the ${d.method === "raw" ? "attention" : "map"} · its own colour scale` : "";
+    if (!d || !img.complete || !img.naturalWidth) continue;
+    paint(ctx, heatCanvas(d.grid || d.global, d.vmin, d.vmax), canvas.width, canvas.height);
+    canvas.dataset.index = d.index;   // which token and image is drawn (tests)
+    canvas.dataset.image = d.image;
+    canvas.dataset.grid = `${(d.grid || d.global).length}x${(d.grid || d.global)[0].length}`;
+  }
+}
+
+function fillOverviewImages(info) {
+  // the overview's selector: every image summed, or one image (frame)
+  const s = $("overview-image"), images = info.images || [];
+  s.replaceChildren();
+  s.hidden = images.length < 2;
+  option(s, "all", info.video ? "all frames (sum)" : "all images (sum)");
+  for (const im of images) option(s, im.index, `${info.video ? "frame" : "image"} ${im.index}`);
+  s.value = "all";
 }
 
 function showImage(k) {
@@ -554,6 +661,7 @@ function drawAll() {
   drawColorbar(a);
   drawOverview(a);
   drawTimeline(a);
+  drawPanels();
   $("label-a").textContent = a ? `A: ${describe(a)}` : "";
   $("label-b").textContent = b ? `B: ${describe(b)}` + (b.image_mass === null ? "" : ` · ${share(b)} on the image`) : "B";
   $("sel-mass").textContent = a && a.image_mass !== null ? `${share(a)} of the ${a.method === "raw" ? "attention" : `${methodInfo(a.method).label.toLowerCase()} row`}` : "–";
@@ -610,7 +718,12 @@ function drawOverview(d) {
   box.replaceChildren();
   $("overview-caption").textContent = "";
   if (!d) return;
-  const m = d.layer_head_mass, heads = m[0].length;
+  const which = state.overview && state.overview.index === d.index ? state.overview : null;
+  const m = which ? which.layer_head_mass : d.layer_head_mass, heads = m[0].length;
+  const many = state.info && state.info.images && state.info.images.length > 1;
+  const unit = state.info && state.info.video ? "frame" : "image";
+  const on = !many ? "the image" : which ? `${unit} ${which.image}` : `the ${unit}s (all ${state.info.images.length} summed)`;
+  box.dataset.image = which ? which.image : "all";
   const top = Math.max(...m.flat(), 1e-9);
   box.style.gridTemplateColumns = `2.2em repeat(${heads}, 1fr)`;
   const [a, b] = d.layers;
@@ -625,7 +738,8 @@ function drawOverview(d) {
       const cell = el("button", "cell");
       cell.type = "button";
       cell.style.background = blues(v / top);
-      cell.title = `layer ${layer}, head ${h}: ${(v * 100).toFixed(1)}% on the image`;
+      cell.title = `layer ${layer}, head ${h}: ${(v * 100).toFixed(1)}% on ${on}`;
+      cell.dataset.value = v;
       cell.dataset.layer = layer;
       cell.dataset.head = h;
       if (a === b && layer === a && d.heads === h) cell.classList.add("current");
@@ -642,7 +756,7 @@ function drawOverview(d) {
       box.append(cell);
     });
   });
-  $("overview-caption").textContent = `Darkest: ${(top * 100).toFixed(1)}% of the token's attention on the image. `
+  $("overview-caption").textContent = `Darkest: ${(top * 100).toFixed(1)}% of the token's attention on ${on}. `
     + "Click a cell to show that layer and head."
     + (ablated.size ? ` Red-outlined: the ${ablated.size} ablated head${ablated.size > 1 ? "s" : ""} (pattern computed, output removed).` : "");
 }
@@ -761,6 +875,8 @@ function wire() {
     $(id).addEventListener("change", update);
   }
   for (const input of document.querySelectorAll('input[name="norm"]')) input.addEventListener("change", update);
+  $("overview-image").addEventListener("change", update);
+  new ResizeObserver(drawPanels).observe($("image-panels"));
   for (const input of document.querySelectorAll('input[name="upsample"]')) input.addEventListener("change", drawAll);
   $("opacity").addEventListener("input", drawAll);
   $("download").addEventListener("click", download);

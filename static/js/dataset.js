@@ -128,6 +128,21 @@ async function selectHead(layer, head) {
   }
 }
 
+function showSkipped(several) {
+  // the runs of several images or a video the analysis skipped: one line, and links to open each
+  const box = $("skipped-several");
+  box.replaceChildren();
+  box.hidden = !several || !several.count;
+  if (box.hidden) return;
+  box.append(several.line);
+  several.runs.slice(0, 20).forEach((name, i) => {
+    const a = el("a", "", name);
+    a.href = `/?run=${encodeURIComponent(name)}`;
+    box.append(i ? ", " : ": ", a);
+  });
+  if (several.runs.length > 20) box.append(` and ${several.runs.length - 20} more`);
+}
+
 async function init() {
   $("alert-close").addEventListener("click", () => { $("alert").hidden = true; });
   let info;
@@ -151,6 +166,7 @@ async function init() {
   $("params").textContent = `Root ${i.root}; ${i.runs_skipped} skipped; ${i.runs_with_boxes} with COCO boxes; `
     + `SE threshold ${info.params.threshold}, per-run top-${info.params.topk}.`
     + (info.same_root ? "" : " Note: the analysis was made for another root than the one served; links may not open.");
+  showSkipped(info.several);
   drawGrid();
   const l = Number(p.get("layer")), h = Number(p.get("head"));
   if (p.get("layer") !== null && Number.isInteger(l) && Number.isInteger(h) && l < info.shape[0] && h < info.shape[1]) selectHead(l, h);

@@ -7,7 +7,12 @@
   const DATA = JSON.parse(document.getElementById("smolattn-export").textContent);
   const S = DATA.shape;
   const L = S.layers, H = S.heads, Q = S.rows, K = S.image_keys, T = S.text_keys;
-  const info = DATA.info, g = info.geometry;
+  const info = DATA.info;
+  // every image (frame) of the prompt: its geometry and where its keys start on the key axis (geometry.Layout)
+  const IMAGES = (info.images && info.images.length ? info.images : [{ geometry: info.geometry }]).map((im) => im.geometry);
+  const OFFSETS = IMAGES.reduce((o, im) => [...o, o[o.length - 1] + im.num_keys], [0]);
+  const SEVERAL = IMAGES.length > 1;
+  if (SEVERAL && info.image_url === null) info.image_url = info.images[0].url;   // viewer/export.py inlines each once
   const TEXT_KINDS = new Set(["prompt", "answer", "special"]);
   const REVERSE_TOP = 20;
   const rowOf = new Map(DATA.positions.map((p, r) => [p, r]));
@@ -118,8 +123,8 @@
     }));
   }
 
-  function split(values) {   // smolattn.geometry.Geometry.split: (tiled grid or null, global grid)
-    const s = g.side, per = s * s, tiles = K - per;
+  function split(values, g) {   // smolattn.geometry.Geometry.split of one image's keys: (tiled grid or null, global grid)
+    const s = g.side, per = s * s, tiles = values.length - per;
     const glob = range(0, s - 1).map((i) => Array.from(values.slice(tiles + i * s, tiles + (i + 1) * s)));
     if (!g.rows) return [null, glob];
     const grid = range(0, g.rows * s - 1).map(() => new Array(g.cols * s));
@@ -169,6 +174,23 @@
     if (a > b) throw new ApiError(`layers range '${value}' is reversed`);
     if (b >= L) throw new ApiError(`unknown layer ${b}: the run has layers 0..${L - 1}`, 404);
     return [a, b];
+  }
+
+  function getImage(p, dflt = "0", allowAll = false) {   // viewer/api.py get_image
+    const value = p.get("image") ?? dflt;
+    if (allowAll && value === "all") return null;
+    if (!/^\s*-?\d{1,9}\s*$/.test(value)) {
+      throw new ApiError(`image must be an image index 0..${IMAGES.length - 1}${allowAll ? " or 'all' (every image summed)" : ""}, got '${value}'`);
+    }
+    const k = Number(value);
+    if (!(k >= 0 && k < IMAGES.length)) {
+      throw new ApiError(`image ${k} out of range: the run has ${IMAGES.length} image(s), 0..${IMAGES.length - 1}`, 404);
+    }
+    return k;
+  }
+
+  function masses(values) {   // smolattn.geometry.Layout.mass: the values summed per image
+    return IMAGES.map((_, k) => { let s = 0; for (let i = OFFSETS[k]; i < OFFSETS[k + 1]; i++) s += values[i]; return s; });
   }
 
   function getHeads(value) {
@@ -256,9 +278,16 @@
     } else {
       imageMass = v.start_layer !== null && !v.drop ? sum(v.values) : null;
     }
-    const [grid, glob] = split(v.values);
+    const k = getImage(p);
+    let values = v.values, imageMasses = null;
+    if (SEVERAL) {   // one image's map; the token's mass per image (a video: per frame, its timeline)
+      imageMasses = masses(values);
+      values = values.slice(OFFSETS[k], OFFSETS[k + 1]);
+      if (norm === "map") { vmin = min(values); vmax = max(values); }
+    }
+    const [grid, glob] = split(values, IMAGES[k]);
     return { success: true, run: DATA.run, index: pos, text: info.token_table[pos].text, method: v.method,
-      image: 0, image_masses: null,             // an exported run is a single-image run
+      image: k, image_masses: imageMasses,
       layers: v.layers, heads: v.heads, drop_sink: v.drop, norm, start_layer: v.start_layer,
       grid, global: glob, image_mass: imageMass, vmin, vmax, layer_head_mass: lh };
   }
@@ -288,6 +317,7 @@
 
   function reverse(p) {
     getRun(p);
+    const im = getImage(p), g = IMAGES[im];
     let view = choice(p, "view", ["tiles", "global"], "tiles");
     if (view === "tiles" && g.rows === 0) view = "global";
     const m = /^(\d{1,4}),(\d{1,4})$/.exec(p.get("cell") || "");
@@ -295,8 +325,8 @@
     const i = Number(m[1]), j = Number(m[2]), s = g.side;
     const [gh, gw] = view === "tiles" ? g.grid : [s, s];
     if (!(i < gh && j < gw)) throw new ApiError(`cell ${i},${j} is outside the ${gh}x${gw} ${view} grid`);
-    const key = view === "tiles" ? (Math.floor(i / s) * g.cols + Math.floor(j / s)) * s * s + (i % s) * s + (j % s)
-      : g.rows * g.cols * s * s + i * s + j;
+    const key = OFFSETS[im] + (view === "tiles" ? (Math.floor(i / s) * g.cols + Math.floor(j / s)) * s * s + (i % s) * s + (j % s)
+      : g.rows * g.cols * s * s + i * s + j);
     const layers = getLayers(p.get("layers")), heads = getHeads(p.get("heads"));
     const n = layers[1] - layers[0] + 1;
     const values = new Float64Array(Q);
@@ -313,12 +343,31 @@
     }) };
   }
 
+  function overview(p) {   // viewer/api.py overview: image K's share per layer and head, or every image's
+    getRun(p);
+    const [pos, q] = getToken(p);
+    const k = getImage(p, "all", true);
+    let lh = lhMass(q);
+    if (k !== null && SEVERAL) {
+      lh = range(0, L - 1).map((l) => range(0, H - 1).map((h) => {
+        const all = rowSum(A.image_codes, A.image_scale, K, l, h, q), text = rowSum(A.text_codes, A.text_scale, T, l, h, q);
+        const base = ((l * H + h) * Q + q) * K;
+        let mine = 0;
+        for (let i = OFFSETS[k]; i < OFFSETS[k + 1]; i++) mine += A.image_codes[base + i];
+        mine *= A.image_scale[(l * H + h) * Q + q] / 255;
+        return all + text > 0 ? mine / (all + text) : 0;
+      }));
+    }
+    return { success: true, run: DATA.run, index: pos, image: k === null ? "all" : k, images: IMAGES.length, layer_head_mass: lh };
+  }
+
   const ROUTES = {
     "/api/runs": () => ({ success: true, total: 1, offset: 0, limit: 200, sort: "name", desc: false, single: true, runs: [DATA.entry] }),
     "/api/initialize": (p) => { getRun(p); return info; },
     "/api/attention": attention,
     "/api/text_attention": textAttention,
     "/api/reverse": reverse,
+    "/api/overview": overview,
   };
 
   async function answer(url) {
