@@ -746,3 +746,25 @@ def test_notebook_runs_several_images_and_a_video(smol, clips, tmp_path):
     with pytest.raises(ex.UserError, match="video not found"):
         smolattn.run_video(tmp_path / "missing.mp4", model_id=smol.source, output_dir=tmp_path / "nothing")
     assert not (tmp_path / "nothing").exists()
+
+
+def test_the_methods_command_of_a_several_image_and_a_video_run_rebuilds_it(family_runs, tmp_path):
+    """The command the viewer shows to add methods names every image (in order) or the video with
+    its sampling, and run as shown it rebuilds the same run (same ids and rows) with the methods."""
+    from test_runmeta import assert_same_rows, execute
+
+    from smolattn import runmeta
+
+    for name in ("two", "video"):
+        run = family_runs[name]
+        cmd = runmeta.command(run.meta, tmp_path / name, ["rollout"])
+        if name == "two":
+            assert cmd.count("--image ") == 2 and cmd.index(str(family_runs["paths"][0])) < cmd.index(
+                str(family_runs["paths"][1]))
+        else:
+            assert "--video " in cmd and "--image" not in cmd and "--fps 1 " in cmd and "--max-frames 64" in cmd
+        execute(cmd)
+        again = store.Run(tmp_path / name)
+        assert again.meta["token_ids"] == run.meta["token_ids"] and again.methods == ["raw", "rollout"]
+        assert again.layout.to_json() == run.layout.to_json()
+        assert_same_rows(run, again)

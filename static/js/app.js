@@ -320,17 +320,32 @@ function renderTokens(info) {
   $("pieces").hidden = true;
   state.selectable = [];
   state.units = new Map();
+  const many = info.images && info.images.length > 1;
+  const blocks = many ? info.images.map((im) => im.geometry.image_block) : [[first, last]];
+  const inBlock = (i) => blocks.some(([a, b]) => i >= a && i <= b);
+  // a run that kept the rows of the text between its images or frames (--keep-frame-rows): one chip
+  // per image or frame, with that text (its timestamps) clickable between them; else one chip for all
+  const between = many && info.token_table.some((t) => t.has_row && t.index > first && t.index < last && !inBlock(t.index));
   for (const t of info.token_table) {
     const area = t.index < info.prompt_length ? areas.prompt : areas.answer;
-    if (t.index === first) {
-      const g = info.geometry, many = info.images && info.images.length > 1;
+    if (between && inBlock(t.index)) {
+      const k = blocks.findIndex(([a]) => a === t.index);
+      if (k >= 0) {
+        const im = info.images[k];
+        area.append(el("span", "chip image-chip", info.video
+          ? `[frame ${k}: ${im.geometry.num_keys} tokens]` : `[image ${k}: ${im.geometry.num_keys} tokens]`));
+      }
+      continue;
+    }
+    if (t.index === first && !between) {
+      const g = info.geometry;
       const layout = g.rows ? `${g.rows}×${g.cols} tiles + global` : "global tile only";
       const keys = many ? info.images.reduce((n, im) => n + im.geometry.num_keys, 0) : g.num_keys;
       area.append(el("span", "chip image-chip", many
         ? `[${info.images.length} ${info.video ? "frames, each its timestamp and one global tile" : "images"}, ${keys} image tokens]`
         : `[image: ${layout}, ${g.num_keys} tokens]`));
     }
-    if (t.index >= first && t.index <= last) continue;
+    if (!between && t.index >= first && t.index <= last) continue;
     if (t.has_row) state.selectable.push(t);
     const [u0, u1] = t.unit;
     if (u1 > u0) {                                     // several tokens: one chip, made at its first
