@@ -206,3 +206,39 @@ def test_heatmap_cli_draws_a_method_map_of_image_or_frame_k(cases, tmp_path):
                 np.testing.assert_allclose(np.array(data["grid"]), tiles, rtol=1e-5, atol=1e-8)
             with Image.open(tmp_path / f"{name}-{method}-ov.png") as im:
                 assert im.size == run.image_size(k)
+
+
+def test_a_batch_mixing_a_video_two_images_and_one_image_gives_each_its_own_maps(smol, tmp_path):
+    """extract.step on one batch: each prompt's methods on its own slice of the batch's image features
+    equal that prompt alone."""
+    clip = tmp_path / "clip.mp4"
+    encode_mp4(clip, 8, 4)
+    preps = [engine.prepare_video(smol.processor, video.read(clip), "What happens?"),
+             engine.prepare_images(smol.processor, [synthetic.test_image(s) for s in SIZES], "Compare.", EDGE),
+             engine.prepare(smol.processor, synthetic.test_image((800, 200)), "One.", EDGE)]
+    settings = ex.Settings(max_new_tokens=2, methods=tuple(ALL))
+    batched = ex.step(smol, settings, preps)
+    for p, b in zip(preps, batched):
+        a = ex.step(smol, settings, [p])[0]
+        assert a.new == b.new and set(b.methods) == {"rollout", "relevancy", "relative"}
+        for m in b.methods:
+            assert b.methods[m]["maps"].shape[-1] == p.layout.num_keys
+            np.testing.assert_array_equal(a.methods[m]["positions"], b.methods[m]["positions"])
+            np.testing.assert_allclose(a.methods[m]["maps"], b.methods[m]["maps"], rtol=2e-3, atol=1e-6)
+
+
+def test_batch_video_dir_with_methods(smol, tmp_path):
+    import extract_smolvlm_batch as cli
+    from smolattn.errors import run_cli
+
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    encode_mp4(clips / "a.mp4", 16, 4)         # 4 s: 4 frames at fps 1, at most 3
+    with pytest.raises(SystemExit) as e:
+        run_cli(cli.main, ["--video-dir", str(clips), "--output-root", str(tmp_path / "out"), "--model-id",
+                           smol.source, "--device", "cpu", "--max-new-tokens", "2", "--max-frames", "3",
+                           "--methods", "raw,rollout,relative"])
+    assert e.value.code == 0
+    run = store.Run(tmp_path / "out" / "a")
+    assert run.layout.is_video and len(run.layout) == 3 and run.methods == ["raw", "relative", "rollout"]
+    assert run.method("rollout").maps.shape == (run.num_layers, len(run.query_positions), run.layout.num_keys)
