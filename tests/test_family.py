@@ -659,12 +659,3 @@ def test_derived_methods_run_on_a_smolvlm2_single_image(smol, tmp_path):
     synthetic.test_image((640, 480)).save(img)
     ex.extract(smol, img, tmp_path / "run", ex.Settings(max_new_tokens=2, methods=tuple(mth.parse("raw,rollout,relevancy,relative"))))
     assert store.Run(tmp_path / "run").methods == ["raw", "relative", "relevancy", "rollout"]
-
-
-def test_interventions_refuse_several_image_and_video_runs_in_one_line(family_runs):
-    for name, what in (("two", "several images"), ("video", "a video")):
-        r = subprocess.run([sys.executable, str(ROOT / "intervene.py"), "--run", str(family_runs[name].path),
-                            "--ablate-heads", "0:0"], capture_output=True, text=True, cwd=ROOT,
-                           env=dict(os.environ, PYTHONPATH=str(ROOT)))
-        assert r.returncode != 0 and what in r.stderr and "single-image runs only" in r.stderr
-        assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
