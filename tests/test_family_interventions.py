@@ -301,3 +301,42 @@ def test_compare_view_opens_a_several_image_intervened_run(runs, make_app, tmp_p
     assert d["success"] and d["base"] == "two" and d["base_error"] is None and d["effects"] is not None
     assert d["intervention"]["knockouts"] == [{"layers": [0, 1, 2, 3], "from": "last", "to": "image:0"}]
     assert "image:0" in d["intervention"]["label"]
+
+
+@pytest.fixture(scope="module")
+def worker():
+    from viewer.jobs import Live
+
+    w = Live({"id": str(standin.ensure("tiny")), "device": "cpu"}, threads=1)
+    w.wait_ready(300)
+    yield w
+    w.close()
+
+
+def test_live_intervene_takes_an_image_index_on_a_several_image_run(runs, worker, make_app, tmp_path):
+    from test_live import HOST, post, wait
+
+    root = tmp_path / "served"
+    root.mkdir()
+    shutil.copytree(runs["two-idefics3"].path, root / "two")
+    client = make_app(RUNS=str(root), LIVE=worker).test_client()
+    for extra, words in [({"to": "box", "box": [0, 0, 100, 100]}, "this run has 2 images: say which the box is in"),
+                         ({"to": "image", "image": 2}, "image must be between 0 and 1"),
+                         ({"to": "question", "image": 0}, "image goes with to image, box or outside"),
+                         ({"to": "box", "box": [0, 0, 301, 100], "image": 1}, "not inside the 300x300 image")]:
+        r = post(client, "/api/live/intervene", {"run": "two", "knockout": {"from": "last", "layers": [1, 2], **extra}})
+        assert r.status_code == 400 and words in r.json["error"], (extra, r.json)
+    r = post(client, "/api/live/intervene", {"run": "two", "knockout": {"from": "last", "to": "image", "image": 1,
+                                                                       "layers": [1, 2]}})
+    assert r.status_code == 200, r.json
+    job = wait(worker, r.json["job"])
+    assert job.status == "done", job.error
+    iv_meta = store.Run(root / r.json["target"]).meta["intervention"]
+    assert iv_meta["spec"]["knockouts"][0]["to"] == "image:1"
+    assert iv_meta["spec"]["knockouts"][0]["keys"] == block_image_tokens(runs["two-idefics3"], 1)
+    cmp = client.get(f"/api/compare?run={r.json['target']}", headers=HOST).get_json()
+    assert cmp["success"] and cmp["base"] == "two" and cmp["effects"] is not None
+    r = post(client, "/api/live/sweep", {"run": "two", "from": "last", "to": "box", "box": [0, 0, 150, 300],
+                                         "image": 1, "window": 3})
+    assert r.status_code == 200 and "box:1:0,0,150,300" in r.json["argv"]
+    assert wait(worker, r.json["job"]).status == "done"
