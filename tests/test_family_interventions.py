@@ -206,6 +206,28 @@ def test_the_rerun_reproduces_the_base_run(smol, runs):
     assert iv.base_pixels(runs["video"])[1] == "frames stored in the run"
 
 
+def test_moved_sources_and_kept_frame_rows(smol, runs, tmp_path):
+    """Source images gone: every image from its copy in the run (PNG: the same pixels, the same ids and
+    answer); a video run with --keep-frame-rows re-runs with those rows."""
+    moved = tmp_path / "two"
+    shutil.copytree(runs["two"].path, moved)
+    meta = json.loads((moved / "meta.json").read_text())
+    for e in meta["images"]:
+        e["source"] = str(tmp_path / "gone.png")
+    (moved / "meta.json").write_text(json.dumps(meta))
+    run = store.Run(moved)
+    assert iv.base_pixels(run)[1] == "images stored in the run"
+    prep, _ = base_inputs(smol, run)
+    assert engine.run(smol, [prep], NEW)[0].new == run.meta["token_ids"][run.prompt_length:]
+    clip = tmp_path / "clip.mp4"
+    encode_mp4(clip, 16, 4)
+    ex.extract_video(smol, clip, tmp_path / "rows", ex.Settings(max_new_tokens=2), keep_frame_rows=True)
+    run = store.Run(tmp_path / "rows")
+    prep, _ = base_inputs(smol, run)
+    assert any(p < run.layout.blocks[-1][0] for p in prep.rows)          # the frames' text rows
+    assert prep.rows.tolist() == run.query_positions[:len(prep.rows)].tolist()
+
+
 def test_a_changed_stored_frame_set_is_refused(runs, tmp_path):
     bad = tmp_path / "video"
     shutil.copytree(runs["video"].path, bad)
