@@ -798,7 +798,8 @@ def prepare(loaded, run, rgb, info=None):
         raise UserError(f"{run.path}: the prompt does not tokenise to the run's recorded ids with this model and "
                         f"{'these frames' if run.layout.is_video else 'image' if len(run.layout) == 1 else 'these images'}"
                         ": the run cannot be reproduced here")
-    if prep.layout != run.layout or not np.array_equal(prep.rows, run.query_positions[:len(prep.rows)]):
+    several = len(run.layout) > 1 or run.layout.is_video      # (one image: as before, the ids say it all)
+    if prep.layout != run.layout or several and not np.array_equal(prep.rows, run.query_positions[:len(prep.rows)]):
         raise UserError(f"{run.path}: the re-run's image blocks or kept rows are not the run's: it cannot be "
                         "reproduced here")
     return prep
