@@ -170,23 +170,25 @@ def _longest_edge(meta: dict):
     return meta.get("processor", {}).get("longest_edge")
 
 
-def _sources(meta: dict) -> list:
-    """--image SOURCE (every image of a several-image run, in order), or a video run's --video SOURCE
-    with the frame settings it was made with."""
-    src = lambda e, what: e.get("source_path") or e.get("source") or what  # noqa: E731
+def _source(entry: dict, placeholder: str) -> str:
+    return entry.get("source_path") or entry.get("source") or placeholder
+
+
+def _inputs(meta: dict) -> list:
+    """--image (one per image, in order) or --video with the sampling the run used."""
     video, images = meta.get("video"), meta.get("images")
     if video:
-        return ["--video", src(video, "VIDEO"), *_flags([("--fps", video.get("sample_fps"), None),
-                                                         ("--max-frames", video.get("max_frames"), None)]),
-                *(["--keep-frame-rows"] if video.get("keep_frame_rows") else [])]
+        return ["--video", _source(meta.get("image", {}), "VIDEO"), "--fps", video.get("sample_fps", "FPS"),
+                "--max-frames", video.get("max_frames", "MAX_FRAMES")] + (
+            ["--keep-frame-rows"] if video.get("keep_frame_rows") else [])
     if images:
-        return [w for e in images for w in ("--image", src(e, "IMAGE"))]
-    return ["--image", src(meta.get("image", {}), "IMAGE")]
+        return [w for k, e in enumerate(images) for w in ("--image", _source(e, f"IMAGE{k}"))]
+    return ["--image", _source(meta.get("image", {}), "IMAGE")]
 
 
 def _extract_command(meta: dict, run_dir: Path) -> list:
     gen = meta.get("generation", {})
-    return ["python", "extract_smolvlm_attn.py", *_sources(meta),
+    return ["python", "extract_smolvlm_attn.py", *_inputs(meta),
             "--output-dir", run_dir, *_model_flags(meta),
             *_flags([("--prompt", meta.get("prompt"), DEFAULT_PROMPT),
                      ("--max-new-tokens", gen.get("max_new_tokens"), DEFAULT_MAX_NEW_TOKENS),
