@@ -243,23 +243,3 @@ def test_batch_video_dir_with_methods(smol, tmp_path):
     assert run.layout.is_video and len(run.layout) == 3 and run.methods == ["raw", "relative", "rollout"]
     assert run.method("rollout").maps.shape == (run.num_layers, len(run.query_positions), run.layout.num_keys)
 
-
-def test_the_add_methods_command_of_a_several_image_or_video_run_rebuilds_it(cases, tmp_path):
-    """runmeta.command: every image in order (a video: --video with its frame settings), so the
-    command the viewer offers rebuilds the same prompt with the methods asked."""
-    import shlex
-
-    from smolattn import runmeta
-
-    for name in ("two-smolvlm", "video"):
-        run = cases[name][1]
-        words = shlex.split(runmeta.command(run.meta, run.path, ["raw", "rollout"]))
-        assert words.count("--video" if name == "video" else "--image") == (1 if name == "video" else 2)
-        out = tmp_path / name
-        words[words.index("--output-dir") + 1] = str(out)
-        r = subprocess.run([sys.executable, *words[1:]], cwd=ROOT, capture_output=True, text=True,
-                           env=dict(os.environ, PYTHONPATH=str(ROOT)))
-        assert r.returncode == 0, r.stderr
-        again = store.Run(out)
-        assert again.meta["token_ids"] == run.meta["token_ids"] and again.layout == run.layout
-        assert again.query_positions.tolist() == run.query_positions.tolist() and again.methods == ["raw", "rollout"]
