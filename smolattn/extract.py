@@ -173,11 +173,6 @@ def extract_many(loaded: mdl.Loaded, jobs, settings: Settings, on_result, *, bat
             prep.close()
 
 
-def _check_family(settings: Settings, n_images: int) -> None:
-    if n_images > 1 and any(m != mth.RAW for m in settings.methods):
-        raise UserError("--methods other than raw work on single-image runs only (several images or a video: raw)")
-
-
 def extract_images(loaded: mdl.Loaded, image_paths, out_dir, settings: Settings, images=None,
                    replace_reference: bool = False) -> dict:
     """Several images in ONE prompt, in order (each with its own tiles and global tile): one run.
@@ -186,7 +181,6 @@ def extract_images(loaded: mdl.Loaded, image_paths, out_dir, settings: Settings,
     image_paths = list(image_paths)
     if len(image_paths) == 1 and images is None:
         return extract(loaded, image_paths[0], out_dir, settings, replace_reference=replace_reference)
-    _check_family(settings, len(image_paths))
     check_longest_edge(settings.longest_edge, processor_settings(loaded, None)["tile_size"])
     store.check_target(out_dir, replace_reference)
     t0 = time.perf_counter()
@@ -205,7 +199,6 @@ def extract_video(loaded: mdl.Loaded, video_path, out_dir, settings: Settings, f
     from . import video
 
     settings.check()
-    _check_family(settings, 2)
     cfg = video.settings(loaded.processor)      # refuses models without video support
     store.check_target(out_dir, replace_reference)
     t0 = time.perf_counter()

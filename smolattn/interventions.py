@@ -13,8 +13,11 @@
   ("mean"; a decode step reuses the mean of its generation's prefill call). Its attention pattern
   is still computed (and captured).
 * The words of ``intervene.py`` (docs/interventions.md): heads ``L:H``, ``L:*``, ``top:N``;
-  ``--from`` last / question / answer / text; ``--to`` image / box: / outside: / question;
-  layers ``a-b`` or lists; sweeps of windows over the layers.
+  ``--from`` last / question / answer / text; ``--to`` image / image:K / frame:K / box: / outside:
+  (``box:x0,y0,x1,y1`` on one image, ``box:K:x0,y0,x1,y1`` on image or frame K) / question;
+  layers ``a-b`` or lists; sweeps of windows over the layers. Several images in one prompt and
+  video runs: ``image`` is every image's (frame's) ``<image>`` positions, ``image:K`` / ``frame:K``
+  one image's (frame's), which :class:`smolattn.geometry.Layout` knows.
 """
 from __future__ import annotations
 
@@ -35,7 +38,9 @@ from . import model as mdl
 from .errors import UserError
 
 FROM_WORDS = ("last", "question", "answer", "text")
-TO_WORDS = ("image", "question")            # plus box:x0,y0,x1,y1 and outside:x0,y0,x1,y1
+TO_WORDS = ("image", "question")            # plus image:K, frame:K, box:[K:]x0,y0,x1,y1, outside:[K:]x0,y0,x1,y1
+TO_FORMS = ("image:K", "frame:K", "box:x0,y0,x1,y1", "box:K:x0,y0,x1,y1", "outside:x0,y0,x1,y1",
+            "outside:K:x0,y0,x1,y1")
 ABLATIONS = ("zero", "mean")
 EFFECTS_FILE = "effects.json"
 SWEEP_FORMAT = "smolattn-sweep"
@@ -270,17 +275,45 @@ def question_positions(tokenizer, prompt: str, ids, geometry: geo.Geometry) -> l
 
 @dataclass
 class Words:
-    """What the position words mean for one run: everything from its meta (no model needed)."""
+    """What the position words mean for one run: everything from its meta (no model needed).
+    ``geometry``: the run's Geometry or Layout (several images, a video's frames); ``image_size``:
+    (W, H) of the one image, or a list of each image's (frame's) original size."""
     ids: list
     prompt_length: int
-    geometry: geo.Geometry
+    geometry: object
     image_size: tuple
     question: list | None          # None: not resolved (needs the tokenizer)
     max_new_tokens: int
     num_layers: int
 
+    @property
+    def layout(self) -> geo.Layout:
+        g = self.geometry
+        return g if isinstance(g, geo.Layout) else geo.Layout.single(g)
+
+    def size_of(self, k: int) -> tuple:
+        sizes = self.image_size
+        return tuple(sizes[k]) if np.ndim(sizes) == 2 else tuple(sizes)
+
+    def image_index(self, text: str, word: str, flag: str) -> int:
+        """Image (or frame) K of ``image:K`` / ``frame:K`` / ``box:K:...``, checked against the run."""
+        layout = self.layout
+        what = "frame" if layout.is_video else "image"
+        k = _int(text, f"{flag} {word}: the {what} index")
+        if k >= len(layout):
+            raise UserError(f"{flag} {word}: {what} {k} out of range: this run has {len(layout)} "
+                            f"{what}{'s' if len(layout) > 1 else ''} (0..{len(layout) - 1})")
+        return k
+
+    def image_positions(self, k: int) -> list[int]:
+        """The ``<image>`` positions of image (frame) ``k`` (its block's tiles and global tile)."""
+        layout = self.layout
+        return layout.key_positions[layout.keys_of(k)].tolist()
+
     def positions(self, word: str, flag: str) -> tuple[int, ...]:
-        P, S, (first, last) = self.prompt_length, len(self.ids), self.geometry.image_block
+        P, S, layout = self.prompt_length, len(self.ids), self.layout
+        last = layout.image_block[1]
+        head, _, rest = word.partition(":")
         if word == "last":
             out = [P - 1]
         elif word == "question":
@@ -289,20 +322,25 @@ class Words:
             out = [p for p in self.question if p != P - 1]
         elif word == "answer":
             out = list(range(P, S - 1))
-        elif word == "text":      # every position after the image block, generated ones included
+        elif word == "text":      # every position after the (last) image block, generated ones included
             out = list(range(last + 1, max(S, P + self.max_new_tokens)))
         elif word == "image":
-            out = self.geometry.key_positions.tolist()
-        elif word.startswith(("box:", "outside:")):
-            kind, _, spec = word.partition(":")
-            box = parse_box(spec, f"{flag} {kind}:")
-            inside = self.box_positions(box)
-            out = inside if kind == "box" else sorted(set(self.geometry.key_positions.tolist()) - set(inside))
-            if not inside and kind == "box":
-                raise UserError(f"{flag} {word}: the box covers no image cell centre (image {self.image_size[0]}x"
-                                f"{self.image_size[1]} px)")
+            out = layout.key_positions.tolist()
+        elif head in ("image", "frame") and rest:
+            if (head == "frame") != layout.is_video:
+                raise UserError(f"{flag} {word}: frame:K is for video runs, image:K for runs of images; "
+                                f"this run is {'a video: use frame:K' if layout.is_video else 'of images: use image:K'}")
+            out = self.image_positions(self.image_index(rest, word, flag))
+        elif head in ("box", "outside"):
+            k, box = self.box(word, flag)
+            inside = self.box_positions(box, k)
+            out = inside if head == "box" else sorted(set(self.image_positions(k)) - set(inside))
+            if not inside and head == "box":
+                w, h = self.size_of(k)
+                where = f"{'frame' if layout.is_video else 'image'} {k} " if len(layout) > 1 else "image "
+                raise UserError(f"{flag} {word}: the box covers no image cell centre ({where}{w}x{h} px)")
         else:
-            allowed = FROM_WORDS if flag == "--from" else TO_WORDS + ("box:x0,y0,x1,y1", "outside:x0,y0,x1,y1")
+            allowed = FROM_WORDS if flag == "--from" else TO_WORDS + TO_FORMS
             raise UserError(f"{flag}: unknown word {word!r}; use one of {', '.join(allowed)}")
         if flag == "--from" and word not in FROM_WORDS:
             raise UserError(f"--from: {word!r} is a --to word; use one of {', '.join(FROM_WORDS)}")
@@ -310,16 +348,29 @@ class Words:
             raise UserError(f"{flag} {word}: the position set is empty for this run")
         return tuple(int(p) for p in out)
 
-    def box_positions(self, box) -> list[int]:
-        """The <image> positions (tiles and global) whose cell centre lies in ``box`` (x0, y0, x1, y1)."""
+    def box(self, word: str, flag: str) -> tuple[int, tuple]:
+        """(image index, (x0, y0, x1, y1)) of ``box:[K:]x0,y0,x1,y1`` / ``outside:[K:]...``: without K
+        image 0 of a one-image run; a run of several images (frames) must say which."""
+        kind, _, spec = word.partition(":")
+        index, sep, coords = spec.rpartition(":")
+        layout = self.layout
+        if sep:
+            k = self.image_index(index, word, flag)
+        elif len(layout) > 1:
+            what = "frame" if layout.is_video else "image"
+            raise UserError(f"{flag} {word}: this run has {len(layout)} {what}s: say which, "
+                            f"{kind}:K:x0,y0,x1,y1 (K = 0..{len(layout) - 1})")
+        else:
+            k = 0
+        return k, parse_box(coords, f"{flag} {kind}:")
+
+    def box_positions(self, box, k: int = 0) -> list[int]:
+        """The <image> positions of image ``k`` (tiles and global) whose cell centre lies in ``box``
+        (x0, y0, x1, y1 in that image's original pixels)."""
         x0, y0, x1, y1 = box
-        g = self.geometry
-        tiles, glob = g.split(g.key_positions)
-        out = []
-        for grid in ([tiles] if tiles is not None else []) + [glob]:
-            inside = geo.cells_in_boxes(grid.shape, self.image_size, [(x0, y0, x1 - x0, y1 - y0)])
-            out += grid[inside].tolist()
-        return sorted(out)
+        layout = self.layout
+        keys = layout.keys_in_box(k, (x0, y0, x1 - x0, y1 - y0), self.size_of(k))
+        return sorted(layout.key_positions[keys].tolist())
 
 
 def windows(num_layers: int, window: int) -> list[tuple[int, int]]:
@@ -477,6 +528,7 @@ def prefix(loaded, inputs, end: int, features):
 REQUIRED_META = (("model", "id"), ("model", "revision"), ("model", "dtype"), ("processor", "longest_edge"),
                  ("prompt",), ("generation", "max_new_tokens"), ("token_ids",), ("prompt_length",),
                  ("image", "size"), ("model", "num_layers"), ("model", "num_heads"))
+VIDEO_META = ("fps", "total_frames", "duration", "size")     # a video run's frames are rebuilt from these
 
 
 def add_arguments(ap) -> None:
@@ -488,7 +540,8 @@ def add_arguments(ap) -> None:
                     help="zero the heads' output, or replace it by its mean over the sequence's positions")
     ap.add_argument("--knockout", action="store_true", help="-inf from the --from to the --to positions in --layers")
     ap.add_argument("--from", dest="from_", default=None, help="query positions: last, question, answer, text")
-    ap.add_argument("--to", default=None, help="key positions: image, box:x0,y0,x1,y1, outside:x0,y0,x1,y1, question")
+    ap.add_argument("--to", default=None, help="key positions: image, image:K, frame:K (a video), box:x0,y0,x1,y1, "
+                    "outside:x0,y0,x1,y1, question; several images or frames: box:K:x0,y0,x1,y1, outside:K:...")
     ap.add_argument("--layers", default=None, help="a-b or a list 0,5,10-12 (0-based)")
     ap.add_argument("--block-image-from", type=int, default=None,
                     help="L: = --knockout --from text --to image --layers L-(last)")
@@ -514,10 +567,12 @@ def read_base(path):
         raise UserError(f"{path} is a reference-format run (no meta.json): it records no model, prompt or "
                         "settings to reproduce; extract it again with extract_smolvlm_attn.py")
     run = store.Run(path)
-    if len(run.layout) > 1:
-        raise UserError(f"{path}: {'a video' if run.layout.is_video else 'several images'} in one prompt: "
-                        "interventions work on single-image runs only (image:K / frame:K are not implemented yet)")
     missing = [".".join(k) for k in REQUIRED_META if _get(run.meta, k) is KeyError]
+    if run.layout.is_video:
+        missing += [f"video.{k}" for k in VIDEO_META if _get(run.meta, ("video", k)) is KeyError]
+    if run.meta.get("images"):
+        missing += [f"images[{k}].{f}" for k, e in enumerate(run.meta["images"])
+                    for f in ("size",) + (("index",) if run.layout.is_video else ()) if f not in e]
     if missing:
         raise UserError(f"{path}: the run's meta.json lacks {', '.join(missing)}: it cannot be reproduced")
     return run
@@ -576,7 +631,8 @@ def plan(args, argv=None) -> Plan:
     question = None
     if "question" in (args.from_, args.to):
         question = question_positions(_tokenizer(meta), meta["prompt"], meta["token_ids"][:P], run.geometry)
-    words = Words(list(meta["token_ids"]), P, run.geometry, tuple(meta["image"]["size"]), question,
+    sizes = [run.image_size(k) for k in range(len(run.layout))]
+    words = Words(list(meta["token_ids"]), P, run.geometry, sizes[0] if len(sizes) == 1 else sizes, question,
                   int(meta["generation"]["max_new_tokens"]), L)
     heads, knockouts, described, kinds, sweep = (), [], [], [], None
     if args.ablate_heads is not None:
@@ -622,6 +678,13 @@ def _spec_json(pl: Plan) -> dict:
     return {"heads": [list(h) for h in pl.spec.heads], "ablation": pl.spec.ablation, "knockouts": kn}
 
 
+def _words_json(pl: Plan) -> dict:
+    """The intervention in its words (effects.json): kinds, heads, ablation, each knockout's layers
+    and --from / --to words (meta.intervention.spec adds the positions they resolved to)."""
+    return {"kind": pl.kinds, "heads": [list(h) for h in pl.spec.heads], "ablation": pl.spec.ablation,
+            "knockouts": [dict(d) for d in pl.described]}
+
+
 def intervention_meta(pl: Plan, pixels: str, out: Path) -> dict:
     return {"slug": pl.slug, "kind": pl.kinds, "spec": _spec_json(pl), "command": pl.command,
             "base_run": os.path.relpath(pl.run.path.absolute(), out.absolute()), "pixels": pixels}
@@ -640,11 +703,13 @@ def check_output(pl: Plan) -> None:
         check_sweep_target(pl.out)
 
 
-def pixels(run) -> tuple[object, dict, str]:
-    """The run's source image when it is there and matches the recorded size, else its stored image."""
+def pixels(run, k: int | None = None) -> tuple[object, dict, str]:
+    """Image ``k`` of the run (default: its one image): its source file when it is there and matches
+    the recorded size, else the copy stored in the run."""
     from .images import open_image
 
-    info = run.meta.get("image", {})
+    info = run.meta.get("image", {}) if k is None else run.meta["images"][k]
+    what = "image" if k is None else f"image {k}"
     src = info.get("source")
     if src and Path(src).is_file():
         try:
@@ -653,14 +718,59 @@ def pixels(run) -> tuple[object, dict, str]:
                 return rgb, got, "source image"
         except UserError:
             pass
-    stored = run.image_path()
+    stored = run.image_path(k)
     if stored is None or not Path(stored).is_file():
-        raise UserError(f"{run.path}: neither the source image {src!r} nor an image stored in the run is there")
+        raise UserError(f"{run.path}: neither the source {what} {src!r} nor a copy stored in the run is there")
     rgb, got = open_image(stored)
     if list(rgb.size) != list(info["size"]):
-        raise UserError(f"{run.path}: the stored image is {rgb.size[0]}x{rgb.size[1]}, the run recorded "
+        raise UserError(f"{run.path}: the stored {what} is {rgb.size[0]}x{rgb.size[1]}, the run recorded "
                         f"{info['size'][0]}x{info['size'][1]}")
     return rgb, dict(got, source=info.get("source")), "image stored in the run"
+
+
+def frames(run):
+    """A video run's frames as the run stored them (images/NN.jpg, never a re-decode of the video),
+    with their stream indices and the video's rate, frame count and duration from meta.video, so the
+    prompt's timestamps and intro are the base run's."""
+    from PIL import Image
+
+    from . import video
+
+    v, entries = run.meta["video"], run.meta["images"]
+    images = []
+    for k, e in enumerate(entries):
+        path = run.image_path(k)
+        if path is None:
+            raise UserError(f"{run.path}: frame {k} is not stored in the run ({e.get('file')!r})")
+        with Image.open(path) as im:
+            rgb = im.convert("RGB")
+        if list(rgb.size) != list(e["size"]):
+            raise UserError(f"{run.path}: stored frame {k} is {rgb.size[0]}x{rgb.size[1]}, the run recorded "
+                            f"{e['size'][0]}x{e['size'][1]}")
+        images.append(rgb)
+    info = {k: v[k] for k in v if k != "decode_s"}
+    out = video.Frames(images, [int(e["index"]) for e in entries], float(v["fps"]), int(v["total_frames"]),
+                       float(v["duration"]), tuple(v["size"]), info)
+    if [round(t, 6) for t in out.timestamps] != [round(float(t), 6) for t in run.layout.timestamps]:
+        raise UserError(f"{run.path}: the frames' indices and the video's rate do not give the run's timestamps")
+    return out
+
+
+def base_pixels(run) -> tuple[object, str]:
+    """What the base run's model saw, read before the model loads, and its words for
+    meta.intervention.pixels: one ``(image, info)`` pair; several images: a list of them; a video:
+    its stored frames (:func:`frames`)."""
+    layout = run.layout
+    if layout.is_video:
+        return frames(run), "frames stored in the run"
+    if not run.meta.get("images"):
+        rgb, info, source = pixels(run)
+        return (rgb, info), source
+    got = [pixels(run, k) for k in range(len(layout))]
+    words = [g[2] for g in got]
+    source = (words[0].replace("image", "images", 1) if len(set(words)) == 1 else
+              "; ".join(f"image {k}: {w}" for k, w in enumerate(words)))
+    return [(rgb, info) for rgb, info, _ in got], source
 
 
 def load_for(run, device=None):
@@ -668,16 +778,30 @@ def load_for(run, device=None):
     return mdl.load(m["id"], device, m["dtype"], m["revision"])
 
 
-def prepare(loaded, run, rgb, info):
-    """The base run's processor inputs, checked to tokenise to the run's prompt ids."""
-    from . import engine
+def prepare(loaded, run, rgb, info=None):
+    """The base run's processor inputs, checked to tokenise to the run's prompt ids. ``rgb``: its one
+    image (with ``info``), a list of (image, info) pairs (several images) or video Frames
+    (:func:`base_pixels`)."""
+    from . import engine, video
 
     meta = run.meta
     keep = "all" if run.store == "full" else "text"
-    prep = engine.prepare(loaded.processor, rgb, meta["prompt"], meta["processor"]["longest_edge"], keep, info)
+    if isinstance(rgb, video.Frames):
+        prep = engine.prepare_video(loaded.processor, rgb, meta["prompt"], keep,
+                                    bool(meta["video"].get("keep_frame_rows")))
+    elif isinstance(rgb, list):
+        prep = engine.prepare_images(loaded.processor, [im for im, _ in rgb], meta["prompt"],
+                                     meta["processor"]["longest_edge"], keep, [i for _, i in rgb])
+    else:
+        prep = engine.prepare(loaded.processor, rgb, meta["prompt"], meta["processor"]["longest_edge"], keep, info)
     if prep.ids != list(meta["token_ids"][:meta["prompt_length"]]):
         raise UserError(f"{run.path}: the prompt does not tokenise to the run's recorded ids with this model and "
-                        "image: the run cannot be reproduced here")
+                        f"{'these frames' if run.layout.is_video else 'image' if len(run.layout) == 1 else 'these images'}"
+                        ": the run cannot be reproduced here")
+    several = len(run.layout) > 1 or run.layout.is_video      # (one image: as before, the ids say it all)
+    if prep.layout != run.layout or several and not np.array_equal(prep.rows, run.query_positions[:len(prep.rows)]):
+        raise UserError(f"{run.path}: the re-run's image blocks or kept rows are not the run's: it cannot be "
+                        "reproduced here")
     return prep
 
 
@@ -690,11 +814,11 @@ def intervene(pl: Plan, device=None, loaded=None) -> dict:
 
     t0 = time.perf_counter()
     run, meta = pl.run, pl.run.meta
-    rgb, info, source = pixels(run)
+    seen, source = base_pixels(run)
     t_load = time.perf_counter()
     loaded = loaded or load_for(run, device)
     t0 += time.perf_counter() - t_load
-    prep = prepare(loaded, run, rgb, info)
+    prep = prepare(loaded, run, *seen) if isinstance(seen, tuple) else prepare(loaded, run, seen)
     prep.seconds = time.perf_counter() - t0
     inputs = {"pixel_values": prep.pixel_values[None].to(loaded.device)}
     if prep.pixel_attention_mask is not None:
@@ -716,7 +840,8 @@ def intervene(pl: Plan, device=None, loaded=None) -> dict:
                        "token_ids": ids[P:], "prompt_length": P},
               "intervened": {"answer": tok.decode(new, skip_special_tokens=True).strip(), "token_ids": new,
                              "prompt_length": P},
-              **effects(tok, base_lp, int_lp, ids, P, new), "standin": bool(loaded.standin)}
+              **effects(tok, base_lp, int_lp, ids, P, new), "intervention": _words_json(pl),
+              "standin": bool(loaded.standin)}
     settings = ex.Settings(meta["prompt"], int(meta["generation"]["max_new_tokens"]),
                            meta["processor"]["longest_edge"], run.store, (mth.RAW,))
     summary = ex.write(loaded, settings, prep, out, pl.out, intervention=intervention_meta(pl, source, pl.out),
@@ -772,11 +897,11 @@ def sweep(pl: Plan, device=None, loaded=None) -> dict:
     suffix in one batch on fresh copies of its cache; one more row without knockout gives p_base."""
     t0 = time.perf_counter()
     run, meta, sw = pl.run, pl.run.meta, pl.sweep
-    rgb, info, source = pixels(run)
+    seen, source = base_pixels(run)
     t_load = time.perf_counter()
     loaded = loaded or load_for(run, device)
     t0 += time.perf_counter() - t_load
-    prep = prepare(loaded, run, rgb, info)
+    prep = prepare(loaded, run, *seen) if isinstance(seen, tuple) else prepare(loaded, run, seen)
     ids, P = list(meta["token_ids"]), int(meta["prompt_length"])
     inputs = {"pixel_values": prep.pixel_values[None].to(loaded.device)}
     if prep.pixel_attention_mask is not None:

@@ -22,8 +22,9 @@ gives the map of that row for every start layer in one top-down pass of vector x
   tiling, the same answer teacher-forced), plus ``eps``. Matching row: for the last prompt token and
   every answer token, the same offset from the end of the prompt (the rows that produce the same
   answer token); for the prompt's own text, the generic prompt's last token (the paper's row).
-  Rows before the image block see no image and are not stored. Everything up to the end of the image
-  block is the same in both sequences, so the generic forward runs only the text after it, over the
+  Rows before the image block see no image and are not stored (several images or a video: rows
+  before the end of the LAST block). Everything up to the end of the (last) image block is the same
+  in both sequences (every image block, every frame and its timestamp text are copied), so the generic forward runs only the text after it, over the
   keys and values the question's forward computed for that prefix (the same numbers, a fraction of
   the cost).
 """
@@ -229,15 +230,20 @@ def image_features(loaded, inputs):
     return torch.cat(list(out.pooler_output), 0)
 
 
-def prompt_ids(loaded, ids, geometry: geo.Geometry, prompt: str) -> list[int]:
-    """The ids of ``prompt`` in the same chat template around the SAME image block as ``ids``: the
-    image block is copied, only the text after it is tokenized (it starts after a special token, so
-    it tokenizes exactly as in the processor's full string)."""
+def prompt_ids(loaded, ids, geometry, prompt: str) -> list[int]:
+    """The ids of ``prompt`` in the same chat template around the SAME image blocks as ``ids``: every
+    image block (several images, a video's frames and the text between them) is copied, only the text
+    after the last block is tokenized (it starts after a special token, so it tokenizes exactly as in
+    the processor's full string). ``geometry``: the run's Geometry or Layout."""
     from . import model as mdl
 
-    text = mdl.chat_text(loaded.processor, prompt)
-    tail = text.split("<image>", 1)[1]
-    return list(ids[:geometry.block_end]) + loaded.processor.tokenizer(tail, add_special_tokens=False)["input_ids"]
+    layout = geometry if isinstance(geometry, geo.Layout) else geo.Layout.single(geometry)
+    if layout.is_video:
+        from . import video
+        tail = video.text_after_frames(loaded.processor, prompt)
+    else:
+        tail = mdl.chat_text(loaded.processor, prompt, len(layout)).rsplit("<image>", 1)[1]
+    return list(ids[:layout.block_end]) + loaded.processor.tokenizer(tail, add_special_tokens=False)["input_ids"]
 
 
 # -- the methods ---------------------------------------------------------------------------------

@@ -564,10 +564,13 @@ class ImageView:
 
     @property
     def methods(self) -> list[str]:
-        return ["raw"]
+        return self.run.methods
 
-    def method(self, name: str):
-        raise UserError(f"derived maps ({name}) are stored for single-image runs only")
+    def method(self, name: str) -> MethodMaps:
+        """The run's derived maps over this image's keys only (``Layout.keys_of(k)``)."""
+        m = self.run.method(name)
+        return MethodMaps(m.name, np.ascontiguousarray(m.maps[..., self._keys]), m.positions, m.query_positions,
+                          m.meta)
 
     def image_path(self, k: int | None = None):
         return self.run.image_path(self.k)

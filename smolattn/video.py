@@ -254,6 +254,14 @@ def chat_text(processor, prompt: str) -> str:
     return processor.apply_chat_template(messages, chat_template=DEFAULT_CHAT_TEMPLATE, add_generation_prompt=True)
 
 
+def text_after_frames(processor, prompt: str) -> str:
+    """The text of a video + prompt after its last frame block: the outtro, then the chat text after
+    ``<video>`` (the prompt and the template's end; what a generic prompt of smolattn.methods swaps)."""
+    from transformers.models.smolvlm.processing_smolvlm import DEFAULT_MEDIA_OUTTRO
+
+    return DEFAULT_MEDIA_OUTTRO + chat_text(processor, prompt).split("<video>", 1)[1]
+
+
 def process(processor, frames: Frames, prompt: str):
     """(chat text, expanded text, inputs on the host) for a video + prompt: ``input_ids``,
     ``attention_mask``, ``pixel_values`` (1, frames, 3, side, side), ``pixel_attention_mask``."""

@@ -692,12 +692,13 @@ def test_derived_methods_run_on_a_smolvlm2_single_image(smol, tmp_path):
     assert store.Run(tmp_path / "run").methods == ["raw", "relative", "relevancy", "rollout"]
 
 
-def test_interventions_refuse_several_image_and_video_runs_in_one_line(family_runs):
-    for name, what in (("two", "several images"), ("video", "a video")):
+def test_intervene_asks_for_the_image_index_on_several_image_and_video_runs_in_one_line(family_runs):
+    """(tests/test_family_interventions.py has the rest: image:K / frame:K / box:K:..., == references)"""
+    for name, to, what in (("two", "box:0,0,10,10", "2 images: say which"), ("video", "image:0", "use frame:K")):
         r = subprocess.run([sys.executable, str(ROOT / "intervene.py"), "--run", str(family_runs[name].path),
-                            "--ablate-heads", "0:0"], capture_output=True, text=True, cwd=ROOT,
-                           env=dict(os.environ, PYTHONPATH=str(ROOT)))
-        assert r.returncode != 0 and what in r.stderr and "single-image runs only" in r.stderr
+                            "--knockout", "--from", "last", "--to", to, "--layers", "0"], capture_output=True,
+                           text=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        assert r.returncode == 2 and what in r.stderr
         assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
 
 

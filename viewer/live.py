@@ -431,10 +431,25 @@ def box_words(value, size) -> str:
     return ",".join(f"{v:g}" for v in (round(x0), round(y0), round(x1), round(y1)))
 
 
-def target_words(kind, box, size) -> str:
+def target_words(kind, box, run, image=None) -> str:
+    """intervene.py's --to word. ``image``: which image (or frame) of a several-image or video run
+    (``image:K`` / ``frame:K``, ``box:K:...``); required for a box there, refused on a one-image run."""
     if kind not in KNOCKOUT_TO:
         raise ApiError(f"to must be one of {', '.join(KNOCKOUT_TO)}, got {kind!r}")
-    return f"{kind}:{box_words(box, size)}" if kind in ("box", "outside") else kind
+    n, video = len(run.layout), run.layout.is_video
+    if image is None:
+        if n > 1 and kind in ("box", "outside"):
+            raise ApiError(f"this run has {n} {'frames' if video else 'images'}: say which the box is in (image, "
+                           f"0..{n - 1})")
+        return f"{kind}:{box_words(box, run.image_size())}" if kind in ("box", "outside") else kind
+    if n == 1:
+        raise ApiError("image goes with runs of several images or a video")
+    k = as_int(image, "image", 0, n - 1)
+    if kind in ("box", "outside"):
+        return f"{kind}:{k}:{box_words(box, run.image_size(k))}"
+    if kind == "image":
+        return f"{'frame' if video else 'image'}:{k}"
+    raise ApiError(f"image goes with to image, box or outside, not {kind!r}")
 
 
 def submit_intervention(kind: str, name: str, run, argv: list[str], label: str):
@@ -489,11 +504,11 @@ def intervene():
     ko = body.get("knockout")
     if ko:
         if not isinstance(ko, dict):
-            raise ApiError("knockout must be an object {from, to, box, layers}")
+            raise ApiError("knockout must be an object {from, to, box, image, layers}")
         frm = ko.get("from")
         if frm not in KNOCKOUT_FROM:
             raise ApiError(f"knockout from must be one of {', '.join(KNOCKOUT_FROM)}, got {frm!r}")
-        to = target_words(ko.get("to"), ko.get("box"), run.image_size())
+        to = target_words(ko.get("to"), ko.get("box"), run, ko.get("image"))
         lo, hi = layer_span(ko.get("layers"), "knockout layers", L)
         argv += ["--knockout", "--from", frm, "--to", to, "--layers", f"{lo}-{hi}"]
         words.append(f"knockout {frm} → {to} layers {lo}-{hi}")
@@ -514,7 +529,7 @@ def sweep():
     frm = body.get("from", "last")
     if frm not in SWEEP_FROM:
         raise ApiError(f"sweep from must be one of {', '.join(SWEEP_FROM)}, got {frm!r}")
-    to = target_words(body.get("to", "image"), body.get("box"), run.image_size())
+    to = target_words(body.get("to", "image"), body.get("box"), run, body.get("image"))
     window = as_int(body.get("window", 9), "window", 1, min(MAX_WINDOW, run.num_layers))
     argv = ["--sweep", "--from", frm, "--to", to, "--window", str(window)]
     return submit_intervention("sweep", name, run, argv, f"sweep {frm} → {to}, window {window}")
