@@ -257,3 +257,57 @@ def test_a_bad_intervention_answers_one_line(page, server, base_run):
     page.click("#lv-iv-run")                        # nothing chosen: the server's line
     page.wait_for_function("() => document.getElementById('lv-iv-error').textContent.startsWith('choose')")
     assert "\n" not in page.inner_text("#lv-iv-error")
+
+
+@pytest.fixture(scope="module")
+def two_run(server, tmp_path_factory):
+    """A run of two images in one prompt (the tiny stand-in), to intervene on: its name."""
+    pytest.importorskip("smolattn.interventions", reason="the interventions core is not in this checkout")
+    from smolattn import extract as ex
+    from smolattn import model as mdl
+
+    _, root = server
+    folder = tmp_path_factory.mktemp("two")
+    paths = [photo(folder / "a.png"), synthetic.test_image((300, 400)).save(folder / "b.png") or folder / "b.png"]
+    ex.extract_images(mdl.load(str(standin.ensure("tiny")), device="cpu"), paths, root / "two",
+                      ex.Settings("Which one has a sun?", 4))
+    return "two"
+
+
+def test_a_box_on_the_second_image_knocks_out_that_image(page, server, two_run):
+    """On a run of several images the box is in the pixels of the image shown (its index goes with it:
+    box:1:...), switching images drops a box drawn on another, and 'this image' means the one shown."""
+    url, _ = server
+    open_base(page, url, two_run)
+    labels = page.eval_on_selector_all("#lv-ko-to option", "os => os.map(o => [o.value, o.textContent])")
+    assert ["image", "this image (0, the one shown)"] in labels and ["every", "every image"] in labels
+    page.click('#image-panels .image-panel[data-image="1"]')
+    page.wait_for_function('document.getElementById("image").src.endsWith("image=1")')
+    page.click("#lv-draw")
+    box = page.locator("#image").bounding_box()
+    page.mouse.move(box["x"] + box["width"] * 0.1, box["y"] + box["height"] * 0.1)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] * 0.6, box["y"] + box["height"] * 0.5, steps=6)
+    page.mouse.up()
+    got = [int(v) for v in page.inner_text("#lv-box").removeprefix("box ").removesuffix(" px").split(", ")]
+    assert all(abs(a - b) <= 2 for a, b in zip(got, [30, 40, 180, 200])), got    # image 1 is 300 x 400
+    page.click('#image-panels .image-panel[data-image="0"]')                    # another image: the box goes
+    page.wait_for_function('document.getElementById("lv-box").textContent === "no box"')
+    page.click('#image-panels .image-panel[data-image="1"]')
+    page.click("#lv-draw")
+    page.mouse.move(box["x"] + box["width"] * 0.1, box["y"] + box["height"] * 0.1)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] * 0.6, box["y"] + box["height"] * 0.5, steps=6)
+    page.mouse.up()
+    page.select_option("#lv-ko-from", "last")
+    page.select_option("#lv-ko-to", "box")
+    with page.expect_response(lambda r: "/api/live/intervene" in r.url) as resp:
+        page.click("#lv-iv-run")
+    body = resp.value.json()
+    assert body["success"], body
+    to = body["argv"][body["argv"].index("--to") + 1]
+    assert to.startswith("box:1:"), to
+    page.wait_for_url("**compare_base=1**")
+    page.wait_for_selector("#iv-ov-base[data-index]")
+    assert "box:1:" in page.inner_text("#iv-badge")
+    shot(page, "live-compare-box-image1.png")

@@ -602,6 +602,7 @@ function showImage(k) {
   const im = state.info.images[k];
   state.image = k;
   state.info.geometry = { ...state.info.geometry, ...im.geometry };
+  emit("viewer:image", { image: k });
   for (const v of Object.values(VIEWS)) $(v.image).src = im.url;
   setReverse(null);
   markImage();

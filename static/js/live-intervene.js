@@ -7,7 +7,9 @@
 
 (() => {
   const byId = (id) => document.getElementById(id);
-  const st = {info: null, heads: new Set(), box: null, boxFrac: null, picking: false, drawing: false, job: null, analysis: false};
+  const st = {info: null, heads: new Set(), box: null, boxFrac: null, picking: false, drawing: false, job: null, analysis: false,
+              image: 0, boxImage: 0};
+  const several = () => !!(st.info && st.info.images && st.info.images.length > 1);
 
   function error(msg) { byId("lv-iv-error").textContent = msg || ""; byId("lv-iv-error").hidden = !msg; }
 
@@ -18,13 +20,30 @@
     s.value = String(value);
   }
 
+  function targets() {
+    // several images or a video: "the whole image" is the one shown (image:K / frame:K); "every" all of them
+    const sel = byId("lv-ko-to"), what = st.info && st.info.video ? "frame" : "image";
+    const whole = sel.querySelector('option[value="image"]');
+    let every = sel.querySelector('option[value="every"]');
+    if (several()) {
+      whole.textContent = `this ${what} (${st.image}, the one shown)`;
+      if (!every) sel.append(every = new Option("", "every"));
+      every.textContent = `every ${what}`;
+    } else {
+      whole.textContent = "the whole image";
+      if (every) every.remove();
+    }
+  }
+
   function onRun(info) {
     st.info = info;
     st.heads.clear();
     st.box = st.boxFrac = null;
+    st.image = st.boxImage = 0;
     drawBox();
     byId("lv-iv").hidden = !info;
     if (!info) return;
+    targets();
     const iv = info.intervention;
     byId("lv-iv-note").hidden = !iv;
     byId("lv-iv-form").hidden = !!iv;
@@ -95,6 +114,7 @@
     const [w, h] = st.info.geometry.image_size;
     const f = [Math.min(p[0], q[0]), Math.min(p[1], q[1]), Math.max(p[0], q[0]), Math.max(p[1], q[1])];
     st.boxFrac = f;
+    st.boxImage = st.image;     // a box is in the pixels of the image it was drawn on
     st.box = [Math.round(f[0] * w), Math.round(f[1] * h), Math.round(f[2] * w), Math.round(f[3] * h)];
     drawBox();
   }
@@ -131,9 +151,12 @@
 
   // -- run and sweep -----------------------------------------------------------------------------
   function knockoutTo() {
+    // {to, image}: intervene's target; image (several images or a video) says which one
     const to = byId("lv-ko-to").value;
+    if (to === "every") return {to: "image"};
     if (to !== "image" && !st.box) throw new Error("draw a box on the photo first (or knock out the whole image)");
-    return to;
+    if (!several()) return {to};
+    return {to, image: to === "image" ? st.image : st.boxImage};
   }
 
   function body() {
@@ -141,7 +164,7 @@
     if (byId("lv-use-top").checked) b.top = Number(byId("lv-top").value);
     else if (st.heads.size) b.heads = [...st.heads].map((k) => k.split(":").map(Number));
     if (byId("lv-ko-on").checked) {
-      b.knockout = {from: byId("lv-ko-from").value, to: knockoutTo(), box: st.box,
+      b.knockout = {from: byId("lv-ko-from").value, ...knockoutTo(), box: st.box,
                     layers: [Number(byId("lv-ko-lo").value), Number(byId("lv-ko-hi").value)]};
     }
     if (byId("lv-block-on").checked) b.block_from = Number(byId("lv-block-from").value);
@@ -190,9 +213,14 @@
   byId("lv-iv-sweep").addEventListener("click", () => submit("/api/live/sweep", () => {
     const frm = byId("lv-ko-from").value;
     if (frm === "answer") throw new Error("a sweep measures the first answer token: knock out from the last token, the question or all text");
-    return {run: st.info.run, from: frm, to: knockoutTo(), box: st.box, window: Number(byId("lv-window").value)};
+    return {run: st.info.run, from: frm, ...knockoutTo(), box: st.box, window: Number(byId("lv-window").value)};
   }));
 
   document.addEventListener("viewer:run", (e) => onRun(e.detail.info));
+  document.addEventListener("viewer:image", (e) => {   // another image shown: a box drawn on the last one goes
+    st.image = e.detail.image;
+    if (st.box && st.boxImage !== st.image) { st.box = st.boxFrac = null; drawBox(); }
+    if (st.info) targets();
+  });
   fetch("/api/live/status").then((r) => r.json()).then((s) => { st.analysis = !!s.analysis; byId("lv-top-row").hidden = !st.analysis; });
 })();
