@@ -216,6 +216,9 @@ def query_rows(prep: engine.Prepared, new: list[int]) -> np.ndarray:
 def step(loaded: mdl.Loaded, settings: Settings, batch: list[engine.Prepared]) -> list[engine.Output]:
     """The model step of a batch: one generate (engine.run), then each image's derived methods, if
     any, on its own slice of the batch's image features (no second vision pass)."""
+    if any(m != mth.RAW for m in settings.methods):
+        for prep in batch:      # before generating: a method that cannot fit is one line, not an OOM kill
+            mth.check_memory(loaded, settings.methods, len(prep.ids) + settings.max_new_tokens)
     with mth.keep_image_features(loaded) as kept:
         outs = engine.run(loaded, batch, settings.max_new_tokens)
     if any(m != mth.RAW for m in settings.methods):

@@ -334,6 +334,56 @@ def relative(ctx: Context):
     return rows, rows, maps.astype(np.float32)
 
 
+# -- memory ----------------------------------------------------------------------------------------
+def needed_bytes(methods, seq_len: int, layers: int, heads: int) -> int:
+    """What the derived ``methods`` hold at once for a sequence of ``seq_len`` tokens, beyond the model:
+    relevancy every layer's (H, S, S) fp32 probabilities in the autograd graph plus their gradients;
+    rollout every layer's head-fused (S, S) fp32 matrix."""
+    s2, need = seq_len * seq_len * 4, 0
+    if any(METHODS[m].grad for m in methods if m != RAW):
+        need += 2 * layers * heads * s2
+    if any(METHODS[m].fused for m in methods if m != RAW):
+        need += layers * s2
+    return need
+
+
+def free_bytes(device) -> int | None:
+    """Memory free for ``device`` now: the GPU's (CUDA), else the host's MemAvailable; None if unknown."""
+    import torch
+
+    if str(device).startswith("cuda"):
+        return int(torch.cuda.mem_get_info(torch.device(device))[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+CHECK_ABOVE = 2**30     # bytes: smaller needs are not checked (no /proc read for everyday runs)
+
+
+def check_memory(loaded, methods, seq_len: int) -> None:
+    """Refuse in one line, before generation, derived methods that would not fit in memory (relevancy
+    on a long video needs S^2 per layer and head twice)."""
+    cfg = loaded.model.config.text_config
+    need = needed_bytes(methods, seq_len, cfg.num_hidden_layers, cfg.num_attention_heads)
+    free = free_bytes(loaded.device) if need > CHECK_ABOVE else None
+    if free is not None and need > free:
+        names = ", ".join(m for m in methods if m != RAW and (METHODS[m].grad or METHODS[m].fused))
+        raise UserError(f"--methods {names} on this prompt ({seq_len:,} tokens, {cfg.num_hidden_layers} layers x "
+                        f"{cfg.num_attention_heads} heads) needs about {_size(need)} and {_size(free)} "
+                        f"are free: use fewer frames (--max-frames) or images, a smaller --longest-edge, or leave "
+                        f"them out of --methods")
+
+
 # -- entry point ---------------------------------------------------------------------------------
 def compute(loaded, ids, prompt_length: int, geometry: geo.Geometry, rows, methods, features,
             params: dict | None = None) -> dict:

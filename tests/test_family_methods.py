@@ -243,3 +243,24 @@ def test_batch_video_dir_with_methods(smol, tmp_path):
     assert run.layout.is_video and len(run.layout) == 3 and run.methods == ["raw", "relative", "rollout"]
     assert run.method("rollout").maps.shape == (run.num_layers, len(run.query_positions), run.layout.num_keys)
 
+
+
+def test_methods_that_cannot_fit_in_memory_are_refused_before_generation(smol, tmp_path, monkeypatch):
+    """Relevancy holds every layer's (H, S, S) probabilities and their gradients: on a long video that is
+    tens of GB. Where it would not fit, the extraction says so in one line before it generates, and
+    writes nothing."""
+    clip = tmp_path / "clip.mp4"
+    encode_mp4(clip, 8, 2)
+    cfg = smol.model.config.text_config
+    monkeypatch.setattr(mth, "CHECK_ABOVE", 0)
+    monkeypatch.setattr(mth, "free_bytes", lambda device: 2 * cfg.num_hidden_layers * cfg.num_attention_heads * 100)
+    generated = []
+    monkeypatch.setattr(engine, "run", lambda *a, **k: generated.append(1) or (_ for _ in ()).throw(AssertionError))
+    with pytest.raises(ex.UserError, match=r"--methods relevancy on this prompt \(.* tokens, 4 layers x 4 heads\) "
+                                           r"needs about [0-9.]+ MiB and 0.0 MiB are free: use fewer frames \(--max-frames\)"):
+        ex.extract_video(smol, clip, tmp_path / "out", ex.Settings(max_new_tokens=2, methods=("raw", "relevancy")))
+    assert not generated and not (tmp_path / "out").exists()
+    S = 1000
+    assert mth.needed_bytes(["raw", "relevancy"], S, 30, 9) == 2 * 30 * 9 * S * S * 4
+    assert mth.needed_bytes(["raw", "rollout"], S, 30, 9) == 30 * S * S * 4
+    assert mth.needed_bytes(["raw", "relative"], S, 30, 9) == 0
