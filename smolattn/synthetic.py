@@ -16,15 +16,7 @@ ANSWER = ["ĠA", "Ġskier", "Ġin", "Ġa", "Ġred", "Ġjacket", "Ġ&", "Ġ\"", "
 
 def make_tokens(rows: int, cols: int, side: int = 8, prompt=PROMPT, answer=ANSWER):
     """(tokens, prompt_length) for one image with an R x C grid (0 x 0 = global tile only)."""
-    n = side * side
-    t = ["<|im_start|>", "User", ":"]
-    for r in range(1, rows + 1):
-        for c in range(1, cols + 1):
-            t += ["<fake_token_around_image>", f"<row_{r}_col_{c}>"] + ["<image>"] * n
-        t.append("Ċ")
-    if rows:
-        t[-1] = "ĊĊ"
-    t += ["<fake_token_around_image>", "<global-img>"] + ["<image>"] * n + ["<fake_token_around_image>"]
+    t = ["<|im_start|>", "User", ":"] + image_block(rows, cols, side)
     t += list(prompt) + ["<end_of_utterance>", "Ċ", "Ass", "istant", ":"]
     return t + list(answer) + ["<end_of_utterance>"], len(t)
 
