@@ -280,8 +280,8 @@ class AttentionRun:
         n = len(self.run.layout)
         if not isinstance(image, (int, np.integer)) or not 0 <= int(image) < n:
             what = "frame" if self.run.layout.is_video else "image"
-            raise UserError(f"image {image!r} out of range: this run has {n} {what}{'s' if n > 1 else ''} (0.."
-                            f"{n - 1})")
+            have = "one image (0)" if n == 1 else f"{n} {what}s (0..{n - 1})"
+            raise UserError(f"image {image!r} out of range: this run has {have}")
         return int(image)
 
     # -- views ----------------------------------------------------------------------------------

@@ -233,6 +233,8 @@ def test_draw_a_box_and_run_a_knockout(page, server, base_run):
     page.wait_for_selector("#iv-ov-base[data-index]")
     badge = page.inner_text("#iv-badge")
     assert badge.startswith("knockout last → box:") and badge.endswith("layers 1-3"), badge
+    page.wait_for_selector("#iv-ov-run[data-boxes]")
+    assert page.get_attribute("#iv-ov-run", "data-boxes") == "1"     # the knocked-out box drawn on the map
     shot(page, "live-compare-box.png")
     # the box in a sweep: the curve opens
     open_base(page, url, base_run)
@@ -310,4 +312,19 @@ def test_a_box_on_the_second_image_knocks_out_that_image(page, server, two_run):
     page.wait_for_url("**compare_base=1**")
     page.wait_for_selector("#iv-ov-base[data-index]")
     assert "box:1:" in page.inner_text("#iv-badge")
+    # the intervened run opens on the image its knockout is in, and compares that image in both runs
+    page.wait_for_function('document.getElementById("iv-ov-base").dataset.image === "1"')
+    assert page.get_attribute("#iv-ov-run", "data-image") == "1" and "image 1" in page.inner_text("#iv-maps-title")
+    assert page.get_attribute("#iv-img-base", "src").endswith("image=1")
+    assert page.get_attribute("#iv-ov-run", "data-boxes") == "1" == page.get_attribute("#iv-ov-base", "data-boxes")
+    assert page.get_attribute("#image", "src").endswith("image=1")
     shot(page, "live-compare-box-image1.png")
+    page.click('#image-panels .image-panel[data-image="0"]')          # another image: both maps follow
+    page.wait_for_function('document.getElementById("iv-ov-base").dataset.image === "0"')
+    assert "image=0" in page.url and page.get_attribute("#iv-ov-run", "data-boxes") == "0"   # the box is in image 1
+    page.reload()                                                      # a reload keeps the image shown
+    page.wait_for_selector("#iv-ov-base[data-index]")
+    assert page.get_attribute("#iv-ov-base", "data-image") == "0" and "image=1" not in page.get_attribute("#image", "src")
+    page.goto(page.url.replace("image=0", "image=1"))
+    page.wait_for_selector("#iv-ov-base[data-index]")
+    assert page.get_attribute("#image", "src").endswith("image=1")

@@ -159,15 +159,36 @@ async function loadRun(name, wanted = null) {
   fillControls(info);
   if (wanted) applyUrl(wanted);
   renderTokens(info);
+  const k = startImage(info, wanted);
   for (const v of Object.values(VIEWS)) {
     $(v.image).hidden = false;
-    $(v.image).src = info.image_url;
+    $(v.image).src = k ? info.images[k].url : info.image_url;
+  }
+  if (k) {
+    state.image = k;
+    state.info.geometry = { ...state.info.geometry, ...info.images[k].geometry };
+    markImage();
+    emit("viewer:image", { image: k });
   }
   const asked = wanted && wanted.get("token") !== null ? Number(wanted.get("token")) : NaN;
   const first = state.selectable.find((t) => t.index === asked)
     || state.selectable.find((t) => t.kind === "answer") || state.selectable[0];
   if (first) select(first.index);
   else writeUrl();
+}
+
+function startImage(info, wanted) {
+  // which image (frame) the page opens on: the URL's (a reload keeps it), else the one an intervened
+  // run's knockout targets (image:K, frame:K, box:K:..., outside:K:...), else 0
+  const n = (info.images || []).length;
+  if (n < 2) return 0;
+  const asked = wanted ? Number(wanted.get("image")) : NaN;
+  if (wanted && wanted.get("image") !== null && Number.isInteger(asked) && asked >= 0 && asked < n) return asked;
+  for (const ko of (info.intervention && info.intervention.knockouts) || []) {
+    const m = /^(?:image|frame):(\d+)$|^(?:box|outside):(\d+):/.exec(ko.to || "");
+    if (m && Number(m[1] || m[2]) < n) return Number(m[1] || m[2]);
+  }
+  return 0;
 }
 
 function setExport(info) {
@@ -289,6 +310,7 @@ function writeUrl() {
   if (state.run) p.set("run", state.run);
   if (state.info && state.index !== null) {
     p.set("token", state.index);
+    if ((state.info.images || []).length > 1) p.set("image", state.image);
     const a = selectionParams("a");
     p.set("layers", a.layers);
     p.set("heads", a.heads);

@@ -189,8 +189,11 @@
     const p = { run: iv.compare.base || "", index: d.index, layers, heads: d.heads ?? "mean", method: d.method || "raw",
       drop_sink: d.drop_sink ? "1" : "0", norm: d.norm || "map" };
     if (d.start_layer !== null && d.start_layer !== undefined) p.start_layer = d.start_layer;
+    if (several()) p.image = d.image;      // the image (frame) the main view shows, in both runs
     return new URLSearchParams(p).toString();
   }
+
+  function several() { return !!(state.info.images && state.info.images.length > 1); }
 
   async function refreshMaps() {
     const a = state.views.a;
@@ -206,17 +209,19 @@
     iv.key = key;
     iv.maps.base = null;
     const base = iv.compare.base;
-    byId("iv-maps-title").textContent = `Maps of token #${a.index} · ${span(a)} · ${a.method || "raw"}`;
+    const k = several() ? a.image : null, what = state.info.video ? "frame" : "image";
+    byId("iv-maps-title").textContent = `Maps of token #${a.index} · ${span(a)} · ${a.method || "raw"}`
+      + (k === null ? "" : ` · ${what} ${k}`);
     byId("iv-cap-run").textContent = `Intervened: ${JSON.stringify(a.text)}`
       + (a.image_mass === null ? "" : ` · ${share(a)} on the image`);
     byId("iv-cap-base").textContent = base ? `Base (${base})` : "Base";
     const runImg = byId("iv-img-run"), baseImg = byId("iv-img-base");
-    if (runImg.getAttribute("src") !== state.info.image_url) runImg.src = state.info.image_url;
+    const runSrc = k === null ? state.info.image_url : state.info.images[k].url;
+    if (runImg.getAttribute("src") !== runSrc) runImg.src = runSrc;
+    const baseSrc = `/api/image?run=${encodeURIComponent(base)}` + (k === null ? "" : `&image=${k}`);
     baseImg.hidden = !base;
     missing(base ? "" : "No base run to show (see above).");
-    if (base && baseImg.getAttribute("src") !== `/api/image?run=${encodeURIComponent(base)}`) {
-      baseImg.src = `/api/image?run=${encodeURIComponent(base)}`;
-    }
+    if (base && baseImg.getAttribute("src") !== baseSrc) baseImg.src = baseSrc;
     drawMaps();
     if (!base) return;
     let d = null;
@@ -261,6 +266,27 @@
     if (!d || img.hidden || !img.complete || !img.naturalWidth) return;
     paint(ctx, heatCanvas(d.grid || d.global, vmin, vmax), canvas.width, canvas.height);
     canvas.dataset.index = d.index;   // lets tests (and you) see which token is drawn
+    canvas.dataset.image = d.image ?? 0;
+    const boxes = knockoutBoxes(d.image ?? 0);
+    canvas.dataset.boxes = boxes.length;
+    const im = several() ? state.info.images[d.image].geometry : state.info.geometry;
+    const sx = canvas.width / im.image_size[0], sy = canvas.height / im.image_size[1];
+    ctx.lineWidth = 2 * dpr;
+    for (const [x0, y0, x1, y1, outside] of boxes) {   // the knocked-out box, in that image's pixels
+      ctx.strokeStyle = outside ? "#1f77b4" : "#00e5ff";
+      ctx.setLineDash(outside ? [6 * dpr, 4 * dpr] : []);
+      ctx.strokeRect(x0 * sx, y0 * sy, (x1 - x0) * sx, (y1 - y0) * sy);
+    }
+  }
+
+  function knockoutBoxes(k) {
+    // [x0, y0, x1, y1, outside] of the knockouts' box:/outside: words that are in image k
+    const out = [];
+    for (const ko of (iv.info && iv.info.knockouts) || []) {
+      const m = /^(box|outside):(?:(\d+):)?([-\d.]+),([-\d.]+),([-\d.]+),([-\d.]+)$/.exec(ko.to || "");
+      if (m && Number(m[2] || 0) === k) out.push([+m[3], +m[4], +m[5], +m[6], m[1] === "outside"]);
+    }
+    return out;
   }
 
   // -- wiring ----------------------------------------------------------------------------------------
