@@ -2,7 +2,10 @@
 tests without torchvision can check our fallback path against it (tests/test_family.py).
 
     python scripts/record_smolvlm_processor.py                 # where torchvision imports (a GPU machine)
-    python scripts/record_smolvlm_processor.py --define-torchvision-ops
+
+    # with this project's CPU torch 2.13 (how the committed record was made):
+    pip install --no-deps --target /tmp/tvlib torchvision==0.28.0
+    PYTHONPATH=/tmp/tvlib python scripts/record_smolvlm_processor.py --define-torchvision-ops
 
 The real processor needs torchvision (its video processor class). Where the PyPI torchvision wheel is
 CUDA-built and the installed torch is CPU-only, torchvision's compiled ops cannot load and its import
