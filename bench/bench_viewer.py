@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import gc
 import io
 import json
 import logging
@@ -535,6 +536,7 @@ def bench_video(args, rng) -> None:
         first = positions[-16]                 # the page opens on the first answer token
         cold, old = [], []
         for _ in range(args.cold):     # what the page asks first: /api/initialize, then its first map
+            gc.collect()               # the earlier apps' garbage is this loop's, not a restarted viewer's
             app = create_app({"RUN": str(run), "CACHE_DIR": str(cache)}).test_client()
             t = time.perf_counter()
             assert app.get("/api/initialize").status_code == 200

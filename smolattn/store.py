@@ -618,12 +618,14 @@ def token_table(run: Run) -> list[dict]:
     a Korean syllable, an emoji...) share a unit: ``unit`` = [first, last] position and ``unit_text``
     the characters; ``text`` is then the token's own piece (split characters as ``\\xNN``).
     """
+    tokens, plen = run.tokens, run.prompt_length
     keys = set(run.geometry.key_positions.tolist())
-    outside = run.geometry.outside_image(np.arange(len(run.tokens)))
+    outside = run.geometry.outside_image(np.arange(len(tokens))).tolist()
+    rows = set(run._row)
     out = []
-    for u in units(run.tokens):
+    for u in units(tokens):
         for i in range(u.start, u.stop):
-            raw = run.tokens[i]
+            raw = tokens[i]
             if i in keys:
                 kind = "image"
             elif not outside[i]:
@@ -631,8 +633,7 @@ def token_table(run: Run) -> list[dict]:
             elif SPECIAL.match(raw):
                 kind = "special"
             else:
-                kind = "answer" if i >= run.prompt_length else "prompt"
+                kind = "answer" if i >= plen else "prompt"
             out.append({"index": i, "raw": raw, "text": u.text if u.stop - u.start == 1 else piece(raw),
-                        "kind": kind, "has_row": run.row_of(i) is not None,
-                        "unit": [u.start, u.stop - 1], "unit_text": u.text})
-    return out
+                        "kind": kind, "has_row": i in rows, "unit": (u.start, u.stop - 1), "unit_text": u.text})
+    return out      # (unit a tuple: a dict of atomic values only is not tracked by the garbage collector)
