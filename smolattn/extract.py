@@ -213,28 +213,39 @@ def query_rows(prep: engine.Prepared, new: list[int]) -> np.ndarray:
     return np.concatenate([prep.rows, np.arange(len(prep.ids), len(prep.ids) + len(new))])
 
 
-def step(loaded: mdl.Loaded, settings: Settings, batch: list[engine.Prepared]) -> list[engine.Output]:
+def step(loaded: mdl.Loaded, settings: Settings, batch: list[engine.Prepared]) -> list:
     """The model step of a batch: one generate (engine.run), then each image's derived methods, if
-    any, on its own slice of the batch's image features (no second vision pass)."""
+    any, on its own slice of the batch's image features (no second vision pass). Returns an Output
+    per prepared image, or, for one whose derived methods would not fit in memory, the UserError that
+    says so (checked before generating; :func:`write` raises it, so only that image fails)."""
+    refused = {}
     if any(m != mth.RAW for m in settings.methods):
-        for prep in batch:      # before generating: a method that cannot fit is one line, not an OOM kill
-            mth.check_memory(loaded, settings.methods, len(prep.ids) + settings.max_new_tokens)
+        for i, prep in enumerate(batch):   # a method that cannot fit is one line, not an OOM kill
+            try:
+                mth.check_memory(loaded, settings.methods, len(prep.ids) + settings.max_new_tokens)
+            except UserError as e:
+                refused[i] = e
+    todo = [p for i, p in enumerate(batch) if i not in refused]
     with mth.keep_image_features(loaded) as kept:
-        outs = engine.run(loaded, batch, settings.max_new_tokens)
+        outs = engine.run(loaded, todo, settings.max_new_tokens) if todo else []
     if any(m != mth.RAW for m in settings.methods):
         first = 0
-        for prep, out in zip(batch, outs):
+        for prep, out in zip(todo, outs):
             t0, tiles = time.perf_counter(), prep.pixel_values.shape[0]
             out.methods = mth.compute(loaded, prep.ids + out.new, len(prep.ids), prep.geometry,
                                       query_rows(prep, out.new), settings.methods, kept.features[first:first + tiles])
             out.methods_s, first = time.perf_counter() - t0, first + tiles
-    return outs
+    done = iter(outs)
+    return [refused[i] if i in refused else next(done) for i in range(len(batch))]
 
 
 def write(loaded: mdl.Loaded, settings: Settings, prep: engine.Prepared, out: engine.Output, out_dir,
           replace_reference: bool = False, intervention: dict | None = None, extra_files: dict | None = None) -> dict:
     """The run directory of one prepared image and its model output (atomically). Returns a summary.
-    ``intervention``: meta.intervention of an intervened run; ``extra_files``: its effects.json."""
+    ``intervention``: meta.intervention of an intervened run; ``extra_files``: its effects.json.
+    ``out`` may be the UserError :func:`step` refused this image with: it is raised here."""
+    if isinstance(out, Exception):
+        raise out
     store.check_target(out_dir, replace_reference)     # never a folder of the user's
     t0 = time.perf_counter()
     tok = loaded.processor.tokenizer

@@ -732,9 +732,8 @@ def frames(run):
     """A video run's frames as the run stored them (images/NN.jpg, never a re-decode of the video),
     with their stream indices and the video's rate, frame count and duration from meta.video, so the
     prompt's timestamps and intro are the base run's."""
-    from PIL import Image
-
     from . import video
+    from .images import open_image
 
     v, entries = run.meta["video"], run.meta["images"]
     images = []
@@ -742,8 +741,7 @@ def frames(run):
         path = run.image_path(k)
         if path is None:
             raise UserError(f"{run.path}: frame {k} is not stored in the run ({e.get('file')!r})")
-        with Image.open(path) as im:
-            rgb = im.convert("RGB")
+        rgb, _ = open_image(path)       # a damaged stored frame: one line naming it
         if list(rgb.size) != list(e["size"]):
             raise UserError(f"{run.path}: stored frame {k} is {rgb.size[0]}x{rgb.size[1]}, the run recorded "
                             f"{e['size'][0]}x{e['size'][1]}")

@@ -351,8 +351,9 @@ def free_bytes(device) -> int | None:
     """Memory free for ``device`` now: the GPU's (CUDA), else the host's MemAvailable; None if unknown."""
     import torch
 
-    if str(device).startswith("cuda"):
-        return int(torch.cuda.mem_get_info(torch.device(device))[0])
+    if str(device).startswith("cuda"):   # free on the card + what torch holds in its cache but does not use
+        dev = torch.device(device)
+        return int(torch.cuda.mem_get_info(dev)[0] + torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev))
     try:
         with open("/proc/meminfo") as f:
             for line in f:

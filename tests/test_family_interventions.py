@@ -238,6 +238,15 @@ def test_a_changed_stored_frame_set_is_refused(runs, tmp_path):
         iv.base_pixels(store.Run(bad))
 
 
+def test_a_damaged_stored_frame_is_one_line_naming_it(runs, tmp_path):
+    bad = tmp_path / "video"
+    shutil.copytree(runs["video"].path, bad)
+    frame = bad / json.loads((bad / "meta.json").read_text())["images"][2]["file"]
+    frame.write_bytes(b"not a jpeg")
+    with pytest.raises(UserError, match=rf"{frame.name}"):
+        iv.base_pixels(store.Run(bad))
+
+
 # ---------------------------------------------------------------------------------- the CLI
 
 def test_knockout_of_image_1_end_to_end(runs, tmp_path):

@@ -264,3 +264,22 @@ def test_methods_that_cannot_fit_in_memory_are_refused_before_generation(smol, t
     assert mth.needed_bytes(["raw", "relevancy"], S, 30, 9) == 2 * 30 * 9 * S * S * 4
     assert mth.needed_bytes(["raw", "rollout"], S, 30, 9) == 30 * S * S * 4
     assert mth.needed_bytes(["raw", "relative"], S, 30, 9) == 0
+
+
+def test_in_a_batch_only_the_image_that_cannot_fit_is_refused(smol, tmp_path, monkeypatch):
+    """The memory check is per image: in a batch of a small and a large image, the large one gets the
+    one-line error and the small one its run with the methods."""
+    small, large = tmp_path / "small.png", tmp_path / "large.png"
+    synthetic.test_image((1024, 256)).save(small)      # at 2048 px: 4 x 1 tiles (~390 tokens)
+    synthetic.test_image((64, 64)).save(large)         # at 2048 px: 4 x 4 tiles (~1,150 tokens)
+    cfg = smol.model.config.text_config
+    per = 2 * cfg.num_hidden_layers * cfg.num_attention_heads * 4          # relevancy: bytes per S^2
+    monkeypatch.setattr(mth, "CHECK_ABOVE", 0)
+    monkeypatch.setattr(mth, "free_bytes", lambda device: per * 600 ** 2)  # the small prompt fits, the large not
+    done, errors = {}, {}
+    ex.extract_many(smol, [(small, tmp_path / "a", "a"), (large, tmp_path / "b", "b")],
+                    ex.Settings(max_new_tokens=2, methods=("raw", "relevancy")), lambda tag, s: done.update({tag: s}),
+                    batch_size=2, workers=0, on_error=lambda tag, e: errors.update({tag: str(e)}) or {})
+    assert sorted(done) == ["a", "b"] and list(errors) == ["b"], errors
+    assert errors["b"].startswith("--methods relevancy on this prompt (") and "\n" not in errors["b"]
+    assert store.Run(tmp_path / "a").methods == ["raw", "relevancy"] and not (tmp_path / "b").exists()

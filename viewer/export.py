@@ -34,7 +34,7 @@ FORMAT = "smolattn-export"
 VERSION = 1
 IMAGE_MAX_SIDE = 1024           # as the viewer's PNG renders (api.PNG_MAX_SIDE)
 IMAGE_KEEP_BYTES = 1_500_000    # a smaller image file is embedded as it is
-MAX_ROW_BYTES = 32_000_000      # the rows' 8-bit codes the page holds (a real-shape 3x4-tile run: ~12 MB)
+MAX_ROW_BYTES = 32_000_000      # several images / a video: the rows' 8-bit codes the page may hold (a 16-frame run: ~12.5 MB)
 PRECISION = ("8-bit codes with one scale per row, as the compact8 store: |error| <= row max / 510 "
              "(a compact8 run's values exactly); method maps: 8 bits over each row's min..max")
 GENERATOR = f'<meta name="generator" content="{FORMAT}">'
@@ -125,9 +125,11 @@ def row_bytes(run) -> int:
 
 def availability(run) -> dict:
     """Whether the run can be exported (``ok``), the rows' bytes in the page, and why not (``reason``,
-    one line): a run whose rows pass MAX_ROW_BYTES (a long video) is refused before any work."""
+    one line): a run of several images or a video whose rows pass MAX_ROW_BYTES (a long video) is
+    refused before any work. A one-image run always exports, as before the limit (a real-shape run
+    with 128 answer tokens holds ~38 MB of rows)."""
     n = row_bytes(run)
-    if n <= MAX_ROW_BYTES:
+    if n <= MAX_ROW_BYTES or len(run.layout) == 1:
         return {"ok": True, "bytes": n, "reason": None}
     what = f"{len(run.layout)} frames" if run.layout.is_video else f"{len(run.layout)} image(s)"
     return {"ok": False, "bytes": n, "reason": (
