@@ -355,6 +355,7 @@ def validate(args) -> ex.Settings:
             raise UserError(f"--video-dir {video_dir} is not a folder")
         if (args.fps is not None and args.fps <= 0) or (args.max_frames is not None and args.max_frames < 1):
             raise UserError("--fps must be positive and --max-frames at least 1")
+        mdl.video_model(args)
     elif getattr(args, "fps", None) is not None or getattr(args, "max_frames", None) is not None \
             or getattr(args, "keep_frame_rows", False):
         raise UserError("--fps, --max-frames and --keep-frame-rows are for --video-dir")

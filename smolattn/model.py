@@ -21,7 +21,7 @@ import numpy as np
 
 from .errors import UserError
 
-from .runmeta import DEFAULT_MODEL  # noqa: E402 - defined once, in the light module
+from .runmeta import DEFAULT_MODEL, DEFAULT_VIDEO_MODEL  # noqa: E402 - defined once, in the light module
 ALIASES = {"HuggingFaceTB/SmolVLM-Instruct-256M": DEFAULT_MODEL, "SmolVLM-Instruct-256M": DEFAULT_MODEL,
            "SmolVLM-256M-Instruct": DEFAULT_MODEL}
 DTYPES = ("float32", "bfloat16", "float16")
@@ -213,10 +213,19 @@ def default_dtype(device: str) -> str:
 
 def add_model_arguments(ap) -> None:
     """The model flags of every script that loads the model."""
-    ap.add_argument("--model-id", default=DEFAULT_MODEL, help="hub id or local model directory")
+    ap.add_argument("--model-id", default=DEFAULT_MODEL, help=f"hub id or local model directory (default "
+                    f"{DEFAULT_MODEL}; with --video / --video-dir {DEFAULT_VIDEO_MODEL})")
     ap.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
     ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     ap.add_argument("--dtype", choices=DTYPES, default=None, help="default: float32 on CPU, bfloat16 on GPU")
+
+
+def video_model(args) -> None:
+    """--video / --video-dir left at the default model: SmolVLM2's (SmolVLM v1 has no video support)."""
+    if args.model_id == DEFAULT_MODEL:
+        args.model_id = DEFAULT_VIDEO_MODEL
+        print(f"note: a video: using {DEFAULT_VIDEO_MODEL} (SmolVLM v1 reads no video; --model-id picks another)",
+              file=sys.stderr)
 
 
 def load(model_id: str = DEFAULT_MODEL, device: str | None = None, dtype: str | None = None,
@@ -255,9 +264,10 @@ def load(model_id: str = DEFAULT_MODEL, device: str | None = None, dtype: str | 
             source = snapshot_download(model_id, revision=revision, local_files_only=True)
         except Exception:  # noqa: BLE001 - not cached
             if not _hub_reachable():
+                shape = "smolvlm2-tiny" if "smolvlm2" in model_id.lower() else "tiny"
                 raise UserError(
                     f"cannot reach the Hugging Face hub and {model_id!r} is not cached; for an offline stand-in run "
-                    f"`python -m smolattn.standin --shape tiny models/tiny` and pass --model-id models/tiny")
+                    f"`python -m smolattn.standin --shape {shape} models/{shape}` and pass --model-id models/{shape}")
             try:
                 source = snapshot_download(model_id, revision=revision)
             except Exception as e:  # noqa: BLE001

@@ -108,7 +108,8 @@ def run_video(video, prompt: str = "Describe this video.", *, model_id: str | No
               max_frames: int | None = None, keep_frame_rows: bool = False, output_dir=None,
               max_new_tokens: int = 128, store: str = "compact", methods=("raw",), device: str | None = None,
               dtype: str | None = None, revision: str | None = None) -> "AttentionRun":
-    """A video's sampled frames + prompt (a SmolVLM2 checkpoint; smolattn-extract --video).
+    """A video's sampled frames + prompt (a SmolVLM2 checkpoint, default SmolVLM2-256M-Video-Instruct;
+    smolattn-extract --video).
     ``fps`` / ``max_frames`` None: the checkpoint's own sampling. ``masses(token)`` is the token's
     attention mass per frame (which moment it looks at); ``map(token, image=K)`` frame K's grid."""
     from . import extract as ex
@@ -117,7 +118,8 @@ def run_video(video, prompt: str = "Describe this video.", *, model_id: str | No
     settings = _settings(prompt, max_new_tokens, None, store, methods)
     vid.probe(video, fps, max_frames)                   # a bad video fails before the model loads
     out = _target(output_dir, Path(video).stem)
-    ex.extract_video(_load(model_id, device, dtype, revision), video, out, settings, fps, max_frames, keep_frame_rows)
+    ex.extract_video(_load(model_id or runmeta.DEFAULT_VIDEO_MODEL, device, dtype, revision), video, out, settings,
+                     fps, max_frames, keep_frame_rows)
     return open_run(out)
 
 

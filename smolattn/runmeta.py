@@ -25,6 +25,7 @@ from pathlib import Path
 from .methods import RAW, parse
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolVLM-256M-Instruct"   # the scripts' --model-id default (model.py uses this one)
+DEFAULT_VIDEO_MODEL = "HuggingFaceTB/SmolVLM2-256M-Video-Instruct"   # --video / --video-dir's (v1 has no video)
 from .pope import DEFAULT_SUFFIX
 from .store import FORMAT_VERSION
 

@@ -769,3 +769,16 @@ def test_the_methods_command_of_a_several_image_and_a_video_run_rebuilds_it(fami
         assert again.meta["token_ids"] == run.meta["token_ids"] and again.methods == ["raw", "rollout"]
         assert again.layout.to_json() == run.layout.to_json()
         assert_same_rows(run, again)
+
+
+def test_a_video_without_a_model_id_uses_smolvlm2(clips, tmp_path):
+    """--video with the default model: SmolVLM v1 reads no video, so SmolVLM2-256M-Video-Instruct is used
+    (said in a note); offline and not cached, the one error line points to the SmolVLM2 stand-in."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
+    r = subprocess.run([sys.executable, str(ROOT / "extract_smolvlm_attn.py"), "--video", str(clips[4][0]),
+                        "--output-dir", str(tmp_path / "out")], capture_output=True, text=True, env=env, cwd=ROOT)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(lines) == 2, r.stderr
+    assert lines[0].startswith("note: a video: using HuggingFaceTB/SmolVLM2-256M-Video-Instruct")
+    assert "'HuggingFaceTB/SmolVLM2-256M-Video-Instruct' is not cached" in lines[1] and "--shape smolvlm2-tiny" in lines[1]
+    assert not (tmp_path / "out").exists()

@@ -41,6 +41,7 @@ def main(argv=None):
     if args.video:
         from smolattn import video
         video.probe(args.video, args.fps, args.max_frames)   # a bad video fails before the model loads
+        mdl.video_model(args)
     ex.check_writable(args.output_dir)
     store.check_target(args.output_dir, args.replace_reference_run)   # never a folder of the user's, nor the current one
     ex.check_longest_edge(settings.longest_edge, ex.checkpoint_tile_size(args.model_id, args.revision))

@@ -283,8 +283,10 @@
     // [x0, y0, x1, y1, outside] of the knockouts' box:/outside: words that are in image k
     const out = [];
     for (const ko of (iv.info && iv.info.knockouts) || []) {
-      const m = /^(box|outside):(?:(\d+):)?([-\d.]+),([-\d.]+),([-\d.]+),([-\d.]+)$/.exec(ko.to || "");
-      if (m && Number(m[2] || 0) === k) out.push([+m[3], +m[4], +m[5], +m[6], m[1] === "outside"]);
+      // the numbers as intervene.py reads them (float(): spaces, 1e2 ...)
+      const m = /^(box|outside):(?:\s*(\d+)\s*:)?([^,:]+),([^,]+),([^,]+),([^,]+)$/.exec(ko.to || "");
+      const xs = m ? m.slice(3, 7).map(Number) : [];
+      if (m && Number(m[2] || 0) === k && xs.every(Number.isFinite)) out.push([...xs, m[1] === "outside"]);
     }
     return out;
   }
