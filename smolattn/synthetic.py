@@ -31,6 +31,25 @@ def test_image(size=(640, 480)):
     return Image.fromarray(rgb.astype(np.uint8))
 
 
+def random_rows(rng, layers: int, heads: int, q, S: int, keys, one_hot: dict | None = None, plant=None, g=None):
+    """Per layer (H, len(q), S) fp16 causal softmax rows of random logits; ``one_hot`` {position: key
+    index} puts all of that row's mass on one image key; ``plant(layer, a, q, g)`` edits them."""
+    arrays = []
+    for _ in range(layers):
+        logits = rng.normal(0, 1, (heads, len(q), S))
+        logits[..., np.arange(S)[None, :] > q[:, None]] = -np.inf  # causal
+        a = np.exp(logits - logits.max(-1, keepdims=True))
+        a /= a.sum(-1, keepdims=True)
+        for pos, key in (one_hot or {}).items():
+            row = int(np.flatnonzero(q == pos)[0])
+            a[:, row] = 0
+            a[:, row, keys[key]] = 1.0
+        if plant is not None:
+            plant(len(arrays), a, q, g)
+        arrays.append(a.astype(np.float16))
+    return arrays
+
+
 def make_run(out, rows: int = 3, cols: int = 4, *, layers: int = 2, heads: int = 2, side: int = 8,
              image_size=(640, 480), store_mode: str = "compact", one_hot: dict | None = None,
              seed: int = 0, all_rows: bool = False, answer=ANSWER, prompt=PROMPT, reference: bool = False,
@@ -48,21 +67,7 @@ def make_run(out, rows: int = 3, cols: int = 4, *, layers: int = 2, heads: int =
     S = len(tokens)
     q = np.arange(S)
     q = q if (all_rows or store_mode == "full" or reference) else q[g.outside_image(q)]
-    rng = np.random.default_rng(seed)
-    keys = g.key_positions
-    arrays = []
-    for _ in range(layers):
-        logits = rng.normal(0, 1, (heads, len(q), S))
-        logits[..., np.arange(S)[None, :] > q[:, None]] = -np.inf  # causal
-        a = np.exp(logits - logits.max(-1, keepdims=True))
-        a /= a.sum(-1, keepdims=True)
-        for pos, key in (one_hot or {}).items():
-            row = int(np.flatnonzero(q == pos)[0])
-            a[:, row] = 0
-            a[:, row, keys[key]] = 1.0
-        if plant is not None:
-            plant(len(arrays), a, q, g)
-        arrays.append(a.astype(np.float16))
+    arrays = random_rows(np.random.default_rng(seed), layers, heads, q, S, g.key_positions, one_hot, plant, g)
     if reference:
         with store.atomic_dir(out) as tmp:
             np.save(tmp / "decoded_tokens.npy", np.array(tokens, dtype=object))  # pickled, as the reference
@@ -122,19 +127,7 @@ def make_layout_run(out, grids=((3, 4), (0, 0)), *, video: bool = False, sizes=N
     layout = geo.layout_from_tokens(tokens, kinds, stamps)
     S = len(tokens)
     q = np.arange(S)[layout.outside_image(np.arange(S), between=not video)]   # a video: not the frames' stamps
-    rng = np.random.default_rng(seed)
-    keys = layout.key_positions
-    arrays = []
-    for _ in range(layers):
-        logits = rng.normal(0, 1, (heads, len(q), S))
-        logits[..., np.arange(S)[None, :] > q[:, None]] = -np.inf
-        a = np.exp(logits - logits.max(-1, keepdims=True))
-        a /= a.sum(-1, keepdims=True)
-        for pos, key in (one_hot or {}).items():
-            row = int(np.flatnonzero(q == pos)[0])
-            a[:, row] = 0
-            a[:, row, keys[key]] = 1.0
-        arrays.append(a.astype(np.float16))
+    arrays = random_rows(np.random.default_rng(seed), layers, heads, q, S, layout.key_positions, one_hot)
     images = [test_image(s) for s in sizes]
     entries = [{"kind": kind, "timestamp": ts, "size": list(s), "source": "synthetic",
                 "tiles": {"rows": g.rows, "cols": g.cols}}
