@@ -621,7 +621,7 @@ def token_table(run: Run) -> list[dict]:
     tokens, plen = run.tokens, run.prompt_length
     keys = set(run.geometry.key_positions.tolist())
     outside = run.geometry.outside_image(np.arange(len(tokens))).tolist()
-    rows = set(run._row)
+    rows = set(run.query_positions.tolist())
     out = []
     for u in units(tokens):
         for i in range(u.start, u.stop):

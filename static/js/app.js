@@ -159,17 +159,12 @@ async function loadRun(name, wanted = null) {
   fillControls(info);
   if (wanted) applyUrl(wanted);
   renderTokens(info);
-  const k = startImage(info, wanted);
   for (const v of Object.values(VIEWS)) {
     $(v.image).hidden = false;
-    $(v.image).src = k ? info.images[k].url : info.image_url;
+    $(v.image).src = info.image_url;
   }
-  if (k) {
-    state.image = k;
-    state.info.geometry = { ...state.info.geometry, ...info.images[k].geometry };
-    markImage();
-    emit("viewer:image", { image: k });
-  }
+  const k = startImage(info, wanted);
+  if (k) setImage(k);
   const asked = wanted && wanted.get("token") !== null ? Number(wanted.get("token")) : NaN;
   const first = state.selectable.find((t) => t.index === asked)
     || state.selectable.find((t) => t.kind === "answer") || state.selectable[0];
@@ -619,15 +614,20 @@ function fillOverviewImages(info) {
   s.value = "all";
 }
 
-function showImage(k) {
-  // Switch the main panel to image (frame) k: its picture, its grid, its map of the same token.
+function setImage(k) {
+  // The main panel shows image (frame) k: its picture and its grid (the map follows on the next update).
   const im = state.info.images[k];
   state.image = k;
   state.info.geometry = { ...state.info.geometry, ...im.geometry };
   emit("viewer:image", { image: k });
   for (const v of Object.values(VIEWS)) $(v.image).src = im.url;
-  setReverse(null);
   markImage();
+}
+
+function showImage(k) {
+  // Switch the main panel to image (frame) k: its picture, its grid, its map of the same token.
+  setImage(k);
+  setReverse(null);
   update();
 }
 
